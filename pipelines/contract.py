@@ -1,0 +1,44 @@
+"""Load the Feast definitions from the feature repo's source files.
+
+The batch jobs run before ``feast apply`` (apply validates that the sources
+exist), so they read the contract from the Python definitions rather than the
+registry. The repo's modules import each other as top-level names (Feast's
+convention), hence the ``sys.path`` entry.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from functools import cache
+from pathlib import Path
+
+from feast import Entity, FeatureView
+
+from pipelines.errors import HotpathError
+
+
+def feature_views(repo: Path) -> dict[str, FeatureView]:
+    """All batch and stream feature views declared in ``repo``, by name."""
+    return {k: v for k, v in _objects(repo).items() if isinstance(v, FeatureView)}
+
+
+def entities(repo: Path) -> dict[str, Entity]:
+    """All entities declared in ``repo``, by name."""
+    return {k: v for k, v in _objects(repo).items() if isinstance(v, Entity)}
+
+
+@cache
+def _objects(repo: Path) -> dict[str, FeatureView | Entity]:
+    repo = repo.resolve()
+    if not (repo / "feature_store.yaml").exists():
+        raise HotpathError(f"not a feature repo (no feature_store.yaml): {repo}")
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+    found: dict[str, FeatureView | Entity] = {}
+    for path in sorted(repo.glob("*.py")):
+        module = importlib.import_module(path.stem)
+        for value in vars(module).values():
+            if isinstance(value, FeatureView | Entity):
+                found[value.name] = value
+    return found

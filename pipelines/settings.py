@@ -1,0 +1,72 @@
+"""One settings object for the CLI and the pipelines, read from flags and ``HOTPATH_*`` env."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipelines.errors import HotpathError
+
+DEFAULT_REPO = Path(__file__).resolve().parent.parent / "feature_repo"
+
+# profile name -> Feast config file inside the feature repo
+PROFILES = {
+    "embedded": "feature_store.yaml",
+    "redis": "feature_store.redis.yaml",
+}
+
+
+class Settings(BaseSettings):
+    """``HOTPATH_REPO``, ``HOTPATH_PROFILE``, ``HOTPATH_REDIS_URL``, ``HOTPATH_SPARK_MASTER``..."""
+
+    model_config = SettingsConfigDict(env_prefix="HOTPATH_", extra="ignore")
+
+    repo: Path = DEFAULT_REPO
+    profile: str = "embedded"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    spark_master: str = "local[*]"
+    spark_driver_memory: str = "2g"
+
+    @property
+    def data_dir(self) -> Path:
+        """Generated data lives beside the feature repo, where its YAML points."""
+        return self.repo.resolve().parent / "data"
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.data_dir / "raw"
+
+    @property
+    def offline_dir(self) -> Path:
+        return self.data_dir / "offline"
+
+    @property
+    def feature_store_yaml(self) -> Path:
+        if self.profile not in PROFILES:
+            known = ", ".join(PROFILES)
+            raise HotpathError(f"unknown profile {self.profile!r} (known: {known})")
+        return self.repo.resolve() / PROFILES[self.profile]
+
+
+def feast_redis_connection(url: str) -> str:
+    """Turn ``redis://[:password@]host:port/db`` (or ``rediss://``) into Feast's connection string."""
+    parsed = urlparse(url if "://" in url else f"redis://{url}")
+    if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
+        raise HotpathError(f"not a Redis URL: {url!r} (expected redis://host:port/db)")
+    try:
+        port = parsed.port or 6379
+    except ValueError as e:
+        raise HotpathError(f"not a Redis URL: {url!r} ({e})") from None
+    parts = [f"{parsed.hostname}:{port}"]
+    if parsed.password:
+        parts.append(f"password={unquote(parsed.password)}")
+    if parsed.scheme == "rediss":
+        parts.append("ssl=true")
+    db = parsed.path.strip("/")
+    if db:
+        if not db.isdigit():
+            raise HotpathError(f"not a Redis URL: {url!r} (database must be a number)")
+        parts.append(f"db={db}")
+    return ",".join(parts)
