@@ -15,13 +15,6 @@ from data_sources import transaction_request
 from features import user_merchant_history, user_spending_stats
 
 
-def _ratio(amount: float | None, base: float | None) -> float:
-    """amount / base, or -1.0 when the base is unknown or zero (no history)."""
-    if amount is None or base is None or base <= 0:
-        return -1.0
-    return float(amount) / float(base)
-
-
 @on_demand_feature_view(
     sources=[transaction_request, user_spending_stats, user_merchant_history],
     schema=[
@@ -37,6 +30,13 @@ def _ratio(amount: float | None, base: float | None) -> float:
     ),
 )
 def transaction_context(inputs: dict[str, Any]) -> dict[str, Any]:
+    # Feast ships this function's body alone, so helpers live inside it.
+    def _ratio(amount: float | None, base: float | None) -> float:
+        """amount / base, or -1.0 when the base is unknown or zero (no history)."""
+        if amount is None or base is None or base <= 0:
+            return -1.0
+        return float(amount) / float(base)
+
     amounts = inputs["amount"]
     avgs = inputs["user_amount_avg_30d"]
     maxes = inputs["user_amount_max_30d"]

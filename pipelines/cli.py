@@ -1,0 +1,339 @@
+"""``hotpath``: the single command line, and the composition root.
+
+Every command imports what it needs inside its body, so a command never pays
+for Spark or Feast unless it uses them. Errors the user can fix are printed as
+one line (``error: ...``) with exit code 1; set ``HOTPATH_DEBUG=1`` for tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pipelines.errors import HotpathError
+from pipelines.settings import PROFILES, Settings
+
+app = typer.Typer(
+    help="hotpath: Feast features -> Spark/Bytewax pipelines -> online predictions.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+FEATURE_SERVICE = "fraud_detection_v1"
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    return ctx.obj
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    repo: Annotated[
+        Path | None, typer.Option(help="Feature repo; data goes to ../data beside it. [env: HOTPATH_REPO]")
+    ] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option(help=f"Feature store profile: {', '.join(PROFILES)}. [env: HOTPATH_PROFILE]"),
+    ] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis for the redis profile. [env: HOTPATH_REDIS_URL]")
+    ] = None,
+) -> None:
+    overrides = {"repo": repo, "profile": profile, "redis_url": redis_url}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    if settings.profile not in PROFILES:
+        raise HotpathError(f"unknown profile {settings.profile!r} (known: {', '.join(PROFILES)})")
+    if not (settings.repo / "feature_store.yaml").exists():
+        raise HotpathError(f"not a feature repo (no feature_store.yaml): {settings.repo}")
+    ctx.obj = settings
+
+
+@contextmanager
+def _step(title: str) -> Iterator[None]:
+    """Print a step's title, then how long it took."""
+    typer.echo(f"==> {title}")
+    t0 = time.perf_counter()
+    yield
+    typer.echo(f"    done in {time.perf_counter() - t0:.1f}s")
+
+
+def _parse_date(value: str | None, what: str) -> date | None:
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise HotpathError(f"{what} must be a date like 2026-01-31, got {value!r}") from None
+
+
+def _parse_time(value: str | None, what: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        raise HotpathError(f"{what} must be an ISO time like 2026-01-31T12:00, got {value!r}") from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+# ---------------------------------------------------------------- generate
+@app.command()
+def generate(
+    ctx: typer.Context,
+    rows: Annotated[int, typer.Option(min=1, help="About this many transactions.")] = 20_000,
+    days: Annotated[int, typer.Option(min=1, help="Days of history.")] = 30,
+    end: Annotated[str | None, typer.Option(help="End of history (exclusive, UTC); default now.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed and end give the same data.")] = 7,
+    users: Annotated[int | None, typer.Option(min=1, help="Card holders (default rows/40).")] = None,
+    merchants: Annotated[int | None, typer.Option(min=1, help="Merchants (default rows/400).")] = None,
+) -> None:
+    """Write synthetic transactions, users and merchants to the raw data folder."""
+    _generate(_settings(ctx), rows, days, _parse_time(end, "--end"), seed, users, merchants)
+
+
+def _generate(
+    s: Settings,
+    rows: int,
+    days: int,
+    end: datetime | None,
+    seed: int = 7,
+    users: int | None = None,
+    merchants: int | None = None,
+) -> Any:
+    from pipelines.generate import GenerateConfig, generate
+
+    every = max(1, days // 10)
+
+    def progress(done: int, total: int, so_far: int) -> None:
+        if done % every == 0 or done == total:
+            typer.echo(f"    day {done}/{total}: {so_far:,} transactions")
+
+    cfg = GenerateConfig(rows=rows, days=days, end=end, seed=seed, users=users, merchants=merchants)
+    with _step(f"generate ~{rows:,} transactions over {days} days -> {s.raw_dir}"):
+        r = generate(cfg, s.raw_dir, progress)
+        typer.echo(
+            f"    {r.transactions:,} transactions ({r.fraud:,} fraud), {r.users:,} users, "
+            f"{r.merchants:,} merchants, {r.start:%Y-%m-%d %H:%M} .. {r.end:%Y-%m-%d %H:%M} UTC"
+        )
+    return r
+
+
+# ---------------------------------------------------------------- batch
+@app.command()
+def batch(
+    ctx: typer.Context,
+    start: Annotated[str | None, typer.Option(help="First day (default: first raw day).")] = None,
+    end: Annotated[str | None, typer.Option(help="Last day, inclusive (default: last raw day + 1).")] = None,
+    view: Annotated[list[str] | None, typer.Option(help="Only this view (repeatable).")] = None,
+    spark_master: Annotated[
+        str | None, typer.Option(help="Spark master URL. [env: HOTPATH_SPARK_MASTER]")
+    ] = None,
+) -> None:
+    """Backfill the batch feature tables for days START..END with Spark (idempotent)."""
+    s = _settings(ctx)
+    if spark_master:
+        s = s.model_copy(update={"spark_master": spark_master})
+    _batch(s, _parse_date(start, "--start"), _parse_date(end, "--end"), view)
+
+
+def _raw_day_range(raw_dir: Path) -> tuple[date, date]:
+    """First raw day and the day after the last: the snapshot at its midnight covers it."""
+    from datetime import timedelta
+
+    tx = raw_dir / "transactions"
+    days = sorted(p.name.removeprefix("date=") for p in tx.glob("date=*")) if tx.exists() else []
+    if not days:
+        raise HotpathError(f"raw transactions not found at {tx} (run `hotpath generate` first)")
+    first, last = (_parse_date(d, f"partition under {tx}") for d in (days[0], days[-1]))
+    assert first and last
+    return first, last + timedelta(days=1)
+
+
+def _batch(s: Settings, start: date | None, end: date | None, views: list[str] | None = None) -> None:
+    from pipelines.batch_job import run_batch
+    from pipelines.spark import spark_session
+
+    if start is None or end is None:
+        first, last = _raw_day_range(s.raw_dir)
+        start, end = start or first, end or last
+    if end < start:
+        raise HotpathError(f"end date {end} is before start date {start}")
+    with _step(f"spark batch backfill {start} .. {end} (master {s.spark_master})"):
+        spark = spark_session(s.spark_master, s.spark_driver_memory)
+        run_batch(
+            spark,
+            s.repo,
+            s.raw_dir,
+            s.offline_dir,
+            start,
+            end,
+            views,
+            progress=lambda r: typer.echo(f"    {r.name}: {r.rows:,} rows in {r.seconds:.1f}s"),
+        )
+
+
+# ---------------------------------------------------------------- feast
+@app.command()
+def apply(ctx: typer.Context) -> None:
+    """Register the feature repo's definitions (feast apply) on the active profile."""
+    _apply(_settings(ctx))
+
+
+def _apply(s: Settings) -> None:
+    from pipelines import store
+
+    with _step(f"feast apply ({s.profile} profile, {s.feature_store_yaml.name})"):
+        store.apply(store.open_store(s))
+
+
+@app.command()
+def materialize(
+    ctx: typer.Context,
+    end: Annotated[str | None, typer.Option(help="Materialize up to this time (default now).")] = None,
+) -> None:
+    """Load new offline rows into the online store (feast materialize-incremental)."""
+    _materialize(_settings(ctx), _parse_time(end, "--end"))
+
+
+def _materialize(s: Settings, end: datetime | None = None) -> None:
+    from pipelines import store
+
+    from pipelines.spark import spark_session
+
+    with _step(f"feast materialize-incremental into the {s.profile} online store"):
+        fs = store.open_store(s)
+        spark_session(s.spark_master, s.spark_driver_memory)  # Feast's Spark engine reuses it
+        _require_applied(fs)
+        until = store.materialize(fs, end)
+        typer.echo(f"    materialized up to {until:%Y-%m-%d %H:%M:%S} UTC")
+
+
+def _require_applied(fs: Any) -> None:
+    if not fs.list_feature_views():
+        raise HotpathError("nothing registered on this profile yet: run `hotpath apply` first")
+
+
+@app.command()
+def features(
+    ctx: typer.Context,
+    user_id: Annotated[int, typer.Option(help="Card holder.")],
+    merchant_id: Annotated[int, typer.Option(help="Merchant of the payment being scored.")],
+    amount: Annotated[float, typer.Option(help="Amount of the payment being scored.")],
+    service: Annotated[str, typer.Option(help="Feature service.")] = FEATURE_SERVICE,
+) -> None:
+    """Print one online feature vector with each value's age."""
+    from pipelines import store
+
+    fs = store.open_store(_settings(ctx))
+    _require_applied(fs)
+    _print_vector(store.read_vector(fs, service, _entity(user_id, merchant_id, amount)))
+
+
+def _entity(user_id: int, merchant_id: int, amount: float) -> dict[str, Any]:
+    return {"user_id": user_id, "merchant_id": merchant_id, "amount": amount}
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "missing"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit} old"
+    return f"{seconds:.1f}s old"
+
+
+def _print_vector(values: list[Any], echo: Callable[[str], None] = typer.echo) -> None:
+    width = max(len(v.name) for v in values)
+    for v in values:
+        shown = "—" if v.value is None else (f"{v.value:.6g}" if isinstance(v.value, float) else v.value)
+        age = "request-time" if v.value is not None and v.age_s is None else _age(v.age_s)
+        echo(f"      {v.name:<{width}}  {shown!s:>12}  {age}")
+
+
+# ---------------------------------------------------------------- demo
+@app.command()
+def demo(
+    ctx: typer.Context,
+    rows: Annotated[int, typer.Option(min=1000, help="Transactions to generate.")] = 30_000,
+    days: Annotated[int, typer.Option(min=2, help="Days of history.")] = 35,
+) -> None:
+    """The whole loop on the active profile: generate, batch, apply, materialize, read."""
+    s = _settings(ctx)
+    t0 = time.perf_counter()
+    typer.echo(f"hotpath demo: profile {s.profile}, data in {s.data_dir}")
+    _generate(s, rows, days, None)
+    _batch(s, None, None)
+    _apply(s)
+    _materialize(s)
+    _show_recent(s)
+    typer.echo(f"demo finished in {time.perf_counter() - t0:.0f}s")
+
+
+def _show_recent(s: Settings, n: int = 3) -> None:
+    """Read the vectors of the latest payments' users, as a scoring call would."""
+    import pandas as pd
+
+    from pipelines import store
+
+    with _step(f"online feature vectors ({FEATURE_SERVICE}) for the {n} latest payers"):
+        tx = pd.read_parquet(s.raw_dir / "transactions").sort_values("event_timestamp")
+        latest = tx.drop_duplicates("user_id", keep="last").tail(n)
+        fs = store.open_store(s)
+        for row in latest.itertuples():
+            typer.echo(
+                f"    user {row.user_id} paying merchant {row.merchant_id} {row.amount:.2f} "
+                f"(last payment {row.event_timestamp:%H:%M:%S} UTC):"
+            )
+            entity = _entity(int(row.user_id), int(row.merchant_id), float(row.amount))
+            _print_vector(store.read_vector(fs, FEATURE_SERVICE, entity))
+
+
+def _quiet_feast_warnings() -> None:
+    """Drop Feast's "experimental feature" notices; Feast re-enables them on each import."""
+    show = warnings.showwarning
+
+    def showwarning(message: Warning | str, category: type[Warning], *args: Any, **kw: Any) -> None:
+        text = str(message)
+        if "experimental feature" in text or issubclass(category, DeprecationWarning):
+            return
+        show(message, category, *args, **kw)
+
+    warnings.showwarning = showwarning
+
+
+def main() -> None:
+    """Console entry point: map every failure to one line and a non-zero exit."""
+    _quiet_feast_warnings()
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    debug = os.environ.get("HOTPATH_DEBUG") == "1"
+    try:
+        app()
+    except HotpathError as e:
+        if debug:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # anything unexpected still gets one line, not a traceback
+        if debug:
+            raise
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        typer.echo(f"error: {type(e).__name__}: {text} (HOTPATH_DEBUG=1 for details)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
