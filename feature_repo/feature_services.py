@@ -1,7 +1,6 @@
 """Feature services: the named input contracts models are trained and served on."""
 
 from feast import FeatureService
-
 from features import merchant_risk_stats, user_merchant_history, user_profile, user_spending_stats
 from on_demand_features import transaction_context
 from streaming_features import user_merchant_spread, user_velocity
@@ -18,5 +17,5 @@ fraud_detection_v1 = FeatureService(
         transaction_context,
     ],
     tags={"model": "fraud", "owner": "fraud-team"},
-    description="Inputs of the card-fraud model: spending, merchant risk, velocity, request context.",
+    description="Card-fraud model inputs: spending, merchant risk, velocity, request context.",
 )

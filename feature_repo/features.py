@@ -9,9 +9,6 @@ tier that serves the view; ``freshness`` its class.
 
 from datetime import timedelta
 
-from feast import FeatureView, Field
-from feast.types import Float64, Int64, String
-
 from data_sources import (
     merchant_risk_source,
     user_merchant_source,
@@ -19,6 +16,8 @@ from data_sources import (
     user_spending_source,
 )
 from entities import merchant, user
+from feast import FeatureView, Field
+from feast.types import Float64, Int64, String
 
 user_spending_stats = FeatureView(
     name="user_spending_stats",

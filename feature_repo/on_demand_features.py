@@ -7,11 +7,10 @@ missing (None) for an unknown user or pair; the outputs say so explicitly.
 
 from typing import Any
 
+from data_sources import transaction_request
 from feast import Field
 from feast.on_demand_feature_view import on_demand_feature_view
 from feast.types import Float64, Int64
-
-from data_sources import transaction_request
 from features import user_merchant_history, user_spending_stats
 
 

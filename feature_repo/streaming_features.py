@@ -9,11 +9,10 @@ moved past it: minutes-class data stays in the one-hour view.
 
 from datetime import timedelta
 
-from feast import FeatureView, Field
-from feast.types import Float64, Int64
-
 from data_sources import user_velocity_push
 from entities import user
+from feast import FeatureView, Field
+from feast.types import Float64, Int64
 
 user_velocity = FeatureView(
     name="user_velocity",

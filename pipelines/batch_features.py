@@ -124,7 +124,9 @@ def merchant_risk_stats(tx: DataFrame, days: list[date]) -> DataFrame:
     )
     out = out.withColumn(
         "merchant_amount_avg_7d",
-        F.when(F.col("merchant_txn_count_7d") > 0, F.col("_sum_7d") / F.col("merchant_txn_count_7d")),
+        F.when(
+            F.col("merchant_txn_count_7d") > 0, F.col("_sum_7d") / F.col("merchant_txn_count_7d")
+        ),
     ).withColumn(
         "merchant_fraud_rate_30d",
         F.when(
@@ -174,9 +176,9 @@ def user_velocity(tx: DataFrame, first: date, last: date) -> DataFrame:
         F.sum("amount").over(w5m).cast("double").alias("user_amount_sum_5m"),
         F.count("*").over(w1h).cast("long").alias("user_txn_count_1h"),
         F.sum("amount").over(w1h).cast("double").alias("user_amount_sum_1h"),
-        F.size(F.collect_set("merchant_id").over(w24h)).cast("long").alias(
-            "user_distinct_merchants_24h"
-        ),
+        F.size(F.collect_set("merchant_id").over(w24h))
+        .cast("long")
+        .alias("user_distinct_merchants_24h"),
     )
     return _per_event(out, ["user_id"], first, last)
 

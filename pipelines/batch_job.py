@@ -109,24 +109,29 @@ def read_transactions(spark: SparkSession, raw_dir: Path) -> DataFrame:
     return tx
 
 
-KEY_TYPES = {ValueType.INT64: T.LongType(), ValueType.INT32: T.IntegerType(), ValueType.STRING: T.StringType()}
+KEY_TYPES = {
+    ValueType.INT64: T.LongType(),
+    ValueType.INT32: T.IntegerType(),
+    ValueType.STRING: T.StringType(),
+}
 
 
-def check_contract(df: DataFrame, table: str, views: list[FeatureView], keys: dict[str, Entity]) -> None:
+def check_contract(
+    df: DataFrame, table: str, views: list[FeatureView], keys: dict[str, Entity]
+) -> None:
     """Fail unless the columns equal what the views reading this table declare."""
     if not views:
         raise HotpathError(f"no feature view in the repo reads the offline table {table}")
     expected: dict[str, T.DataType] = {"event_timestamp": T.TimestampType()}
     for view in views:
-        expected.update(
-            {keys[e].join_key: KEY_TYPES[keys[e].value_type] for e in view.entities}
-        )
+        expected.update({keys[e].join_key: KEY_TYPES[keys[e].value_type] for e in view.entities})
         expected.update({f.name: SPARK_TYPES[f.dtype] for f in view.features})
     actual = {f.name: f.dataType for f in df.schema.fields if f.name != "date"}
     if actual != expected:
         raise HotpathError(
             f"job output for {table} does not match its feature views: "
-            f"missing {sorted(set(expected) - set(actual))}, extra {sorted(set(actual) - set(expected))}, "
+            f"missing {sorted(set(expected) - set(actual))}, "
+            f"extra {sorted(set(actual) - set(expected))}, "
             f"types {[c for c in expected if c in actual and actual[c] != expected[c]]}"
         )
 
@@ -179,7 +184,9 @@ def run_batch(
         check_contract(out, job.name, readers, keys)
         target = offline_dir / job.name
         _replace_partitions(spark, out, target, _days(start, end))
-        rows = spark.read.parquet(str(target)).filter(f"date >= '{start}' and date <= '{end}'").count()
+        rows = (
+            spark.read.parquet(str(target)).filter(f"date >= '{start}' and date <= '{end}'").count()
+        )
         result = ViewResult(job.name, rows, time.perf_counter() - t0, target)
         results.append(result)
         if progress:
@@ -199,7 +206,9 @@ def main(argv: list[str] | None = None) -> None:
     spark = SparkSession.builder.appName("hotpath-batch").getOrCreate()
     spark.conf.set("spark.sql.session.timeZone", "UTC")
     spark.conf.set("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
-    for r in run_batch(spark, args.repo, data / "raw", data / "offline", args.start, args.end, args.views):
+    for r in run_batch(
+        spark, args.repo, data / "raw", data / "offline", args.start, args.end, args.views
+    ):
         print(f"{r.name}: {r.rows} rows in {r.seconds:.1f}s -> {r.path}")
 
 

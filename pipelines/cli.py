@@ -40,7 +40,8 @@ def _settings(ctx: typer.Context) -> Settings:
 def _global(
     ctx: typer.Context,
     repo: Annotated[
-        Path | None, typer.Option(help="Feature repo; data goes to ../data beside it. [env: HOTPATH_REPO]")
+        Path | None,
+        typer.Option(help="Feature repo; data goes to ../data beside it. [env: HOTPATH_REPO]"),
     ] = None,
     profile: Annotated[
         str | None,
@@ -83,7 +84,9 @@ def _parse_time(value: str | None, what: str) -> datetime | None:
     try:
         t = datetime.fromisoformat(value)
     except ValueError:
-        raise HotpathError(f"{what} must be an ISO time like 2026-01-31T12:00, got {value!r}") from None
+        raise HotpathError(
+            f"{what} must be an ISO time like 2026-01-31T12:00, got {value!r}"
+        ) from None
     return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
@@ -93,10 +96,18 @@ def generate(
     ctx: typer.Context,
     rows: Annotated[int, typer.Option(min=1, help="About this many transactions.")] = 20_000,
     days: Annotated[int, typer.Option(min=1, help="Days of history.")] = 30,
-    end: Annotated[str | None, typer.Option(help="End of history (exclusive, UTC); default now.")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed; same seed and end give the same data.")] = 7,
-    users: Annotated[int | None, typer.Option(min=1, help="Card holders (default rows/40).")] = None,
-    merchants: Annotated[int | None, typer.Option(min=1, help="Merchants (default rows/400).")] = None,
+    end: Annotated[
+        str | None, typer.Option(help="End of history (exclusive, UTC); default now.")
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Random seed; same seed and end give the same data.")
+    ] = 7,
+    users: Annotated[
+        int | None, typer.Option(min=1, help="Card holders (default rows/40).")
+    ] = None,
+    merchants: Annotated[
+        int | None, typer.Option(min=1, help="Merchants (default rows/400).")
+    ] = None,
 ) -> None:
     """Write synthetic transactions, users and merchants to the raw data folder."""
     _generate(_settings(ctx), rows, days, _parse_time(end, "--end"), seed, users, merchants)
@@ -134,7 +145,9 @@ def _generate(
 def batch(
     ctx: typer.Context,
     start: Annotated[str | None, typer.Option(help="First day (default: first raw day).")] = None,
-    end: Annotated[str | None, typer.Option(help="Last day, inclusive (default: last raw day + 1).")] = None,
+    end: Annotated[
+        str | None, typer.Option(help="Last day, inclusive (default: last raw day + 1).")
+    ] = None,
     view: Annotated[list[str] | None, typer.Option(help="Only this view (repeatable).")] = None,
     spark_master: Annotated[
         str | None, typer.Option(help="Spark master URL. [env: HOTPATH_SPARK_MASTER]")
@@ -160,7 +173,9 @@ def _raw_day_range(raw_dir: Path) -> tuple[date, date]:
     return first, last + timedelta(days=1)
 
 
-def _batch(s: Settings, start: date | None, end: date | None, views: list[str] | None = None) -> None:
+def _batch(
+    s: Settings, start: date | None, end: date | None, views: list[str] | None = None
+) -> None:
     from pipelines.batch_job import run_batch
     from pipelines.spark import spark_session
 
@@ -200,7 +215,9 @@ def _apply(s: Settings) -> None:
 @app.command()
 def materialize(
     ctx: typer.Context,
-    end: Annotated[str | None, typer.Option(help="Materialize up to this time (default now).")] = None,
+    end: Annotated[
+        str | None, typer.Option(help="Materialize up to this time (default now).")
+    ] = None,
 ) -> None:
     """Load new offline rows into the online store (feast materialize-incremental)."""
     _materialize(_settings(ctx), _parse_time(end, "--end"))
@@ -208,7 +225,6 @@ def materialize(
 
 def _materialize(s: Settings, end: datetime | None = None) -> None:
     from pipelines import store
-
     from pipelines.spark import spark_session
 
     with _step(f"feast materialize-incremental into the {s.profile} online store"):
@@ -256,7 +272,11 @@ def _age(seconds: float | None) -> str:
 def _print_vector(values: list[Any], echo: Callable[[str], None] = typer.echo) -> None:
     width = max(len(v.name) for v in values)
     for v in values:
-        shown = "—" if v.value is None else (f"{v.value:.6g}" if isinstance(v.value, float) else v.value)
+        shown = (
+            "—"
+            if v.value is None
+            else (f"{v.value:.6g}" if isinstance(v.value, float) else v.value)
+        )
         age = "request-time" if v.value is not None and v.age_s is None else _age(v.age_s)
         echo(f"      {v.name:<{width}}  {shown!s:>12}  {age}")
 

@@ -193,7 +193,9 @@ def _day(cfg: GenerateConfig, pop: _Population, day: date) -> dict[str, np.ndarr
         rng.choice(m, size=n, p=pop.merchant_weights),
     )
     amount = np.exp(rng.normal(pop.log_mu[user], 0.5))
-    country = np.where(rng.random(n) < 0.02, rng.integers(0, len(COUNTRIES), size=n), pop.home[user])
+    country = np.where(
+        rng.random(n) < 0.02, rng.integers(0, len(COUNTRIES), size=n), pop.home[user]
+    )
     device = user * 4 + rng.integers(0, 2, size=n)
     pattern = np.full(n, "", dtype=object)
 
@@ -211,7 +213,9 @@ def _day(cfg: GenerateConfig, pop: _Population, day: date) -> dict[str, np.ndarr
     victims = rng.integers(0, u, size=n_ato)
     burst = rng.integers(3, 9, size=n_ato)
     b_user = np.repeat(victims, burst)
-    b_start = np.repeat(day_start + rng.integers(0, US_PER_DAY - 15 * 60_000_000, size=n_ato), burst)
+    b_start = np.repeat(
+        day_start + rng.integers(0, US_PER_DAY - 15 * 60_000_000, size=n_ato), burst
+    )
     k = len(b_user)
     b_ts = b_start + rng.integers(0, 15 * 60_000_000, size=k)
     b_merchant = rng.integers(0, m, size=k)

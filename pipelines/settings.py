@@ -51,7 +51,7 @@ class Settings(BaseSettings):
 
 
 def feast_redis_connection(url: str) -> str:
-    """Turn ``redis://[:password@]host:port/db`` (or ``rediss://``) into Feast's connection string."""
+    """``redis://[:password@]host:port/db`` (or ``rediss://``) as Feast's connection string."""
     parsed = urlparse(url if "://" in url else f"redis://{url}")
     if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
         raise HotpathError(f"not a Redis URL: {url!r} (expected redis://host:port/db)")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from pathlib import Path
 
 from pyspark.sql import SparkSession
 
@@ -23,12 +22,10 @@ def spark_session(master: str = "local[*]", driver_memory: str = "2g") -> SparkS
         raise HotpathError("Java 17 is required for Spark: apt-get install openjdk-17-jre-headless")
     # Python workers must run this interpreter (the one with feast installed), not PATH's.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    log4j = Path(__file__).with_name("log4j2.properties")
     spark = (
         SparkSession.builder.appName("hotpath")
         .master(master)
         .config("spark.driver.memory", driver_memory)
-        .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile=file:{log4j}")
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.session.timeZone", "UTC")

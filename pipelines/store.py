@@ -42,7 +42,9 @@ def open_store(settings: Settings) -> FeatureStore:
 def check_redis(url: str, timeout_s: float = 2.0) -> float:
     """Ping Redis at ``url``; return the round trip in ms or fail with the URL in the message."""
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        )
         t0 = time.perf_counter()
         client.ping()
         return (time.perf_counter() - t0) * 1000
