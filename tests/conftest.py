@@ -1,0 +1,181 @@
+"""Shared fixtures: a real redis-server, Spark in local mode, and one generated project.
+
+The project is a copy of ``feature_repo/`` in a temporary folder, so its ``../data``
+is private to the test session. Its raw data is the generator's output plus a few
+hand-placed payments exactly on window edges.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import redis
+
+from pipelines.generate import TRANSACTION_SCHEMA, GenerateConfig, GenerateResult, generate
+from pipelines.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+EDGE_USER, VELOCITY_USER, STALE_USER = 900_001, 900_002, 900_003
+EDGE_MERCHANT = 900
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a free loopback port, stopped after the session."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server not found: run scripts/setup.sh (apt-get install redis-server)")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"redis-server did not start on port {port}")
+            time.sleep(0.05)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from pipelines.spark import spark_session
+
+    return spark_session("local[2]", "2g")
+
+
+@dataclass(frozen=True)
+class Project:
+    settings: Settings
+    generated: GenerateResult
+    now: datetime
+    edge_day: datetime  # a UTC midnight with payments placed exactly on its window edges
+
+    @property
+    def transactions(self) -> pd.DataFrame:
+        return pd.read_parquet(self.settings.raw_dir / "transactions").drop(columns="date")
+
+
+def _edge_events(day0: datetime, start: datetime) -> pd.DataFrame:
+    """Payments exactly on window boundaries (inclusive/exclusive ends, ties, label timing)."""
+    us = timedelta(microseconds=1)
+    t0 = day0 + timedelta(hours=12)
+    m5 = timedelta(minutes=5)
+    rows = [
+        # user spending windows around the day0 snapshot
+        (EDGE_USER, 1, day0, 10.0),
+        (EDGE_USER, 1, day0 - us, 20.0),
+        (EDGE_USER, 2, day0 - timedelta(days=30), 40.0),
+        (EDGE_USER, 2, day0 - timedelta(days=30) - us, 80.0),
+        (EDGE_USER, 3, day0 - timedelta(days=7), 5.0),
+        (EDGE_USER, 3, day0 - timedelta(days=1), 7.0),
+        # velocity windows: (t - 5m, t] and (t - 1h, t], plus a tie
+        (VELOCITY_USER, 1, t0, 1.0),
+        (VELOCITY_USER, 2, t0 + m5 - us, 2.0),
+        (VELOCITY_USER, 3, t0 + 2 * m5 - us, 4.0),
+        (VELOCITY_USER, 4, t0 + 2 * m5 - us, 8.0),
+        (VELOCITY_USER, 1, t0 + timedelta(hours=1), 16.0),
+        (VELOCITY_USER, 1, t0 + timedelta(days=1), 32.0),
+        # a user last seen long ago: every feature of theirs is past its TTL now
+        (STALE_USER, 1, start + timedelta(hours=1), 50.0),
+    ]
+    df = pd.DataFrame(rows, columns=["user_id", "merchant_id", "event_timestamp", "amount"])
+    df["merchant_id"] = df["merchant_id"].where(df.user_id != EDGE_USER, EDGE_MERCHANT)
+    df["transaction_id"] = range(10**12, 10**12 + len(df))
+    df["device_id"] = 1
+    df["country"] = "US"
+    df["is_fraud"] = False
+    df["fraud_pattern"] = ""
+    df["label_ts"] = df["event_timestamp"] + timedelta(days=1)
+    # a fraud at the edge merchant whose label becomes known exactly at day0
+    df.loc[df.amount == 5.0, ["is_fraud", "fraud_pattern"]] = [True, "ato"]
+    df.loc[df.amount == 5.0, "label_ts"] = day0
+    df.loc[df.amount == 7.0, ["is_fraud", "fraud_pattern"]] = [True, "ato"]
+    df.loc[df.amount == 7.0, "label_ts"] = day0 - us
+    return df
+
+
+def _append_events(raw_dir: Path, events: pd.DataFrame) -> None:
+    events = events.assign(event_timestamp=pd.to_datetime(events.event_timestamp, utc=True))
+    events["label_ts"] = pd.to_datetime(events.label_ts, utc=True)
+    for day, part in events.groupby(events.event_timestamp.dt.strftime("%Y-%m-%d")):
+        table = pa.Table.from_pandas(part[TRANSACTION_SCHEMA.names], TRANSACTION_SCHEMA, False)
+        pq.write_table(table, raw_dir / "transactions" / f"date={day}" / "part-edges.parquet")
+
+
+def make_project(root: Path, rows: int = 6000, days: int = 40) -> Project:
+    """Copy the feature repo under ``root`` and generate its raw data (ending now)."""
+    repo = root / "feature_repo"
+    shutil.copytree(ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("__pycache__"))
+    settings = Settings(repo=repo, spark_master="local[2]")
+    now = datetime.now(UTC).replace(microsecond=0)
+    result = generate(
+        GenerateConfig(rows=rows, days=days, end=now, seed=11, users=150, merchants=30),
+        settings.raw_dir,
+    )
+    edge_day = datetime.combine((now - timedelta(days=5)).date(), datetime.min.time(), UTC)
+    _append_events(settings.raw_dir, _edge_events(edge_day, result.start))
+    return Project(settings, result, now, edge_day)
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Project:
+    return make_project(tmp_path_factory.mktemp("project"))
+
+
+@pytest.fixture(scope="session")
+def batch_done(project: Project, spark) -> Project:
+    """The project with the Spark backfill run over its whole raw range."""
+    from pipelines.batch_job import run_batch
+
+    first = project.generated.start.date()
+    last = project.now.date()
+    s = project.settings
+    run_batch(spark, s.repo, s.raw_dir, s.offline_dir, first, last)
+    return project
+
+
+def read_offline(project: Project, table: str) -> pd.DataFrame:
+    df = pd.read_parquet(project.settings.offline_dir / table)
+    return df.drop(columns="date").reset_index(drop=True)
