@@ -179,9 +179,8 @@ def _batch(
     from pipelines.batch_job import run_batch
     from pipelines.spark import spark_session
 
-    if start is None or end is None:
-        first, last = _raw_day_range(s.raw_dir)
-        start, end = start or first, end or last
+    first, last = _raw_day_range(s.raw_dir)  # fails fast, before Spark starts, if no data
+    start, end = start or first, end or last
     if end < start:
         raise HotpathError(f"end date {end} is before start date {start}")
     with _step(f"spark batch backfill {start} .. {end} (master {s.spark_master})"):
