@@ -119,9 +119,21 @@ def test_spark_submit_runs_the_same_job(batch_done: Project, tmp_path: Path) -> 
     day = batch_done.edge_day.date().isoformat()
     spark_submit = Path(sys.executable).with_name("spark-submit")
     proc = subprocess.run(
-        [str(spark_submit), "--master", "local[2]", str(ROOT / "pipelines" / "batch_job.py"),
-         "--start", day, "--end", day, "--repo", str(repo)],
-        capture_output=True, text=True, timeout=300,
+        [
+            str(spark_submit),
+            "--master",
+            "local[2]",
+            str(ROOT / "pipelines" / "batch_job.py"),
+            "--start",
+            day,
+            "--end",
+            day,
+            "--repo",
+            str(repo),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**__import__("os").environ, "PYSPARK_PYTHON": sys.executable},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import redis
+import reference
 from conftest import EDGE_USER, STALE_USER, VELOCITY_USER, Project, read_offline
 
-import reference
 from pipelines import store
 from pipelines.contract import feature_views
 
@@ -157,7 +157,9 @@ def test_feature_service_vector_has_request_features(materialized, batch_done: P
     by_name = {v.name: v for v in unknown}
     assert by_name["amount_to_avg_30d"].value == -1.0
     assert by_name["is_new_merchant"].value == 1
-    assert by_name["user_txn_count_30d"].value is None and by_name["user_txn_count_30d"].age_s is None
+    assert (
+        by_name["user_txn_count_30d"].value is None and by_name["user_txn_count_30d"].age_s is None
+    )
 
 
 def test_historical_features_are_point_in_time(applied, batch_done: Project) -> None:
@@ -175,8 +177,10 @@ def test_historical_features_are_point_in_time(applied, batch_done: Project) -> 
     got = fs.get_historical_features(entity_df=entity_df, features=features).to_df()
     got["event_timestamp"] = pd.to_datetime(got["event_timestamp"], utc=True)
     got = got.set_index(["user_id", "event_timestamp"]).sort_index()
-    for view, col in (("user_spending_stats", "user_txn_count_7d"),
-                      ("user_velocity", "user_amount_sum_1h")):
+    for view, col in (
+        ("user_spending_stats", "user_txn_count_7d"),
+        ("user_velocity", "user_amount_sum_1h"),
+    ):
         offline = read_offline(batch_done, view)
         ttl = pd.Timedelta(feature_views(batch_done.settings.repo)[view].ttl)
         for u in users:

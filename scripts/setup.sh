@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Install everything hotpath needs on a Debian/Ubuntu machine, idempotently:
+#   - Java 17 (Spark) and, with --with-redis, redis-server (tests), from apt if missing;
+#   - a virtual environment in .venv with hotpath and its dev tools.
+# Re-running is cheap: pip runs again only when pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+with_redis=0
+[[ "${1:-}" == "--with-redis" ]] && with_redis=1
+
+as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+
+java_ok() {
+  command -v java >/dev/null 2>&1 || return 1
+  local v
+  v=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1)
+  [[ -n "$v" && "$v" -ge 17 ]]
+}
+
+packages=()
+java_ok || packages+=(openjdk-17-jre-headless)
+if [[ $with_redis -eq 1 ]] && ! command -v redis-server >/dev/null 2>&1; then
+  packages+=(redis-server)
+fi
+if ((${#packages[@]})); then
+  echo "==> apt-get install ${packages[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  as_root apt-get update -q >/dev/null
+  as_root apt-get install -y -q --no-install-recommends "${packages[@]}" >/dev/null
+fi
+java_ok || { echo "error: Java 17+ is required for Spark and could not be installed" >&2; exit 1; }
+
+python=""
+for candidate in python3.11 python3.12 python3; do
+  if command -v "$candidate" >/dev/null 2>&1 &&
+     "$candidate" -c 'import sys; sys.exit(not ((3, 11) <= sys.version_info[:2] < (3, 13)))'; then
+    python=$candidate
+    break
+  fi
+done
+[[ -n "$python" ]] || { echo "error: Python 3.11 or 3.12 is required" >&2; exit 1; }
+
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [[ ! -f "$stamp" ]]; then
+  echo "==> creating .venv with $($python --version) and installing hotpath (a few minutes)"
+  [[ -x .venv/bin/python ]] || "$python" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
+echo "==> ready: $(.venv/bin/python --version), $(java -version 2>&1 | head -1)"

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up (with redis-server) and run lint plus the whole test suite. The tests start their
+# own redis-server on a free loopback port and Spark in local mode, and stop them after.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --with-redis
+echo "==> ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+echo "==> pytest"
+exec .venv/bin/python -m pytest "$@"
