@@ -280,6 +280,60 @@ def _print_vector(values: list[Any], echo: Callable[[str], None] = typer.echo) -
         echo(f"      {v.name:<{width}}  {shown!s:>12}  {age}")
 
 
+# ---------------------------------------------------------------- training
+@app.command()
+def train(
+    ctx: typer.Context,
+    service: Annotated[str, typer.Option(help="FeatureService to train on.")] = FEATURE_SERVICE,
+    start: Annotated[str | None, typer.Option(help="First payment day (default: all).")] = None,
+    end: Annotated[str | None, typer.Option(help="Last payment day, inclusive.")] = None,
+    labels_known_by: Annotated[
+        str | None, typer.Option(help="Use labels known by this time (default now).")
+    ] = None,
+    model_repository: Annotated[
+        Path | None, typer.Option(help="Model repository (default data/model_repository).")
+    ] = None,
+) -> None:
+    """Build a point-in-time training set, train, export ONNX, publish a new model version."""
+    s = _settings(ctx)
+    if model_repository:
+        s = s.model_copy(update={"model_repository_path": model_repository})
+    _train(
+        s,
+        service,
+        _parse_date(start, "--start"),
+        _parse_date(end, "--end"),
+        _parse_time(labels_known_by, "--labels-known-by"),
+    )
+
+
+def _train(
+    s: Settings,
+    service: str = FEATURE_SERVICE,
+    start: date | None = None,
+    end: date | None = None,
+    known_by: datetime | None = None,
+) -> None:
+    from pipelines import store
+    from pipelines.spark import spark_session
+    from pipelines.training import train
+
+    if start and end and end < start:
+        raise HotpathError(f"end date {end} is before start date {start}")
+    with _step(f"train on {service} -> {s.model_repository}"):
+        fs = store.open_store(s)
+        _require_applied(fs)
+        spark_session(s.spark_master, s.spark_driver_memory)
+        r = train(fs, s.raw_dir, s.model_repository, service, start, end, known_by, log=typer.echo)
+        typer.echo(f"    {r.rows_train:,} training rows, {r.rows_valid:,} validation rows (later)")
+        for name, value in r.metrics.items():
+            typer.echo(
+                f"    {name:<22} model {value:.4f}   amount-rule baseline {r.baseline[name]:.4f}"
+            )
+        typer.echo(f"    ONNX vs LightGBM max |diff| {r.onnx_max_abs_diff:.1e}")
+        typer.echo(f"    published version {r.version}: {r.path}")
+
+
 # ---------------------------------------------------------------- demo
 @app.command()
 def demo(
@@ -287,7 +341,7 @@ def demo(
     rows: Annotated[int, typer.Option(min=1000, help="Transactions to generate.")] = 30_000,
     days: Annotated[int, typer.Option(min=2, help="Days of history.")] = 35,
 ) -> None:
-    """The whole loop on the active profile: generate, batch, apply, materialize, read."""
+    """The whole loop on the active profile: generate, batch, apply, materialize, read, train."""
     s = _settings(ctx)
     t0 = time.perf_counter()
     typer.echo(f"hotpath demo: profile {s.profile}, data in {s.data_dir}")
@@ -296,6 +350,7 @@ def demo(
     _apply(s)
     _materialize(s)
     _show_recent(s)
+    _train(s)
     typer.echo(f"demo finished in {time.perf_counter() - t0:.0f}s")
 
 

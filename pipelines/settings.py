@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     spark_master: str = "local[*]"
     spark_driver_memory: str = "2g"
+    model_repository_path: Path | None = None  # HOTPATH_MODEL_REPOSITORY_PATH; default data/
+
+    @property
+    def model_repository(self) -> Path:
+        return self.model_repository_path or self.data_dir / "model_repository"
 
     @property
     def data_dir(self) -> Path:

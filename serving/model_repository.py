@@ -1,0 +1,261 @@
+"""The model repository: Triton's layout, plus the metadata serving needs. One owner.
+
+Layout (Triton's convention, unchanged, so NVIDIA's tools work on it)::
+
+    <root>/<model>/config.pbtxt          production: onnxruntime_onnx on GPU, dynamic batching
+    <root>/<model>/configs/local.pbtxt   this machine: Python backend running the same ONNX
+    <root>/<model>/<version>/model.onnx
+    <root>/<model>/<version>/model.py    the Python backend's runner (used by local.pbtxt only)
+    <root>/<model>/<version>/metadata.json
+
+A local Triton picks the CPU config with ``--model-config-name=local``. Training
+writes through :func:`publish`; versions are numbered 1, 2, ... and never overwritten.
+Both configs are rendered from one :class:`ModelSpec`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+INPUT_NAME = "features"
+OUTPUT_PROBABILITIES = "probabilities"  # [batch, 2]: P(legitimate), P(fraud)
+LOCAL_CONFIG_NAME = "local"
+
+
+class ModelRepositoryError(Exception):
+    """The repository is missing, unwritable, or holds something inconsistent."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    name: str
+    dtype: str  # Feast type name, e.g. "Int64", "Float64"
+    default: float  # value used when the online store has none
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """What serving needs to feed the model exactly what training did."""
+
+    model_name: str
+    version: int
+    feature_service: str
+    features: list[FeatureSpec]
+    training_start: str
+    training_end: str
+    validation_start: str
+    validation_end: str
+    metrics: dict[str, float]
+    onnx_sha256: str
+    created_at: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelMetadata:
+        raw = json.loads(text)
+        raw["features"] = [FeatureSpec(**f) for f in raw["features"]]
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The one source both Triton configs are generated from."""
+
+    name: str
+    n_features: int
+    max_batch_size: int = 1024
+    preferred_batch_sizes: tuple[int, ...] = (64, 256, 1024)
+    max_queue_delay_us: int = 200
+    gpu_instances: int = 2
+
+
+def _io_block(spec: ModelSpec) -> str:
+    return f"""input [
+  {{
+    name: "{INPUT_NAME}"
+    data_type: TYPE_FP32
+    dims: [ {spec.n_features} ]
+  }}
+]
+output [
+  {{
+    name: "{OUTPUT_PROBABILITIES}"
+    data_type: TYPE_FP32
+    dims: [ 2 ]
+  }}
+]
+"""
+
+
+def production_config(spec: ModelSpec) -> str:
+    """ONNX Runtime backend on GPUs with dynamic batching (Triton's production shape)."""
+    sizes = ", ".join(str(s) for s in spec.preferred_batch_sizes)
+    return f"""name: "{spec.name}"
+platform: "onnxruntime_onnx"
+max_batch_size: {spec.max_batch_size}
+{_io_block(spec)}dynamic_batching {{
+  preferred_batch_size: [ {sizes} ]
+  max_queue_delay_microseconds: {spec.max_queue_delay_us}
+}}
+instance_group [
+  {{
+    count: {spec.gpu_instances}
+    kind: KIND_GPU
+  }}
+]
+"""
+
+
+def local_config(spec: ModelSpec) -> str:
+    """Python backend on CPU running the same model.onnx (no onnxruntime backend here)."""
+    return f"""name: "{spec.name}"
+backend: "python"
+max_batch_size: {spec.max_batch_size}
+{_io_block(spec)}dynamic_batching {{
+  max_queue_delay_microseconds: {spec.max_queue_delay_us}
+}}
+instance_group [
+  {{
+    count: 1
+    kind: KIND_CPU
+  }}
+]
+"""
+
+
+PYTHON_BACKEND_MODEL = '''"""Triton Python backend: run this version's model.onnx with ONNX Runtime (CPU)."""
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def execute(self, requests):
+        sizes = []
+        batches = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "features").as_numpy()
+            sizes.append(len(x))
+            batches.append(x)
+        (proba,) = self.session.run(
+            ["probabilities"], {"features": np.concatenate(batches).astype(np.float32)}
+        )
+        responses = []
+        start = 0
+        for n in sizes:
+            out = pb_utils.Tensor("probabilities", proba[start : start + n].astype(np.float32))
+            responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+            start += n
+        return responses
+'''
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def versions(root: Path, model: str) -> list[int]:
+    """Published versions of ``model``, ascending."""
+    model_dir = root / model
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def latest_version(root: Path, model: str) -> int:
+    found = versions(root, model)
+    if not found:
+        raise ModelRepositoryError(f"no version of model {model!r} under {root}")
+    return found[-1]
+
+
+def _check_writable(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root):
+            pass
+    except OSError as e:
+        raise ModelRepositoryError(
+            f"model repository {root} is not writable: {e.strerror}"
+        ) from None
+
+
+def publish(root: Path, spec: ModelSpec, onnx_path: Path, metadata: ModelMetadata) -> Path:
+    """Add ``onnx_path`` as the next version of ``spec.name``; return the version folder.
+
+    The version is assembled in a temporary folder and renamed into place, so Triton
+    (or a concurrent publish) never sees a half-written version.
+    """
+    _check_writable(root)
+    model_dir = root / spec.name
+    (model_dir / "configs").mkdir(parents=True, exist_ok=True)
+    version = (versions(root, spec.name) or [0])[-1] + 1
+    meta = ModelMetadata(
+        **{
+            **asdict(metadata),
+            "features": metadata.features,
+            "version": version,
+            "model_name": spec.name,
+            "onnx_sha256": sha256_file(onnx_path),
+        }
+    )
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    try:
+        shutil.copyfile(onnx_path, staging / "model.onnx")
+        (staging / "model.py").write_text(PYTHON_BACKEND_MODEL)
+        (staging / "metadata.json").write_text(meta.to_json())
+        os.chmod(staging, 0o755)
+        target = model_dir / str(version)
+        os.rename(staging, target)  # fails if the version appeared meanwhile: never overwrite
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ModelRepositoryError(
+            f"cannot publish version {version} in {model_dir}: {e}"
+        ) from None
+    (model_dir / "config.pbtxt").write_text(production_config(spec))
+    (model_dir / "configs" / f"{LOCAL_CONFIG_NAME}.pbtxt").write_text(local_config(spec))
+    return target
+
+
+def load_metadata(root: Path, model: str, version: int | None = None) -> ModelMetadata:
+    """Metadata of ``version`` (default: the latest), checked against its ONNX file."""
+    version = version or latest_version(root, model)
+    folder = root / model / str(version)
+    try:
+        meta = ModelMetadata.from_json((folder / "metadata.json").read_text())
+    except FileNotFoundError:
+        raise ModelRepositoryError(f"{folder} has no metadata.json") from None
+    if sha256_file(folder / "model.onnx") != meta.onnx_sha256:
+        raise ModelRepositoryError(f"{folder / 'model.onnx'} does not match its recorded hash")
+    return meta
+
+
+def onnx_path(root: Path, model: str, version: int | None = None) -> Path:
+    return root / model / str(version or latest_version(root, model)) / "model.onnx"
