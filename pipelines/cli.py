@@ -334,6 +334,61 @@ def _train(
         typer.echo(f"    published version {r.version}: {r.path}")
 
 
+# ---------------------------------------------------------------- triton
+triton_app = typer.Typer(help="A real local Triton serving the model repository (CPU).")
+app.add_typer(triton_app, name="triton")
+
+
+def _triton(s: Settings) -> Any:
+    from serving.triton_local import LocalTriton
+
+    return LocalTriton(s.triton_venv, s.triton_dir)
+
+
+@triton_app.command("start")
+def triton_start(
+    ctx: typer.Context,
+    http_port: Annotated[int, typer.Option(help="HTTP port on 127.0.0.1.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port on 127.0.0.1.")] = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness per attempt.")] = 60,
+) -> None:
+    """Start tritonserver on the model repository and wait until its models are ready."""
+    s = _settings(ctx)
+    with _step(f"start Triton on {s.model_repository}"):
+        st = _triton(s).start(s.model_repository, http_port, grpc_port, metrics_port, timeout)
+        typer.echo(f"    ready: pid {st.pid}, http {st.http_url}, grpc {st.grpc_url}, log {st.log}")
+
+
+@triton_app.command("stop")
+def triton_stop(ctx: typer.Context) -> None:
+    """Stop the local Triton (SIGINT, then SIGKILL) and remove what it left behind."""
+    stopped = _triton(_settings(ctx)).stop()
+    typer.echo("stopped" if stopped else "not running")
+
+
+@triton_app.command("status")
+def triton_status(ctx: typer.Context) -> None:
+    """Say whether the local Triton runs, is ready, and which models it serves."""
+    import json
+    import urllib.request
+
+    from serving.triton_local import _alive
+
+    triton = _triton(_settings(ctx))
+    st = triton.state()
+    if st is None or not _alive(st.pid):
+        typer.echo("not running")
+        raise typer.Exit(3)
+    ready = triton.ready(st)
+    typer.echo(f"running: pid {st.pid}, http {st.http_url}, grpc {st.grpc_url}, ready {ready}")
+    if ready:
+        req = urllib.request.Request(f"http://{st.http_url}/v2/repository/index", data=b"{}")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            for m in json.loads(r.read()):
+                typer.echo(f"    {m['name']} v{m.get('version', '?')}: {m.get('state', '?')}")
+
+
 # ---------------------------------------------------------------- demo
 @app.command()
 def demo(
@@ -391,9 +446,12 @@ def main() -> None:
     _quiet_feast_warnings()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     debug = os.environ.get("HOTPATH_DEBUG") == "1"
+    from serving.model_repository import ModelRepositoryError
+    from serving.triton_local import TritonError
+
     try:
         app()
-    except HotpathError as e:
+    except (HotpathError, TritonError, ModelRepositoryError) as e:
         if debug:
             raise
         typer.echo(f"error: {e}", err=True)

@@ -3,7 +3,8 @@
 The batch jobs run before ``feast apply`` (apply validates that the sources
 exist), so they read the contract from the Python definitions rather than the
 registry. The repo's modules import each other as top-level names (Feast's
-convention), hence the ``sys.path`` entry.
+convention): :func:`use_repo` makes those names resolve to *this* repo's files
+even when another repo was imported earlier in the same process.
 """
 
 from __future__ import annotations
@@ -28,13 +29,25 @@ def entities(repo: Path) -> dict[str, Entity]:
     return {k: v for k, v in _objects(repo).items() if isinstance(v, Entity)}
 
 
+def use_repo(repo: Path) -> None:
+    """Put ``repo`` first on ``sys.path`` and forget same-named modules of other repos."""
+    repo = repo.resolve()
+    if str(repo) in sys.path:
+        sys.path.remove(str(repo))
+    sys.path.insert(0, str(repo))
+    for path in repo.glob("*.py"):
+        module = sys.modules.get(path.stem)
+        origin = getattr(module, "__file__", None)
+        if module is not None and (origin is None or Path(origin).resolve().parent != repo):
+            del sys.modules[path.stem]
+
+
 @cache
 def _objects(repo: Path) -> dict[str, FeatureView | Entity]:
     repo = repo.resolve()
     if not (repo / "feature_store.yaml").exists():
         raise HotpathError(f"not a feature repo (no feature_store.yaml): {repo}")
-    if str(repo) not in sys.path:
-        sys.path.insert(0, str(repo))
+    use_repo(repo)
     found: dict[str, FeatureView | Entity] = {}
     for path in sorted(repo.glob("*.py")):
         module = importlib.import_module(path.stem)

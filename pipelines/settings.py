@@ -9,7 +9,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipelines.errors import HotpathError
 
-DEFAULT_REPO = Path(__file__).resolve().parent.parent / "feature_repo"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REPO = PROJECT_ROOT / "feature_repo"
 
 # profile name -> Feast config file inside the feature repo
 PROFILES = {
@@ -29,6 +30,11 @@ class Settings(BaseSettings):
     spark_master: str = "local[*]"
     spark_driver_memory: str = "2g"
     model_repository_path: Path | None = None  # HOTPATH_MODEL_REPOSITORY_PATH; default data/
+    triton_venv: Path = PROJECT_ROOT / ".venv-triton"
+
+    @property
+    def triton_dir(self) -> Path:
+        return self.data_dir / "triton"
 
     @property
     def model_repository(self) -> Path:

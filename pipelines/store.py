@@ -82,7 +82,10 @@ def apply(store: FeatureStore) -> None:
     """``feast apply`` for the store's repo (registers definitions, validates sources)."""
     from feast.repo_operations import apply_total
 
+    from pipelines.contract import use_repo
+
     repo = Path(store.repo_path)
+    use_repo(repo)
     with _restoring_cwd():  # apply_total chdirs into the repo
         try:
             apply_total(store.config, repo, skip_source_validation=False)

@@ -29,6 +29,7 @@ from serving.model_repository import (
     ModelMetadata,
     ModelRepositoryError,
     ModelSpec,
+    check_writable,
     publish,
 )
 
@@ -53,6 +54,8 @@ class TrainResult:
     onnx_max_abs_diff: float
     rows_train: int
     rows_valid: int
+    x_valid: np.ndarray  # the validation matrix, as the model saw it
+    native_valid: np.ndarray  # LightGBM's fraud probabilities on it
 
 
 def default_for(feature: str) -> float:
@@ -121,7 +124,8 @@ def training_set(store: FeatureStore, labels: pd.DataFrame, service: str) -> pd.
         raise HotpathError(
             f"building the training set failed: {text[0] if text else e!r}"
         ) from None
-    df["event_timestamp"] = pd.to_datetime(df["event_timestamp"], utc=True)
+    for col in ("event_timestamp", "payment_ts"):  # Spark hands naive UTC back
+        df[col] = pd.to_datetime(df[col], utc=True)
     return df.sort_values(["payment_ts", "transaction_id"]).reset_index(drop=True)
 
 
@@ -214,6 +218,10 @@ def train(
 ) -> TrainResult:
     """The whole pipeline; publishes a new model version and returns what it measured."""
     known_by = labels_known_by or datetime.now(UTC)
+    try:
+        check_writable(model_repository)
+    except ModelRepositoryError as e:
+        raise HotpathError(str(e)) from None
     specs = feature_specs(store, service)
     labels = load_labels(raw_dir, start, end, known_by)
     log(
@@ -262,5 +270,13 @@ def train(
         except ModelRepositoryError as e:
             raise HotpathError(str(e)) from None
     return TrainResult(
-        int(folder.name), folder, metrics, baseline, diff, len(train_df), len(valid_df)
+        int(folder.name),
+        folder,
+        metrics,
+        baseline,
+        diff,
+        len(train_df),
+        len(valid_df),
+        x_valid,
+        native,
     )

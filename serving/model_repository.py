@@ -81,10 +81,12 @@ class ModelSpec:
     preferred_batch_sizes: tuple[int, ...] = (64, 256, 1024)
     max_queue_delay_us: int = 200
     gpu_instances: int = 2
+    served_versions: int = 2  # the newest and the one before it, for canary and rollback
 
 
 def _io_block(spec: ModelSpec) -> str:
-    return f"""input [
+    return f"""version_policy: {{ latest {{ num_versions: {spec.served_versions} }} }}
+input [
   {{
     name: "{INPUT_NAME}"
     data_type: TYPE_FP32
@@ -196,7 +198,8 @@ def latest_version(root: Path, model: str) -> int:
     return found[-1]
 
 
-def _check_writable(root: Path) -> None:
+def check_writable(root: Path) -> None:
+    """Fail early, before any expensive work, if versions cannot be written under ``root``."""
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=root):
@@ -213,7 +216,7 @@ def publish(root: Path, spec: ModelSpec, onnx_path: Path, metadata: ModelMetadat
     The version is assembled in a temporary folder and renamed into place, so Triton
     (or a concurrent publish) never sees a half-written version.
     """
-    _check_writable(root)
+    check_writable(root)
     model_dir = root / spec.name
     (model_dir / "configs").mkdir(parents=True, exist_ok=True)
     version = (versions(root, spec.name) or [0])[-1] + 1

@@ -144,18 +144,27 @@ def _append_events(raw_dir: Path, events: pd.DataFrame) -> None:
         pq.write_table(table, raw_dir / "transactions" / f"date={day}" / "part-edges.parquet")
 
 
-def make_project(root: Path, rows: int = 6000, days: int = 40) -> Project:
-    """Copy the feature repo under ``root`` and generate its raw data (ending now)."""
+def make_project(
+    root: Path,
+    rows: int = 6000,
+    days: int = 40,
+    users: int | None = 150,
+    merchants: int | None = 30,
+    edges: bool = True,
+) -> Project:
+    """Copy the feature repo under ``root`` and generate its raw data (ending now), with the
+    hand-placed edge payments unless ``edges`` is false (they need ``days`` >= 37)."""
     repo = root / "feature_repo"
     shutil.copytree(ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("__pycache__"))
     settings = Settings(repo=repo, spark_master="local[2]")
     now = datetime.now(UTC).replace(microsecond=0)
     result = generate(
-        GenerateConfig(rows=rows, days=days, end=now, seed=11, users=150, merchants=30),
+        GenerateConfig(rows=rows, days=days, end=now, seed=11, users=users, merchants=merchants),
         settings.raw_dir,
     )
     edge_day = datetime.combine((now - timedelta(days=5)).date(), datetime.min.time(), UTC)
-    _append_events(settings.raw_dir, _edge_events(edge_day, result.start))
+    if edges:
+        _append_events(settings.raw_dir, _edge_events(edge_day, result.start))
     return Project(settings, result, now, edge_day)
 
 
@@ -174,6 +183,39 @@ def batch_done(project: Project, spark) -> Project:
     s = project.settings
     run_batch(spark, s.repo, s.raw_dir, s.offline_dir, first, last)
     return project
+
+
+@pytest.fixture(scope="session")
+def applied(batch_done: Project):
+    """The embedded profile's FeatureStore with the repo applied (its offline store serves
+    every profile)."""
+    from pipelines import store
+
+    fs = store.open_store(batch_done.settings)
+    store.apply(fs)
+    return fs
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    """The demo's default data size, trained twice (versions 1 and 2)."""
+    from pipelines import store
+    from pipelines.batch_job import run_batch
+    from pipelines.spark import spark_session
+    from pipelines.training import train
+
+    project = make_project(
+        tmp_path_factory.mktemp("training"), 30_000, 35, users=None, merchants=None, edges=False
+    )
+    s = project.settings
+    spark = spark_session("local[2]")
+    run_batch(
+        spark, s.repo, s.raw_dir, s.offline_dir, project.generated.start.date(), project.now.date()
+    )
+    fs = store.open_store(s)
+    store.apply(fs)
+    first = train(fs, s.raw_dir, s.model_repository, log=lambda _: None)
+    return project, fs, first
 
 
 def read_offline(project: Project, table: str) -> pd.DataFrame:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -158,3 +159,24 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         assert step in out, out
     assert "user_txn_count_30d" in out and "request-time" in out
     assert (tmp_path / "data" / "online_store.db").exists()
+
+
+def test_train_into_unwritable_repository(applied, batch_done: Project, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    repo = str(batch_done.settings.repo)
+    proc = run("--repo", repo, "train", "--model-repository", str(blocker / "models"))
+    assert_one_line_error(proc, "not writable", str(blocker / "models"))
+
+
+def test_triton_binary_missing(batch_done: Project, tmp_path: Path) -> None:
+    env_venv = tmp_path / "no-venv"
+    proc = subprocess.run(
+        [*HOTPATH, "--repo", str(batch_done.settings.repo), "triton", "start"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "HOTPATH_TRITON_VENV": str(env_venv)},
+    )
+    assert_one_line_error(proc, "tritonserver not found", str(env_venv))

@@ -25,14 +25,6 @@ VIEW_TABLES = {
 }
 
 
-@pytest.fixture(scope="module")
-def applied(batch_done: Project):
-    """The embedded profile with the repo applied (its offline store serves both profiles)."""
-    fs = store.open_store(batch_done.settings)
-    store.apply(fs)
-    return fs
-
-
 @pytest.fixture(scope="module", params=["embedded", "redis"])
 def materialized(request, batch_done: Project, applied):
     if request.param == "embedded":

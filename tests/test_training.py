@@ -1,0 +1,169 @@
+"""Training: point-in-time training sets, model quality, ONNX parity, versioned repository."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+import pytest
+from conftest import STALE_USER, VELOCITY_USER, Project, read_offline
+
+from pipelines.contract import feature_views
+from pipelines.errors import HotpathError
+from pipelines.training import LOOKUP_OFFSET, load_labels, train, training_set
+from serving.model_repository import load_metadata, versions
+
+# ---------------------------------------------------------------- leakage
+
+
+def _asof(labels: pd.DataFrame, offline: pd.DataFrame, keys: list[str], ttl, col: str) -> pd.Series:
+    """Independent pandas as-of join: newest row at or before the lookup instant, within TTL."""
+    left = labels[[*keys, "event_timestamp"]].reset_index().sort_values("event_timestamp")
+    left["event_timestamp"] = left.event_timestamp.astype("datetime64[us, UTC]")
+    right = offline[[*keys, "event_timestamp", col]].sort_values("event_timestamp")
+    right["event_timestamp"] = right.event_timestamp.astype("datetime64[us, UTC]")
+    right = right.rename(columns={"event_timestamp": "feature_ts"})
+    joined = pd.merge_asof(
+        left,
+        right,
+        left_on="event_timestamp",
+        right_on="feature_ts",
+        by=keys,
+        direction="backward",
+        allow_exact_matches=True,
+    )
+    stale = joined.feature_ts.isna() | (joined.event_timestamp - joined.feature_ts > ttl)
+    joined.loc[stale, col] = np.nan
+    return joined.set_index("index")[col].sort_index()
+
+
+def test_training_set_is_point_in_time(applied, batch_done: Project) -> None:
+    s = batch_done.settings
+    labels = load_labels(s.raw_dir, None, None, datetime.now(UTC))
+    df = training_set(applied, labels, "fraud_detection_v1")
+    assert len(df) == len(labels)
+    lookup = df.payment_ts - LOOKUP_OFFSET
+    assert (df.event_timestamp == lookup).all()
+    views = feature_views(s.repo)
+    checks = [
+        ("user_spending_stats", ["user_id"], "user_txn_count_7d"),
+        ("user_spending_stats", ["user_id"], "user_amount_avg_30d"),
+        ("merchant_risk_stats", ["merchant_id"], "merchant_fraud_count_30d"),
+        ("user_velocity", ["user_id"], "user_amount_sum_1h"),
+        ("user_merchant_history", ["user_id", "merchant_id"], "user_merchant_txn_count_90d"),
+    ]
+    table_of = {"user_velocity": "user_velocity"}
+    for view, keys, col in checks:
+        offline = read_offline(batch_done, table_of.get(view, view))
+        ttl = pd.Timedelta(views[view].ttl)
+        expected = _asof(df, offline, keys, ttl, col).to_numpy(dtype=float)
+        actual = pd.to_numeric(df[col]).to_numpy(dtype=float)
+        np.testing.assert_allclose(actual, expected, rtol=1e-12, equal_nan=True, err_msg=col)
+
+
+def test_features_that_change_at_the_payment_do_not_leak(applied, batch_done: Project) -> None:
+    """A payment's own velocity row changes the features at its instant; the label must see
+    the values from just before it."""
+    s = batch_done.settings
+    labels = load_labels(s.raw_dir, None, None, datetime.now(UTC))
+    mine = labels[labels.user_id == VELOCITY_USER]
+    df = training_set(applied, mine, "fraud_detection_v1").sort_values("payment_ts")
+    # Payments at t0, t0+5m-1us, 2x t0+10m-1us, t0+1h, t0+1d (see conftest) each see the
+    # row of the payment before them; the last one's predecessor is past the 1 h TTL.
+    seen = pd.to_numeric(df.user_amount_sum_1h).fillna(0).tolist()
+    assert seen == [0, 1, 3, 3, 15, 0]
+    own = read_offline(batch_done, "user_velocity")
+    own = own[own.user_id == VELOCITY_USER].sort_values("event_timestamp")
+    rows = own.set_index("event_timestamp").user_amount_sum_1h
+    leaked = rows.loc[df.payment_ts].tolist()  # what a join at the payment instant would give
+    assert leaked == [1, 3, 15, 15, 30, 32]
+    assert all(a != b for a, b in zip(seen, leaked, strict=True))
+
+
+def test_no_labels_in_range_is_a_clear_error(batch_done: Project) -> None:
+    future = date.today() + timedelta(days=400)
+    with pytest.raises(HotpathError, match="no labels"):
+        load_labels(batch_done.settings.raw_dir, future, future, datetime.now(UTC))
+
+
+# ---------------------------------------------------------------- the model
+
+
+def test_model_beats_the_amount_rule(trained) -> None:
+    _, _, r = trained
+    assert r.metrics["roc_auc"] >= 0.90, r.metrics
+    assert r.metrics["roc_auc"] >= r.baseline["roc_auc"] + 0.05, (r.metrics, r.baseline)
+    assert r.metrics["pr_auc"] > r.baseline["pr_auc"]
+
+
+def test_onnx_matches_native(trained) -> None:
+    _, _, r = trained
+    session = ort.InferenceSession(str(r.path / "model.onnx"), providers=["CPUExecutionProvider"])
+    (proba,) = session.run(["probabilities"], {"features": r.x_valid})
+    assert len(proba) == r.rows_valid
+    assert np.max(np.abs(proba[:, 1] - r.native_valid)) <= 1e-5
+
+
+def test_repository_layout_and_metadata(trained) -> None:
+    project, fs, r = trained
+    model_dir = r.path.parent
+    assert (model_dir / "config.pbtxt").read_text().count('platform: "onnxruntime_onnx"') == 1
+    assert "KIND_GPU" in (model_dir / "config.pbtxt").read_text()
+    local = (model_dir / "configs" / "local.pbtxt").read_text()
+    assert 'backend: "python"' in local and "KIND_CPU" in local
+    meta = load_metadata(project.settings.model_repository, "fraud_detection", r.version)
+    service = fs.get_feature_service("fraud_detection_v1")
+    expected = [f.name for p in service.feature_view_projections for f in p.features]
+    assert meta.feature_names == expected
+    assert meta.feature_service == "fraud_detection_v1"
+    assert f"dims: [ {len(expected)} ]" in local
+    assert meta.metrics["roc_auc"] == r.metrics["roc_auc"]
+    assert meta.training_end < meta.validation_start
+
+
+def _tree_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_second_run_adds_version_two(trained) -> None:
+    project, fs, r = trained
+    s = project.settings
+    v1 = _tree_digest(r.path)
+    second = train(fs, s.raw_dir, s.model_repository, log=lambda _: None)
+    assert second.version == r.version + 1
+    assert versions(s.model_repository, "fraud_detection")[-2:] == [r.version, second.version]
+    assert _tree_digest(r.path) == v1
+    meta = load_metadata(s.model_repository, "fraud_detection", r.version)  # checks its hash
+    ort.InferenceSession(str(r.path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert meta.version == r.version
+
+
+def test_unknown_feature_service(trained) -> None:
+    project, fs, _ = trained
+    s = project.settings
+    with pytest.raises(HotpathError, match="unknown feature service 'nope'.*fraud_detection_v1"):
+        train(fs, s.raw_dir, s.model_repository, service="nope", log=lambda _: None)
+
+
+def test_unwritable_model_repository(trained, tmp_path: Path) -> None:
+    project, fs, _ = trained
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(HotpathError, match="not writable"):
+        train(fs, project.settings.raw_dir, blocker / "repo", log=lambda _: None)
+
+
+def test_stale_user_features_are_defaults(applied, batch_done: Project) -> None:
+    """A label of a user whose features expired gets missing values, not old ones."""
+    s = batch_done.settings
+    labels = load_labels(s.raw_dir, None, None, datetime.now(UTC))
+    df = training_set(applied, labels[labels.user_id == STALE_USER], "fraud_detection_v1")
+    assert df.user_txn_count_30d.isna().all()  # before its first snapshot
