@@ -102,9 +102,8 @@ def load_labels(
     except Exception as e:
         raise HotpathError(f"cannot read labels from {path}: {e}") from None
     if labels.empty:
-        raise HotpathError(
-            f"no labels in range {start or 'beginning'} .. {end or 'end'} known by {known_by:%Y-%m-%d %H:%M} UTC"
-        )
+        span = f"{start or 'beginning'} .. {end or 'end'}"
+        raise HotpathError(f"no labels in range {span} known by {known_by:%Y-%m-%d %H:%M} UTC")
     if labels.is_fraud.nunique() < 2:
         raise HotpathError("labels in range are all of one class: widen the date range")
     return labels.sort_values(["event_timestamp", "transaction_id"]).reset_index(drop=True)
@@ -204,35 +203,47 @@ def onnx_scores(path: Path, x: np.ndarray) -> np.ndarray:
     return proba[:, 1]
 
 
-def train(
+@dataclass(frozen=True)
+class Dataset:
+    """A point-in-time training set and the contract it was built for."""
+
+    frame: pd.DataFrame  # one row per label: ids, payment_ts, is_fraud, every feature
+    features: list[FeatureSpec]
+    service: str
+    labels_known_by: datetime
+
+
+def build_dataset(
     store: FeatureStore,
     raw_dir: Path,
-    model_repository: Path,
     service: str = "fraud_detection_v1",
     start: date | None = None,
     end: date | None = None,
     labels_known_by: datetime | None = None,
-    valid_fraction: float = 0.25,
-    seed: int = 7,
     log: Callable[[str], None] = print,
-) -> TrainResult:
-    """The whole pipeline; publishes a new model version and returns what it measured."""
+) -> Dataset:
+    """Labels known by ``labels_known_by`` (default now), joined point-in-time to ``service``."""
     known_by = labels_known_by or datetime.now(UTC)
-    try:
-        check_writable(model_repository)
-    except ModelRepositoryError as e:
-        raise HotpathError(str(e)) from None
     specs = feature_specs(store, service)
     labels = load_labels(raw_dir, start, end, known_by)
-    log(
-        f"    {len(labels):,} labels ({int(labels.is_fraud.sum()):,} fraud) known by {known_by:%Y-%m-%d %H:%M} UTC"
-    )
+    n_fraud = int(labels.is_fraud.sum())
+    log(f"    {len(labels):,} labels ({n_fraud:,} fraud) known by {known_by:%Y-%m-%d %H:%M} UTC")
     t0 = time.perf_counter()
     df = training_set(store, labels, service)
-    log(
-        f"    training set: {len(df):,} rows x {len(specs)} features in {time.perf_counter() - t0:.1f}s"
-    )
-    train_df, valid_df = time_split(df, valid_fraction)
+    took = time.perf_counter() - t0
+    log(f"    training set: {len(df):,} rows x {len(specs)} features in {took:.1f}s")
+    return Dataset(df, specs, service, known_by)
+
+
+def fit_and_publish(
+    data: Dataset,
+    model_repository: Path,
+    valid_fraction: float = 0.25,
+    seed: int = 7,
+) -> TrainResult:
+    """Train on the earlier slice, judge on the later one, export ONNX, publish a version."""
+    specs = data.features
+    train_df, valid_df = time_split(data.frame, valid_fraction)
     x_train, x_valid = to_matrix(train_df, specs), to_matrix(valid_df, specs)
     y_train, y_valid = train_df.is_fraud.to_numpy(int), valid_df.is_fraud.to_numpy(int)
     model = fit(x_train, y_train, seed)
@@ -247,7 +258,7 @@ def train(
         meta = ModelMetadata(
             model_name=MODEL_NAME,
             version=0,
-            feature_service=service,
+            feature_service=data.service,
             features=specs,
             training_start=str(train_df.payment_ts.min()),
             training_end=str(train_df.payment_ts.max()),
@@ -257,7 +268,7 @@ def train(
             onnx_sha256="",
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             extra={
-                "labels_known_by": known_by.isoformat(),
+                "labels_known_by": data.labels_known_by.isoformat(),
                 "lookup_offset_us": 1,
                 "rows_train": len(train_df),
                 "rows_valid": len(valid_df),
@@ -280,3 +291,24 @@ def train(
         x_valid,
         native,
     )
+
+
+def train(
+    store: FeatureStore,
+    raw_dir: Path,
+    model_repository: Path,
+    service: str = "fraud_detection_v1",
+    start: date | None = None,
+    end: date | None = None,
+    labels_known_by: datetime | None = None,
+    valid_fraction: float = 0.25,
+    seed: int = 7,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """The whole pipeline; publishes a new model version and returns what it measured."""
+    try:
+        check_writable(model_repository)  # before the expensive part
+    except ModelRepositoryError as e:
+        raise HotpathError(str(e)) from None
+    data = build_dataset(store, raw_dir, service, start, end, labels_known_by, log)
+    return fit_and_publish(data, model_repository, valid_fraction, seed)

@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
 # Install everything hotpath needs on a Debian/Ubuntu machine, idempotently:
 #   - Java 17 (Spark) and, with --with-redis, redis-server (tests), from apt if missing;
-#   - a virtual environment in .venv with hotpath and its dev tools.
-# Re-running is cheap: pip runs again only when pyproject.toml changed.
+#   - a virtual environment in .venv with hotpath and its dev tools;
+#   - with --with-triton, a second one in .venv-triton with the nvidia-pytriton wheel
+#     (its tritonserver runs the local Triton; it pins numpy < 2, feast needs >= 2).
+# Re-running is cheap: pip runs again only when pyproject.toml (or the pins below) changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 with_redis=0
-[[ "${1:-}" == "--with-redis" ]] && with_redis=1
+with_triton=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-redis) with_redis=1 ;;
+    --with-triton) with_triton=1 ;;
+    *) echo "usage: $0 [--with-redis] [--with-triton]" >&2; exit 2 ;;
+  esac
+done
+TRITON_PINS=(nvidia-pytriton==0.7.0 "numpy<2" "onnxruntime>=1.20")
 
 as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 
@@ -49,5 +59,17 @@ if [[ ! -f "$stamp" ]]; then
   .venv/bin/python -m pip install -q -e ".[dev]"
   rm -f .venv/.installed-*
   touch "$stamp"
+fi
+
+if [[ $with_triton -eq 1 ]]; then
+  tstamp=.venv-triton/.installed-$(echo "${TRITON_PINS[*]}" | sha256sum | cut -c1-16)
+  if [[ ! -f "$tstamp" ]]; then
+    echo "==> creating .venv-triton with nvidia-pytriton (its tritonserver runs the local Triton)"
+    [[ -x .venv-triton/bin/python ]] || "$python" -m venv .venv-triton
+    .venv-triton/bin/python -m pip install -q --upgrade pip
+    .venv-triton/bin/python -m pip install -q "${TRITON_PINS[@]}"
+    rm -f .venv-triton/.installed-*
+    touch "$tstamp"
+  fi
 fi
 echo "==> ready: $(.venv/bin/python --version), $(java -version 2>&1 | head -1)"

@@ -139,7 +139,7 @@ instance_group [
 """
 
 
-PYTHON_BACKEND_MODEL = '''"""Triton Python backend: run this version's model.onnx with ONNX Runtime (CPU)."""
+PYTHON_BACKEND_MODEL = '''"""Triton Python backend: model.onnx of this version in ONNX Runtime."""
 
 import os
 

@@ -14,6 +14,7 @@ stop takes SIGINT; the Python backend leaves ``/dev/shm`` segments and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -269,15 +270,11 @@ def _signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _reap(pid: int) -> None:
     """Collect the exit status if the server is our child (avoids a zombie)."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
