@@ -155,10 +155,22 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     proc = run("--repo", str(repo), "demo", "--rows", "5000", "--days", "35", timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    for step in ("generate", "spark batch backfill", "feast apply", "materialize", "demo finished"):
+    steps = (
+        "generate",
+        "spark batch backfill",
+        "feast apply",
+        "materialize",
+        "train on",
+        "published version 1",
+        "demo finished",
+    )
+    for step in steps:
         assert step in out, out
     assert "user_txn_count_30d" in out and "request-time" in out
     assert (tmp_path / "data" / "online_store.db").exists()
+    assert (
+        tmp_path / "data" / "model_repository" / "fraud_detection" / "1" / "model.onnx"
+    ).exists()
 
 
 def test_train_into_unwritable_repository(applied, batch_done: Project, tmp_path: Path) -> None:
