@@ -14,7 +14,7 @@ import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from feast import Entity, FeatureView, ValueType
@@ -58,12 +58,12 @@ JOBS = [
     ViewJob(
         "user_spending_stats",
         batch_features.SNAPSHOT_LOOKBACK_DAYS,
-        lambda tx, first, last: batch_features.user_spending_stats(tx, _days(first, last)),
+        lambda tx, first, last: batch_features.user_spending_stats(tx, _snapshot_days(first, last)),
     ),
     ViewJob(
         "merchant_risk_stats",
         batch_features.SNAPSHOT_LOOKBACK_DAYS,
-        lambda tx, first, last: batch_features.merchant_risk_stats(tx, _days(first, last)),
+        lambda tx, first, last: batch_features.merchant_risk_stats(tx, _snapshot_days(first, last)),
     ),
     ViewJob("user_velocity", 1, batch_features.user_velocity),
     ViewJob("user_merchant_history", 90, batch_features.user_merchant_history),
@@ -81,6 +81,12 @@ class ViewResult:
 
 def _days(first: date, last: date) -> list[date]:
     return [first + timedelta(days=i) for i in range((last - first).days + 1)]
+
+
+def _snapshot_days(first: date, last: date) -> list[date]:
+    """Snapshot days up to today: a snapshot as of a future midnight would summarise a day
+    that has not finished, and be served as complete once that midnight passes."""
+    return _days(first, min(last, datetime.now(UTC).date()))
 
 
 def read_transactions(spark: SparkSession, raw_dir: Path) -> DataFrame:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pandas as pd
@@ -172,3 +172,14 @@ def test_end_before_start_is_refused(batch_done: Project, spark) -> None:
     day0 = batch_done.edge_day.date()
     with pytest.raises(HotpathError, match="before start"):
         run_batch(spark, s.repo, s.raw_dir, s.offline_dir, day0, day0 - timedelta(days=1))
+
+
+def test_no_snapshot_from_the_future(batch_done: Project, spark) -> None:
+    """A range reaching past today yields no snapshot stamped after now (today's day is
+    unfinished, so a snapshot as of tomorrow would be served as complete later)."""
+    s = batch_done.settings
+    today = batch_done.now.date()
+    run_batch(spark, s.repo, s.raw_dir, s.offline_dir, today, today + timedelta(days=2))
+    users = read_offline(batch_done, "user_spending_stats")
+    assert users.event_timestamp.max() <= pd.Timestamp(datetime.now(UTC))
+    assert users.event_timestamp.max() == pd.Timestamp(today, tz="UTC")
