@@ -7,6 +7,7 @@ one line (``error: ...``) with exit code 1; set ``HOTPATH_DEBUG=1`` for tracebac
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -217,21 +218,65 @@ def materialize(
     end: Annotated[
         str | None, typer.Option(help="Materialize up to this time (default now).")
     ] = None,
+    skip_validation: Annotated[
+        bool, typer.Option(help="Load even if the batch gate fails (logged).")
+    ] = False,
 ) -> None:
-    """Load new offline rows into the online store (feast materialize-incremental)."""
-    _materialize(_settings(ctx), _parse_time(end, "--end"))
+    """Validate the batch to be loaded, then load it (feast materialize-incremental)."""
+    _materialize(_settings(ctx), _parse_time(end, "--end"), skip_validation)
 
 
-def _materialize(s: Settings, end: datetime | None = None) -> None:
+def _materialize(s: Settings, end: datetime | None = None, skip_validation: bool = False) -> None:
     from pipelines import store
     from pipelines.spark import spark_session
 
+    until = end or datetime.now(UTC)
+    fs = store.open_store(s)
+    _require_applied(fs)
+    _gate(s, fs, until, skip_validation)
     with _step(f"feast materialize-incremental into the {s.profile} online store"):
-        fs = store.open_store(s)
         spark_session(s.spark_master, s.spark_driver_memory)  # Feast's Spark engine reuses it
-        _require_applied(fs)
-        until = store.materialize(fs, end)
+        store.materialize(fs, until)
         typer.echo(f"    materialized up to {until:%Y-%m-%d %H:%M:%S} UTC")
+
+
+def _gate(s: Settings, fs: Any, end: datetime, skip: bool) -> None:
+    """Refuse to materialize a batch that fails validation, unless told to (and logged)."""
+    from validation.gate import materialization_windows, validate_batch
+
+    with _step("validate the batch to be loaded (Great Expectations)"):
+        windows = materialization_windows(fs, end)
+        if not windows:
+            typer.echo("    nothing new to validate")
+            return
+        report = validate_batch(
+            fs, s.repo, s.validation_dir, views=sorted(windows), windows=windows, now=end
+        )
+        for line in report.summary():
+            typer.echo(f"    {line}")
+        if report.data_docs:
+            typer.echo(f"    Data Docs: {report.data_docs}")
+        if report.success:
+            return
+        failed = [v.view for v in report.views if not v.success]
+        if skip:
+            _log_override(s, failed)
+            typer.echo(f"    WARNING: loading despite failed validation of {failed}")
+            return
+        first = next(v for v in report.views if not v.success)
+        raise HotpathError(
+            f"validation failed for {', '.join(failed)} ({first.failures[0]}); nothing was "
+            "materialized. Fix the batch, or pass --skip-validation to load it anyway"
+        )
+
+
+def _log_override(s: Settings, views: list[str]) -> None:
+    import getpass
+
+    s.validation_dir.mkdir(parents=True, exist_ok=True)
+    with (s.validation_dir / "overrides.log").open("a") as log:
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        log.write(f"{stamp} {getpass.getuser()} materialized despite failed validation: {views}\n")
 
 
 def _require_applied(fs: Any) -> None:
@@ -389,6 +434,149 @@ def triton_status(ctx: typer.Context) -> None:
                 typer.echo(f"    {m['name']} v{m.get('version', '?')}: {m.get('state', '?')}")
 
 
+# ---------------------------------------------------------------- validation
+validate_app = typer.Typer(help="Feature validation: batch gate, freshness, drift, skew.")
+app.add_typer(validate_app, name="validate")
+
+
+@validate_app.command("batch")
+def validate_batch_cmd(
+    ctx: typer.Context,
+    start: Annotated[str | None, typer.Option(help="First day (default: first on disk).")] = None,
+    end: Annotated[str | None, typer.Option(help="Last day, inclusive (default: last).")] = None,
+    view: Annotated[list[str] | None, typer.Option(help="Only this view (repeatable).")] = None,
+) -> None:
+    """Run the expectation suites on the offline tables; write GE Data Docs."""
+    from pipelines import store
+    from validation.gate import validate_batch
+
+    s = _settings(ctx)
+    first, last = _parse_date(start, "--start"), _parse_date(end, "--end")
+    if first and last and last < first:
+        raise HotpathError(f"end date {last} is before start date {first}")
+    fs = store.open_store(s)
+    _require_applied(fs)
+    with _step("validate offline feature tables (Great Expectations)"):
+        report = validate_batch(fs, s.repo, s.validation_dir, first, last, view)
+        for line in report.summary():
+            typer.echo(f"    {line}")
+        typer.echo(f"    Data Docs: {report.data_docs}")
+    if not report.success:
+        failed = [v.view for v in report.views if not v.success]
+        raise HotpathError(f"validation failed for {', '.join(failed)}")
+
+
+@validate_app.command("freshness")
+def validate_freshness(
+    ctx: typer.Context,
+    at: Annotated[str | None, typer.Option(help="Judge as of this time (default now).")] = None,
+) -> None:
+    """Age of each view's newest online value against its freshness class."""
+    from pipelines import store
+    from validation.freshness import check_freshness
+
+    s = _settings(ctx)
+    fs = store.open_store(s)
+    _require_applied(fs)
+    results = check_freshness(fs, s.repo, _parse_time(at, "--at"))
+    for r in results:
+        age = "no values" if r.age is None else _age(r.age.total_seconds())
+        limit = "-" if r.max_staleness is None else _age(r.max_staleness.total_seconds())
+        typer.echo(
+            f"{'ok ' if r.ok else 'FAIL'} {r.view:<24} {r.freshness_class or '-':<7} "
+            f"newest {age:<14} allowed {limit}"
+        )
+    stale = [r.view for r in results if not r.ok]
+    if stale:
+        raise HotpathError(f"stale feature views: {', '.join(stale)}")
+
+
+@validate_app.command("drift")
+def validate_drift(
+    ctx: typer.Context,
+    sample: Annotated[int, typer.Option(min=10, help="Latest payments to sample.")] = 2000,
+    top: Annotated[int, typer.Option(min=1, help="How many of the worst to print.")] = 8,
+) -> None:
+    """PSI of the feature vectors of recent payments against the model's training data.
+
+    Each recent payment's vector is looked up as scoring saw it (just before the payment,
+    point-in-time; the skew check guarantees online and offline agree)."""
+    import pandas as pd
+
+    from pipelines import store
+    from pipelines.spark import spark_session
+    from pipelines.training import training_set
+    from serving.model_repository import feature_matrix, load_metadata
+    from validation.drift import THRESHOLD, drift_report
+
+    s = _settings(ctx)
+    meta = load_metadata(s.model_repository, "fraud_detection")
+    if not meta.reference:
+        raise HotpathError(f"model version {meta.version} records no training distribution")
+    fs = store.open_store(s)
+    _require_applied(fs)
+    spark_session(s.spark_master, s.spark_driver_memory)
+    payments = pd.DataFrame(_recent_payments(s, sample))
+    vectors = training_set(fs, payments, meta.feature_service)
+    report = drift_report(
+        meta.reference, feature_matrix(vectors, meta.features), meta.feature_names
+    )
+    typer.echo(
+        f"PSI of {len(payments):,} recent payments vs model v{meta.version} (drift > {THRESHOLD}):"
+    )
+    for d in report[:top]:
+        typer.echo(f"{'DRIFT' if d.drifted else 'ok   '} {d.feature:<30} {d.psi:.3f}")
+    drifted = [d.feature for d in report if d.drifted]
+    if drifted:
+        raise HotpathError(f"drifted features: {', '.join(drifted)}")
+
+
+@validate_app.command("skew")
+def validate_skew(
+    ctx: typer.Context,
+    sample: Annotated[int, typer.Option(min=1, help="Recent (user, merchant) pairs.")] = 200,
+) -> None:
+    """Online vector vs offline point-in-time row for sampled entities; expect zero."""
+    import pandas as pd
+
+    from pipelines import store
+    from pipelines.spark import spark_session
+    from validation.skew import check_skew
+
+    s = _settings(ctx)
+    fs = store.open_store(s)
+    _require_applied(fs)
+    spark_session(s.spark_master, s.spark_driver_memory)
+    rows = pd.DataFrame(_recent_payments(s, sample))[["user_id", "merchant_id"]]
+    compared, mismatches = check_skew(fs, rows)
+    for m in mismatches[:20]:
+        typer.echo(f"MISMATCH {m}")
+    typer.echo(f"{compared:,} values compared, {len(mismatches):,} mismatches")
+    if mismatches:
+        raise HotpathError(f"{len(mismatches)} online/offline mismatches")
+
+
+def _recent_payments(s: Settings, n: int) -> list[dict[str, Any]]:
+    """Entity rows (and amounts) of the latest ``n`` payments in the raw data."""
+    import pandas as pd
+
+    path = s.raw_dir / "transactions"
+    if not path.exists():
+        raise HotpathError(f"raw transactions not found at {path}")
+    tx = pd.read_parquet(path, columns=["user_id", "merchant_id", "amount", "event_timestamp"])
+    latest = tx.nlargest(n, "event_timestamp")
+    return [
+        {
+            "user_id": int(r.user_id),
+            "merchant_id": int(r.merchant_id),
+            "amount": float(r.amount),
+            "event_timestamp": r.event_timestamp,
+            "transaction_id": i,
+        }
+        for i, r in enumerate(latest.itertuples())
+    ]
+
+
 # ---------------------------------------------------------------- demo
 @app.command()
 def demo(
@@ -439,6 +627,10 @@ def _quiet_feast_warnings() -> None:
         show(message, category, *args, **kw)
 
     warnings.showwarning = showwarning
+    # some libraries route warnings through logging (logging.captureWarnings)
+    logging.getLogger("py.warnings").addFilter(
+        lambda record: "experimental feature" not in record.getMessage()
+    )
 
 
 def main() -> None:
@@ -448,10 +640,11 @@ def main() -> None:
     debug = os.environ.get("HOTPATH_DEBUG") == "1"
     from serving.model_repository import ModelRepositoryError
     from serving.triton_local import TritonError
+    from validation.declared import ValidationError
 
     try:
         app()
-    except (HotpathError, TritonError, ModelRepositoryError) as e:
+    except (HotpathError, TritonError, ModelRepositoryError, ValidationError) as e:
         if debug:
             raise
         typer.echo(f"error: {e}", err=True)

@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     triton_venv: Path = PROJECT_ROOT / ".venv-triton"
 
     @property
+    def validation_dir(self) -> Path:
+        return self.data_dir / "validation"
+
+    @property
     def triton_dir(self) -> Path:
         return self.data_dir / "triton"
 

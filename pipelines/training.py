@@ -32,6 +32,8 @@ from serving.model_repository import (
     ModelRepositoryError,
     ModelSpec,
     check_writable,
+    feature_matrix,
+    feature_profile,
     publish,
 )
 
@@ -131,12 +133,8 @@ def training_set(store: FeatureStore, labels: pd.DataFrame, service: str) -> pd.
 
 
 def to_matrix(df: pd.DataFrame, specs: list[FeatureSpec]) -> np.ndarray:
-    """Model input: float32 columns in contract order, missing values replaced by defaults."""
-    cols = [
-        pd.to_numeric(df[s.name], errors="coerce").astype("float64").fillna(s.default).to_numpy()
-        for s in specs
-    ]
-    return np.column_stack(cols).astype(np.float32)
+    """Model input in contract order, missing values replaced by the recorded defaults."""
+    return feature_matrix(df, specs)
 
 
 def time_split(df: pd.DataFrame, valid_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -297,6 +295,7 @@ def fit_and_publish(
             metrics={**metrics, **{f"baseline_amount_{k}": v for k, v in baseline.items()}},
             onnx_sha256="",
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            reference=feature_profile(x_valid, [f.name for f in specs]),
             extra={
                 "labels_known_by": data.labels_known_by.isoformat(),
                 "lookup_offset_us": 1,

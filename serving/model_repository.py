@@ -24,6 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from pandas import NA as pd_NA
+
 INPUT_NAME = "features"
 OUTPUT_PROBABILITIES = "probabilities"  # [batch, 2]: P(legitimate), P(fraud)
 LOCAL_CONFIG_NAME = "local"
@@ -56,6 +59,8 @@ class ModelMetadata:
     onnx_sha256: str
     created_at: str
     extra: dict[str, Any] = field(default_factory=dict)
+    # per feature: training-set decile edges and bin fractions, the drift check's reference
+    reference: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     @property
     def feature_names(self) -> list[str]:
@@ -173,6 +178,37 @@ class TritonPythonModel:
             start += n
         return responses
 '''
+
+
+def feature_matrix(frame: Any, features: list[FeatureSpec]) -> np.ndarray:
+    """The model's float32 input from a table of feature values (pandas or a dict of
+    columns): contract order, missing values replaced by each feature's default."""
+    columns = []
+    for f in features:
+        values = [f.default if _missing(v) else float(v) for v in frame[f.name]]
+        columns.append(np.asarray(values, dtype=np.float64))
+    return np.column_stack(columns).astype(np.float32)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or value is pd_NA or bool(value != value)  # NaN of any float type
+
+
+def bin_fractions(values: np.ndarray, edges: list[float] | np.ndarray) -> np.ndarray:
+    """Share of ``values`` in each bin (-inf, e1], (e1, e2], ..., (ek, inf)."""
+    edges = np.asarray(edges, dtype=float)
+    bins = np.searchsorted(edges, values.astype(float), side="left")
+    return np.bincount(bins, minlength=len(edges) + 1) / max(1, len(values))
+
+
+def feature_profile(x: np.ndarray, names: list[str]) -> dict[str, dict[str, list[float]]]:
+    """Per feature: decile edges of the training matrix and the share of rows in each bin,
+    recorded in the metadata as the reference drift checks compare recent values with."""
+    out = {}
+    for i, name in enumerate(names):
+        edges = np.unique(np.quantile(x[:, i].astype(float), np.linspace(0.1, 0.9, 9)))
+        out[name] = {"edges": edges.tolist(), "fractions": bin_fractions(x[:, i], edges).tolist()}
+    return out
 
 
 def sha256_file(path: Path) -> str:
