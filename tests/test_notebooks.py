@@ -33,3 +33,20 @@ def test_features_to_model(applied, batch_done: Project, monkeypatch: pytest.Mon
         assert shown in outputs, shown
     after = set(Path(batch_done.settings.model_repository).glob("fraud_detection/*"))
     assert after - before, "the notebook published no new model version"
+
+
+def test_validate_features(applied, batch_done: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    offline = batch_done.settings.offline_dir / "user_spending_stats"
+    before = {p.name: p.read_bytes() for p in offline.rglob("*.parquet")}
+    nb = execute("02_validate_features.ipynb", batch_done, monkeypatch)
+    outputs = "".join(
+        o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+    )
+    assert "gate BLOCKED the batch" in outputs
+    assert "expect_column_values_to_be_between(user_amount_sum_1d)" in outputs
+    assert "index.html" in outputs
+    after = {p.name: p.read_bytes() for p in offline.rglob("*.parquet")}
+    assert after == before  # the notebook restored the partition it broke

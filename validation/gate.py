@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from feast import FeatureStore, FeatureView
 
-from validation.declared import ValidationError, load
+from validation.declared import Declared, ValidationError, load
 from validation.suites import build_suite, days
 
 
@@ -140,18 +140,20 @@ def validate_batch(
     views: list[str] | None = None,
     now: datetime | None = None,
     windows: dict[str, tuple[date, date]] | None = None,
+    declared: Declared | None = None,
 ) -> GateReport:
     """Validate each gated view for ``start..end`` (default: the days it has on disk).
 
     ``windows`` gives a view its own range instead (the materialization gate uses the
-    days each view is about to load).
+    days each view is about to load); ``declared`` replaces the repo's declared
+    expectations (to try one out before adding it to ``expectations.py``).
     """
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     t0 = time.perf_counter()
     now = now or datetime.now(UTC)
-    declared = load(repo)
+    declared = declared or load(repo)
     selected = gated_views(store)
     if views:
         unknown = sorted(set(views) - {v.name for v in selected})
