@@ -162,7 +162,8 @@ def batch(
 
 
 def _raw_day_range(raw_dir: Path) -> tuple[date, date]:
-    """First raw day and the day after the last: the snapshot at its midnight covers it."""
+    """First raw day and the day after the last (the snapshot at its midnight covers the
+    last day), but never after today."""
     from datetime import timedelta
 
     tx = raw_dir / "transactions"
@@ -171,7 +172,7 @@ def _raw_day_range(raw_dir: Path) -> tuple[date, date]:
         raise HotpathError(f"raw transactions not found at {tx} (run `hotpath generate` first)")
     first, last = (_parse_date(d, f"partition under {tx}") for d in (days[0], days[-1]))
     assert first and last
-    return first, last + timedelta(days=1)
+    return first, min(last + timedelta(days=1), datetime.now(UTC).date())
 
 
 def _batch(
