@@ -20,15 +20,20 @@ def execute(name: str, project: Project, monkeypatch: pytest.MonkeyPatch) -> nbf
     return nb
 
 
-def test_features_to_model(applied, batch_done: Project, monkeypatch: pytest.MonkeyPatch) -> None:
-    before = set(Path(batch_done.settings.model_repository).glob("fraud_detection/*"))
-    nb = execute("01_features_to_model.ipynb", batch_done, monkeypatch)
-    outputs = "".join(
+def printed(nb: nbformat.NotebookNode) -> str:
+    """Everything the notebook's code cells printed or displayed, as text."""
+    return "".join(
         o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
         for c in nb.cells
         if c.cell_type == "code"
         for o in c.outputs
     )
+
+
+def test_features_to_model(applied, batch_done: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = set(Path(batch_done.settings.model_repository).glob("fraud_detection/*"))
+    nb = execute("01_features_to_model.ipynb", batch_done, monkeypatch)
+    outputs = printed(nb)
     for shown in ("user_velocity", "roc_auc", "amount rule", "ONNX max |diff|", "metadata.json"):
         assert shown in outputs, shown
     after = set(Path(batch_done.settings.model_repository).glob("fraud_detection/*"))
@@ -39,12 +44,7 @@ def test_validate_features(applied, batch_done: Project, monkeypatch: pytest.Mon
     offline = batch_done.settings.offline_dir / "user_spending_stats"
     before = {p.name: p.read_bytes() for p in offline.rglob("*.parquet")}
     nb = execute("02_validate_features.ipynb", batch_done, monkeypatch)
-    outputs = "".join(
-        o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
-        for c in nb.cells
-        if c.cell_type == "code"
-        for o in c.outputs
-    )
+    outputs = printed(nb)
     assert "gate BLOCKED the batch" in outputs
     assert "expect_column_values_to_be_between(user_amount_sum_1d)" in outputs
     assert "index.html" in outputs
