@@ -42,14 +42,17 @@ def _global(
     ctx: typer.Context,
     repo: Annotated[
         Path | None,
-        typer.Option(help="Feature repo; data goes to ../data beside it. [env: HOTPATH_REPO]"),
+        typer.Option(envvar="HOTPATH_REPO", help="Feature repo; data goes to ../data beside it."),
     ] = None,
     profile: Annotated[
         str | None,
-        typer.Option(help=f"Feature store profile: {', '.join(PROFILES)}. [env: HOTPATH_PROFILE]"),
+        typer.Option(
+            envvar="HOTPATH_PROFILE", help=f"Feature store profile: {', '.join(PROFILES)}."
+        ),
     ] = None,
     redis_url: Annotated[
-        str | None, typer.Option(help="Redis for the redis profile. [env: HOTPATH_REDIS_URL]")
+        str | None,
+        typer.Option(envvar="HOTPATH_REDIS_URL", help="Redis URL for the redis profile."),
     ] = None,
 ) -> None:
     overrides = {"repo": repo, "profile": profile, "redis_url": redis_url}
@@ -147,11 +150,14 @@ def batch(
     ctx: typer.Context,
     start: Annotated[str | None, typer.Option(help="First day (default: first raw day).")] = None,
     end: Annotated[
-        str | None, typer.Option(help="Last day, inclusive (default: last raw day + 1).")
+        str | None,
+        typer.Option(
+            help="Last day, inclusive (default: the day after the last raw day, at most today)."
+        ),
     ] = None,
     view: Annotated[list[str] | None, typer.Option(help="Only this view (repeatable).")] = None,
     spark_master: Annotated[
-        str | None, typer.Option(help="Spark master URL. [env: HOTPATH_SPARK_MASTER]")
+        str | None, typer.Option(envvar="HOTPATH_SPARK_MASTER", help="Spark master URL.")
     ] = None,
 ) -> None:
     """Backfill the batch feature tables for days START..END with Spark (idempotent)."""
