@@ -96,8 +96,9 @@ def test_no_labels_in_range_is_a_clear_error(batch_done: Project) -> None:
 def test_model_beats_the_amount_rule(trained) -> None:
     _, _, r = trained
     assert r.metrics["roc_auc"] >= 0.90, r.metrics
-    assert r.metrics["roc_auc"] >= r.baseline["roc_auc"] + 0.05, (r.metrics, r.baseline)
-    assert r.metrics["pr_auc"] > r.baseline["pr_auc"]
+    # a clear margin: at most half the rule's mis-ranked pairs, and better precision-recall
+    assert 1 - r.metrics["roc_auc"] <= (1 - r.baseline["roc_auc"]) / 2, (r.metrics, r.baseline)
+    assert r.metrics["pr_auc"] >= r.baseline["pr_auc"] + 0.05, (r.metrics, r.baseline)
 
 
 def test_onnx_matches_native(trained) -> None:
