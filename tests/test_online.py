@@ -183,3 +183,62 @@ def test_historical_features_are_point_in_time(applied, batch_done: Project) -> 
                 have = got.loc[(u, t), col]
                 have = None if pd.isna(have) else have
                 assert _same(have, want), f"{col} for user {u} at {t}: {have!r} != {want!r}"
+
+
+def test_fast_path_equals_feast(materialized, batch_done: Project) -> None:
+    """The serving fast path returns exactly what get_online_features returns, for every
+    feature type used, expired values and unknown entities included."""
+    from serving.online_features import OnlineFeatures
+
+    _, fs, _ = materialized
+    fast = OnlineFeatures(fs, "fraud_detection_v1")
+    tx = batch_done.transactions
+    rng = np.random.default_rng(5)
+    picked = tx.iloc[rng.choice(len(tx), size=60, replace=False)]
+    rows = [
+        {"user_id": int(r.user_id), "merchant_id": int(r.merchant_id), "amount": float(r.amount)}
+        for r in picked.itertuples()
+    ]
+    rows += [
+        {"user_id": STALE_USER, "merchant_id": 1, "amount": 10.0},  # expired everywhere
+        {"user_id": 123_456_789, "merchant_id": 987_654, "amount": 0.5},  # unknown
+        {"user_id": VELOCITY_USER, "merchant_id": 2, "amount": 3.0},
+    ]
+    want = fs.get_online_features(
+        features=fs.get_feature_service("fraud_detection_v1"), entity_rows=rows
+    ).to_dict(include_event_timestamps=True)
+    got = fast.read(rows)
+    assert set(fast.feature_names) == {k for k in want if not k.endswith("__ts")} - {
+        "user_id",
+        "merchant_id",
+        "amount",
+    }
+    present = 0
+    for i, vec in enumerate(got):
+        for name in fast.feature_names:
+            assert vec.values[name] == want[name][i], (
+                name,
+                rows[i],
+                vec.values[name],
+                want[name][i],
+            )
+            assert type(vec.values[name]) is type(want[name][i]), name
+            if vec.ts[name] is not None:
+                present += 1
+                assert int(vec.ts[name]) == want[f"{name}__ts"][i], name
+    assert present > 100
+
+
+def test_served_vectors_drop_expired_values(materialized) -> None:
+    from serving.online_features import OnlineFeatures, served
+
+    _, fs, end = materialized
+    fast = OnlineFeatures(fs, "fraud_detection_v1")
+    (vec,) = fast.read([{"user_id": VELOCITY_USER, "merchant_id": 2, "amount": 3.0}])
+    ttls = fast.ttl_of()
+    later = end.timestamp() + 3 * 86400  # three days on, the daily and stream values expired
+    had = {n for n, v in vec.values.items() if v is not None and n in ttls}
+    expired = served(vec, ttls, now=later)
+    assert expired and expired <= had
+    assert all(vec.values[n] is None for n in expired)
+    assert "user_txn_count_30d" in expired or vec.ts["user_txn_count_30d"] is None
