@@ -1,0 +1,138 @@
+"""Feature retrieval latency: Feast SDK ``get_online_features`` vs the serving fast path.
+
+One run, same data, same FeatureService (``fraud_detection_v1``, on-demand features
+included), single-row calls from one client, on SQLite and on a real redis-server:
+
+    .venv/bin/python benchmarks/feature_retrieval.py [--rows 30000] [--calls 2000]
+
+It builds its own project in a temporary folder (generate, Spark backfill, apply,
+materialize) and starts redis-server on a free loopback port when one is installed.
+Feast is measured at its best here: ``mode="python"`` on-demand view, no pandas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import redis
+
+from pipelines import store
+from pipelines.batch_job import run_batch
+from pipelines.generate import GenerateConfig, generate
+from pipelines.settings import DEFAULT_REPO, Settings
+from pipelines.spark import spark_session
+from serving.online_features import OnlineFeatures
+
+SERVICE = "fraud_detection_v1"
+
+
+def timed(call: Callable[[dict], object], rows: list[dict]) -> np.ndarray:
+    for row in rows[:50]:  # warm-up
+        call(row)
+    out = np.empty(len(rows))
+    for i, row in enumerate(rows):
+        t0 = time.perf_counter()
+        call(row)
+        out[i] = time.perf_counter() - t0
+    return out * 1000
+
+
+def report(name: str, ms: np.ndarray) -> tuple[float, float]:
+    p50, p99 = np.percentile(ms, 50), np.percentile(ms, 99)
+    print(f"  {name:<34} p50 {p50:7.3f} ms   p99 {p99:7.3f} ms   {1000 / ms.mean():9,.0f} calls/s")
+    return p50, p99
+
+
+def start_redis() -> tuple[subprocess.Popen | None, str | None]:
+    binary = shutil.which("redis-server")
+    if not binary:
+        return None, None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    for _ in range(100):
+        try:
+            redis.Redis.from_url(url).ping()
+            return proc, url
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    proc.kill()
+    return None, None
+
+
+def measure(settings: Settings, rows: list[dict]) -> None:
+    """(a) and (c) on one profile's freshly materialized online store."""
+    fs = store.open_store(settings)
+    store.apply(fs)
+    store.materialize(fs)
+    service = fs.get_feature_service(SERVICE)
+    fast = OnlineFeatures(fs, SERVICE)
+    sdk = report(
+        "(a) Feast SDK get_online_features",
+        timed(lambda r: fs.get_online_features(features=service, entity_rows=[r]), rows),
+    )
+    ours = report("(c) fast path, in-process", timed(lambda r: fast.read([r]), rows))
+    print(f"  fast path vs Feast SDK: {sdk[0] / ours[0]:.1f}x p50, {sdk[1] / ours[1]:.1f}x p99")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=30_000)
+    parser.add_argument("--calls", type=int, default=2_000)
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="hotpath-bench-"))
+    shutil.copytree(
+        DEFAULT_REPO, root / "feature_repo", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    redis_proc, url = start_redis()
+    try:
+        base = Settings(repo=root / "feature_repo")
+        now = datetime.now(UTC).replace(microsecond=0)
+        gen = generate(GenerateConfig(rows=args.rows, days=35, end=now), base.raw_dir)
+        spark = spark_session()
+        run_batch(spark, base.repo, base.raw_dir, base.offline_dir, gen.start.date(), now.date())
+        tx = pd.read_parquet(base.raw_dir / "transactions")
+        sample = tx.sample(args.calls, random_state=1, replace=len(tx) < args.calls)
+        rows = [
+            {
+                "user_id": int(r.user_id),
+                "merchant_id": int(r.merchant_id),
+                "amount": float(r.amount),
+            }
+            for r in sample.itertuples()
+        ]
+        profiles = [("embedded", base)]
+        if url:
+            profiles.append(
+                ("redis", base.model_copy(update={"profile": "redis", "redis_url": url}))
+            )
+        else:
+            print("redis-server not installed: measuring SQLite only")
+        print(f"{args.calls:,} single-row calls of {SERVICE}, {gen.transactions:,} payments:")
+        for name, settings in profiles:
+            print(f"[{name}]")
+            measure(settings, rows)
+    finally:
+        if redis_proc:
+            redis_proc.terminate()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
