@@ -17,12 +17,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from feast import FeatureStore
 from feast.infra.key_encoding_utils import serialize_entity_key
-from feast.infra.online_stores.helpers import _mmh3, _redis_key
+from feast.infra.online_stores.helpers import _mmh3
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.type_map import feast_value_type_to_python_type
@@ -106,16 +107,15 @@ class OnlineFeatures:
             from feast.infra.online_stores.redis import RedisOnlineStore
 
             client = RedisOnlineStore()._get_client(cfg)
-            self._backend = _Redis(client, self.project, self.version)
+            self._backend = _Redis(client, self.project)
         else:
             raise ValueError(f"the fast path does not read the {cfg.type!r} online store")
 
-    def entity_key(self, plan: ViewPlan, row: dict[str, Any]) -> EntityKeyProto:
-        values = [
-            ValueProto(**{_KEY_FIELDS[t]: row[k]})
-            for k, t in zip(plan.join_keys, plan.key_types, strict=True)
-        ]
-        return EntityKeyProto(join_keys=list(plan.join_keys), entity_values=values)
+    def entity_key(self, plan: ViewPlan, row: dict[str, Any]) -> bytes:
+        """Feast's serialized entity key for ``row`` in ``plan``'s view (cached: hot
+        entities repeat)."""
+        values = tuple(map(row.__getitem__, plan.join_keys))
+        return _serialized_key(plan.join_keys, plan.key_types, values, self.version)
 
     def read(self, rows: Sequence[dict[str, Any]]) -> list[Vector]:
         """Stored and on-demand values for each row (``row`` holds join keys and request
@@ -149,6 +149,19 @@ class OnlineFeatures:
         return {n: v.ttl_s for v in self.views for n in v.features}
 
 
+@lru_cache(maxsize=65_536)
+def _serialized_key(
+    join_keys: tuple[str, ...], types: tuple[ValueType, ...], values: tuple[Any, ...], version: int
+) -> bytes:
+    proto = EntityKeyProto(
+        join_keys=list(join_keys),
+        entity_values=[
+            ValueProto(**{_KEY_FIELDS[t]: v}) for t, v in zip(types, values, strict=True)
+        ],
+    )
+    return serialize_entity_key(proto, entity_key_serialization_version=version)
+
+
 def served(vector: Vector, ttls: dict[str, float | None], now: float | None = None) -> set[str]:
     """Blank every value older than its view's TTL (point-in-time: stale is missing).
     Returns the names blanked."""
@@ -163,16 +176,31 @@ def served(vector: Vector, ttls: dict[str, float | None], now: float | None = No
 
 
 def _decode(blob: bytes | None) -> Any:
+    """ValueProto bytes to the Python value Feast's SDK returns."""
     if not blob:
         return None
     value = ValueProto()
     value.ParseFromString(blob)
-    return feast_value_type_to_python_type(value)
+    kind = value.WhichOneof("val")
+    if kind in _SCALARS:
+        return getattr(value, kind)
+    return feast_value_type_to_python_type(value)  # lists, maps, timestamps: Feast's own rules
+
+
+_SCALARS = {
+    "int64_val",
+    "int32_val",
+    "double_val",
+    "float_val",
+    "string_val",
+    "bool_val",
+    "bytes_val",
+}
 
 
 class _Backend:
     def read(
-        self, keys: list[tuple[ViewPlan, list[EntityKeyProto]]], version: int
+        self, keys: list[tuple[ViewPlan, list[bytes]]], version: int
     ) -> list[list[tuple[float | None, dict[str, Any] | None]]]:
         raise NotImplementedError
 
@@ -185,36 +213,31 @@ class _Sqlite(_Backend):
             raise FileNotFoundError(f"online store {path} does not exist")
         self.conn = sqlite3.connect(path, check_same_thread=False)
         self.project = project
+        self._sql: dict[tuple[int, ...], str] = {}  # query text per batch shape
 
     def read(self, keys, version):
-        out = []
-        for plan, entity_keys in keys:
-            blobs = [
-                serialize_entity_key(k, entity_key_serialization_version=version)
-                for k in entity_keys
-            ]
-            marks = ",".join("?" * len(blobs))
-            table = f'"{self.project}_{plan.name}"'
-            rows = self.conn.execute(
-                f"SELECT entity_key, feature_name, value, event_ts FROM {table} "
-                f"WHERE entity_key IN ({marks})",
-                blobs,
-            ).fetchall()
-            found: dict[bytes, tuple[float | None, dict[str, Any]]] = {}
-            for key, feature, value, event_ts in rows:
-                stamp, values = found.setdefault(key, (_seconds(event_ts), {}))
-                values[feature] = _decode(value)
-            out.append([found.get(b, (None, None)) for b in blobs])
-        return out
+        sizes = tuple(len(blobs) for _, blobs in keys)
+        sql = self._sql.get(sizes)
+        if sql is None:
+            sql = self._sql[sizes] = " UNION ALL ".join(
+                f"SELECT {i}, entity_key, feature_name, value, event_ts "
+                f'FROM "{self.project}_{plan.name}" WHERE entity_key IN ({",".join("?" * n)})'
+                for i, ((plan, _), n) in enumerate(zip(keys, sizes, strict=True))
+            )
+        params = [b for _, blobs in keys for b in blobs]
+        found: list[dict[bytes, tuple[float | None, dict[str, Any]]]] = [{} for _ in keys]
+        for i, key, feature, value, event_ts in self.conn.execute(sql, params):
+            _, values = found[i].setdefault(key, (_seconds(event_ts), {}))
+            values[feature] = _decode(value)
+        return [[found[i].get(b, (None, None)) for b in blobs] for i, (_, blobs) in enumerate(keys)]
 
 
 class _Redis(_Backend):
     """One pipelined round trip: ``HMGET`` per (view, entity)."""
 
-    def __init__(self, client: Any, project: str, version: int) -> None:
+    def __init__(self, client: Any, project: str) -> None:
         self.client = client
-        self.project = project
-        self.version = version
+        self.project_bytes = project.encode()  # Feast's key: serialized entity key + project
         self._fields: dict[str, list[bytes]] = {}
 
     def _hset_keys(self, plan: ViewPlan) -> list[bytes]:
@@ -229,9 +252,7 @@ class _Redis(_Backend):
         for plan, entity_keys in keys:
             fields = self._hset_keys(plan)
             for k in entity_keys:
-                pipe.hmget(
-                    _redis_key(self.project, k, entity_key_serialization_version=version), fields
-                )
+                pipe.hmget(k + self.project_bytes, fields)
         replies = iter(pipe.execute())
         out = []
         for plan, entity_keys in keys:
