@@ -386,6 +386,54 @@ def _train(
         typer.echo(f"    published version {r.version}: {r.path}")
 
 
+# ---------------------------------------------------------------- serving
+@app.command()
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Bind address (loopback unless told).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
+    backend: Annotated[
+        str, typer.Option(help="Model backend: onnx (in-process) or triton.")
+    ] = "onnx",
+    triton_url: Annotated[str, typer.Option(help="Triton gRPC address.")] = "127.0.0.1:8001",
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
+) -> None:
+    """Serve POST /predict (API key from HOTPATH_SERVING_API_KEY when set)."""
+    import os
+
+    import uvicorn
+
+    s = _settings(ctx)
+    if backend not in ("onnx", "triton"):
+        raise HotpathError(f"unknown backend {backend!r} (onnx or triton)")
+    env = {
+        "HOTPATH_SERVING_REPO": str(s.repo.resolve()),
+        "HOTPATH_SERVING_FEATURE_STORE_YAML": str(s.feature_store_yaml),
+        "HOTPATH_SERVING_MODEL_REPOSITORY": str(s.model_repository),
+        "HOTPATH_SERVING_BACKEND": backend,
+        "HOTPATH_SERVING_TRITON_URL": triton_url,
+    }
+    if s.profile == "redis":
+        from pipelines.settings import feast_redis_connection
+        from pipelines.store import REDIS_ENV, check_redis
+
+        check_redis(s.redis_url)
+        env[REDIS_ENV] = feast_redis_connection(s.redis_url)
+    os.environ.update(env)
+    if not (s.model_repository / "fraud_detection").exists():
+        raise HotpathError(f"no model in {s.model_repository} (run `hotpath train` first)")
+    key = "set" if os.environ.get("HOTPATH_SERVING_API_KEY") else "not set: /predict is open"
+    typer.echo(f"serving on http://{host}:{port} (backend {backend}, API key {key})")
+    uvicorn.run(
+        "serving.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="warning",
+    )
+
+
 # ---------------------------------------------------------------- triton
 triton_app = typer.Typer(help="A real local Triton serving the model repository (CPU).")
 app.add_typer(triton_app, name="triton")

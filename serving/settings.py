@@ -1,0 +1,44 @@
+"""Serving configuration: one pydantic-settings class, ``HOTPATH_SERVING_*`` in the env."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServingSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HOTPATH_SERVING_", extra="ignore")
+
+    repo: Path = _ROOT / "feature_repo"
+    feature_store_yaml: Path | None = None  # default: the repo's feature_store.yaml
+    model_repository: Path | None = None  # default: ../data/model_repository beside the repo
+    model_name: str = "fraud_detection"
+    model_version: int | None = None  # default: the latest
+    backend: Literal["onnx", "triton"] = "onnx"  # in-process ONNX Runtime, or Triton (gRPC)
+    triton_url: str = "127.0.0.1:8001"
+    api_key: SecretStr | None = None  # required on /predict when set
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_in_flight: int = 64  # past this, 503 + Retry-After instead of queueing
+    max_batch: int = 256
+    features_budget_ms: float = 20.0
+    model_budget_ms: float = 20.0
+    review_threshold: float = 0.3
+    decline_threshold: float = 0.8
+    breaker_failures: int = 5  # consecutive failures that open a breaker
+    breaker_reset_s: float = 5.0  # open this long before a half-open trial
+
+    @model_validator(mode="after")
+    def _check(self) -> ServingSettings:
+        if not 0 <= self.review_threshold <= self.decline_threshold <= 1:
+            raise ValueError("need 0 <= review_threshold <= decline_threshold <= 1")
+        return self
+
+    @property
+    def repository(self) -> Path:
+        return self.model_repository or self.repo.resolve().parent / "data" / "model_repository"

@@ -1,0 +1,184 @@
+"""The predict service as clients see it: a real uvicorn process over HTTP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import requests
+from conftest import ROOT, free_port
+
+from pipelines import store
+from serving.model_repository import feature_matrix, load_metadata, onnx_path
+
+KEY = "test-key"
+
+
+def start(project, **env: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "--repo",
+            str(project.settings.repo),
+            "serve",
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "HOTPATH_SERVING_API_KEY": KEY, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if requests.get(f"{url}/ready", timeout=1).status_code == 200:
+                return proc, url
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("server not ready in 60 s")
+
+
+@pytest.fixture(scope="module")
+def served_project(trained):
+    project, fs, _ = trained
+    store.materialize(fs, datetime.now(UTC))
+    return project, fs
+
+
+@pytest.fixture(scope="module")
+def server(served_project) -> Iterator[str]:
+    proc, url = start(served_project[0])
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def post(url: str, body, path: str = "/predict", key: str | None = KEY, **kw) -> requests.Response:
+    headers = {"x-api-key": key} if key else {}
+    if isinstance(body, str | bytes):
+        headers["content-type"] = "application/json"
+        return requests.post(url + path, data=body, headers=headers, timeout=10, **kw)
+    return requests.post(url + path, json=body, headers=headers, timeout=10, **kw)
+
+
+def test_scores_equal_an_independent_computation(server, served_project) -> None:
+    """Feast's own online read, TTL applied by hand, the model file in ONNX Runtime."""
+    project, fs = served_project
+    meta = load_metadata(project.settings.model_repository, "fraud_detection")
+    session = ort.InferenceSession(
+        str(onnx_path(project.settings.model_repository, "fraud_detection"))
+    )
+    tx = project.transactions.sort_values("event_timestamp").tail(40)
+    rows = [
+        {"user_id": int(r.user_id), "merchant_id": int(r.merchant_id), "amount": float(r.amount)}
+        for r in tx.itertuples()
+    ]
+    want = fs.get_online_features(
+        features=fs.get_feature_service(meta.feature_service), entity_rows=rows
+    ).to_dict(include_event_timestamps=True)
+    ttl = {f.name: v.ttl.total_seconds() for v in fs.list_feature_views() for f in v.features}
+    now = time.time()
+    for name, seconds in ttl.items():
+        if name in want:
+            want[name] = [
+                None if ts and now - ts > seconds else v
+                for v, ts in zip(want[name], want[f"{name}__ts"], strict=True)
+            ]
+    x = feature_matrix(want, meta.features)
+    (proba,) = session.run(["probabilities"], {"features": x})
+    got = [post(server, row).json() for row in rows]
+    np.testing.assert_allclose([g["score"] for g in got], proba[:, 1], atol=1e-6)
+    assert all(not g["fallback"] and g["model_version"] == meta.version for g in got)
+    batch = post(server, {"transactions": rows}, "/predict/batch").json()["predictions"]
+    np.testing.assert_allclose([b["score"] for b in batch], proba[:, 1], atol=1e-6)
+
+
+def test_api_key_is_required(server) -> None:
+    row = {"user_id": 1, "merchant_id": 1, "amount": 10.0}
+    assert post(server, row, key=None).status_code == 401
+    assert post(server, row, key="wrong").status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ("{not json", "not valid JSON"),
+        ({"user_id": "abc", "merchant_id": 1, "amount": 10.0}, "user_id"),
+        ({"user_id": 1, "merchant_id": 1, "amount": -5}, "amount"),
+        ({"user_id": 1, "merchant_id": 1, "amount": 1e12}, "amount"),
+        ({"user_id": 1, "merchant_id": 1}, "amount"),
+        ({"user_id": 1, "merchant_id": 1, "amount": 5, "extra": 1}, "extra"),
+    ],
+)
+def test_bad_input_is_a_clear_4xx(server, body, fragment: str) -> None:
+    r = post(server, body)
+    assert r.status_code == 422, r.text
+    assert fragment in r.json()["detail"]
+
+
+def test_oversized_batch_is_refused(server) -> None:
+    rows = [{"user_id": 1, "merchant_id": 1, "amount": 10.0}] * 257
+    r = post(server, {"transactions": rows}, "/predict/batch")
+    assert r.status_code == 413 and "256" in r.json()["detail"]
+
+
+def test_unknown_user_gets_defaults_flagged(server) -> None:
+    r = post(server, {"user_id": 987_654_321, "merchant_id": 1, "amount": 10.0})
+    assert r.status_code == 200
+    body = r.json()
+    assert "user_txn_count_30d" in body["missing_features"]
+    assert "no_history" in body["reasons"] and body["score"] is not None
+
+
+def test_metrics_and_health(server) -> None:
+    assert requests.get(f"{server}/health", timeout=5).json() == {"status": "alive"}
+    text = requests.get(f"{server}/metrics", timeout=5).text
+    for name in (
+        "hotpath_stage_seconds_bucket",
+        "hotpath_decisions_total",
+        "hotpath_breaker_state",
+        "hotpath_feature_age_seconds",
+    ):
+        assert name in text, name
+
+
+def test_model_past_its_deadline_falls_back(served_project) -> None:
+    """A model that cannot answer within its budget: a rule-based answer, never a 5xx, and
+    the breaker opens after repeated misses."""
+    proc, url = start(
+        served_project[0],
+        HOTPATH_SERVING_MODEL_BUDGET_MS="0.001",
+        HOTPATH_SERVING_BREAKER_FAILURES="3",
+    )
+    try:
+        row = {"user_id": 1, "merchant_id": 1, "amount": 10.0}
+        answers = [post(url, row) for _ in range(6)]
+        assert all(a.status_code == 200 for a in answers)
+        bodies = [a.json() for a in answers]
+        assert all(b["fallback"] and b["score"] is None for b in bodies)
+        assert bodies[0]["reasons"][0] == "fallback:model_deadline"
+        assert bodies[-1]["reasons"][0] == "fallback:breaker_open"
+        assert (
+            'hotpath_breaker_state{breaker="model"} 1.0'
+            in requests.get(f"{url}/metrics", timeout=5).text
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
