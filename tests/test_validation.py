@@ -222,9 +222,11 @@ def test_skew_is_zero_then_finds_an_injected_mismatch(trained_online) -> None:
     fs.write_to_online_store("user_spending_stats", bad)
     try:
         _, found = check_skew(fs, entities)
-        assert [(m.view, m.feature, m.entity["user_id"]) for m in found] == [
+        # one mismatch per sampled (user, merchant) row of that user, and nothing else
+        assert {(m.view, m.feature, m.entity["user_id"]) for m in found} == {
             ("user_spending_stats", "user_txn_count_7d", user)
-        ]
+        }
+        assert len(found) == int((entities.user_id == user).sum())
     finally:
         fs.write_to_online_store(
             "user_spending_stats",
