@@ -393,9 +393,12 @@ def serve(
     host: Annotated[str, typer.Option(help="Bind address (loopback unless told).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,
     backend: Annotated[
-        str, typer.Option(help="Model backend: onnx (in-process) or triton.")
+        str,
+        typer.Option(envvar="HOTPATH_SERVING_BACKEND", help="onnx (in-process) or triton."),
     ] = "onnx",
-    triton_url: Annotated[str, typer.Option(help="Triton gRPC address.")] = "127.0.0.1:8001",
+    triton_url: Annotated[
+        str, typer.Option(envvar="HOTPATH_SERVING_TRITON_URL", help="Triton gRPC address.")
+    ] = "127.0.0.1:8001",
     workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
 ) -> None:
     """Serve POST /predict (API key from HOTPATH_SERVING_API_KEY when set)."""

@@ -127,7 +127,11 @@ async def warm_up(rt: Runtime, rounds: int = 20) -> None:
     x = np.array([[f.default for f in rt.meta.features]], dtype=np.float32)
     for _ in range(rounds):
         await rt.backend.predict(x)
-    rt.features.read([{"user_id": 0, "merchant_id": 0, "amount": 1.0}])
+    dummy = Transaction(user_id=0, merchant_id=0, amount=1.0)
+    for size in (1, 1, 1, 32):  # the whole request path, metrics and response models included
+        await score(rt, [dummy] * size)
+    rt.store_breaker.success()  # warm-up calls don't count towards the breakers
+    rt.model_breaker.success()
     rt.ready = True
 
 
@@ -138,9 +142,14 @@ async def score(rt: Runtime, txs: list[Transaction]) -> list[Prediction]:
     rows = [t.model_dump() for t in txs]
     vectors, store_error = None, None
     if rt.store_breaker.allow():
-        try:
-            vectors = rt.features.read(rows)
+        try:  # in a worker thread, so the deadline holds even if the store hangs or retries
+            vectors = await asyncio.wait_for(
+                asyncio.to_thread(rt.features.read, rows), s.features_budget_ms / 1000
+            )
             rt.store_breaker.success()
+        except TimeoutError:
+            rt.store_breaker.failure()
+            store_error = "online_store_deadline"
         except Exception as e:  # a store outage must not fail the request
             rt.store_breaker.failure()
             store_error = type(e).__name__
@@ -162,7 +171,7 @@ async def score(rt: Runtime, txs: list[Transaction]) -> list[Prediction]:
 
     scores, cause = None, None
     if vectors is None:
-        cause = "online_store"
+        cause = store_error or "online_store_breaker_open"
     elif not rt.model_breaker.allow():
         cause = "breaker_open"
     else:

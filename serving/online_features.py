@@ -13,6 +13,7 @@ same (for parity), and :func:`served` applies each view's TTL: an expired value 
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -212,6 +213,7 @@ class _Sqlite(_Backend):
         if not path.exists():
             raise FileNotFoundError(f"online store {path} does not exist")
         self.conn = sqlite3.connect(path, check_same_thread=False)
+        self.lock = threading.Lock()  # readers run in worker threads; one at a time
         self.project = project
         self._sql: dict[tuple[int, ...], str] = {}  # query text per batch shape
 
@@ -226,7 +228,9 @@ class _Sqlite(_Backend):
             )
         params = [b for _, blobs in keys for b in blobs]
         found: list[dict[bytes, tuple[float | None, dict[str, Any]]]] = [{} for _ in keys]
-        for i, key, feature, value, event_ts in self.conn.execute(sql, params):
+        with self.lock:
+            rows = self.conn.execute(sql, params).fetchall()
+        for i, key, feature, value, event_ts in rows:
             _, values = found[i].setdefault(key, (_seconds(event_ts), {}))
             values[feature] = _decode(value)
         return [[found[i].get(b, (None, None)) for b in blobs] for i, (_, blobs) in enumerate(keys)]

@@ -26,8 +26,8 @@ class ServingSettings(BaseSettings):
     port: int = 8080
     max_in_flight: int = 64  # past this, 503 + Retry-After instead of queueing
     max_batch: int = 256
-    features_budget_ms: float = 20.0
-    model_budget_ms: float = 20.0
+    features_budget_ms: float = 50.0  # past it: fallback decision (a batch counts as one)
+    model_budget_ms: float = 50.0
     review_threshold: float = 0.3
     decline_threshold: float = 0.8
     breaker_failures: int = 5  # consecutive failures that open a breaker

@@ -64,7 +64,12 @@ def served_project(trained):
 
 @pytest.fixture(scope="module")
 def server(served_project) -> Iterator[str]:
-    proc, url = start(served_project[0])
+    # generous budgets: these tests check answers; deadlines have their own test
+    proc, url = start(
+        served_project[0],
+        HOTPATH_SERVING_FEATURES_BUDGET_MS="2000",
+        HOTPATH_SERVING_MODEL_BUDGET_MS="2000",
+    )
     yield url
     proc.terminate()
     proc.wait(timeout=20)
@@ -104,9 +109,11 @@ def test_scores_equal_an_independent_computation(server, served_project) -> None
     x = feature_matrix(want, meta.features)
     (proba,) = session.run(["probabilities"], {"features": x})
     got = [post(server, row).json() for row in rows]
+    assert all(not g["fallback"] for g in got), [g["reasons"] for g in got if g["fallback"]]
     np.testing.assert_allclose([g["score"] for g in got], proba[:, 1], atol=1e-6)
     assert all(not g["fallback"] and g["model_version"] == meta.version for g in got)
     batch = post(server, {"transactions": rows}, "/predict/batch").json()["predictions"]
+    assert all(not b["fallback"] for b in batch), batch[0]["latency_ms"]
     np.testing.assert_allclose([b["score"] for b in batch], proba[:, 1], atol=1e-6)
 
 
@@ -182,3 +189,122 @@ def test_model_past_its_deadline_falls_back(served_project) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_load_past_the_in_flight_bound_is_shed(served_project) -> None:
+    """Past the bound, 503 with Retry-After at once instead of a growing queue."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    proc, url = start(served_project[0], HOTPATH_SERVING_MAX_IN_FLIGHT="1")
+    try:
+        row = {"user_id": 1, "merchant_id": 1, "amount": 10.0}
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda _: post(url, row), range(200)))
+        codes = {a.status_code for a in answers}
+        assert codes <= {200, 503} and 200 in codes and 503 in codes
+        shed = next(a for a in answers if a.status_code == 503)
+        assert shed.headers["Retry-After"] == "1"
+        assert "hotpath_shed_total" in requests.get(f"{url}/metrics", timeout=5).text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_triton_outage_falls_back_and_recovers(served_project, tmp_path) -> None:
+    """Stop the real Triton mid-test: fallback answers, no 5xx, the breaker opens; start it
+    again: the half-open trial succeeds and model scores return."""
+    from test_triton import VENV
+
+    from serving.triton_local import LocalTriton
+
+    project = served_project[0]
+    triton = LocalTriton(VENV, tmp_path / "triton")
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
+    triton.start(project.settings.model_repository, http_port, grpc_port, metrics_port)
+    proc, url = start(
+        project,
+        HOTPATH_SERVING_BACKEND="triton",
+        HOTPATH_SERVING_TRITON_URL=f"127.0.0.1:{grpc_port}",
+        HOTPATH_SERVING_BREAKER_FAILURES="2",
+        HOTPATH_SERVING_BREAKER_RESET_S="1",
+        HOTPATH_SERVING_MODEL_BUDGET_MS="1000",
+    )
+    try:
+        row = {"user_id": 1, "merchant_id": 1, "amount": 10.0}
+        assert post(url, row).json()["fallback"] is False
+        triton.stop()
+        outage = [post(url, row) for _ in range(4)]
+        assert all(a.status_code == 200 for a in outage)
+        assert all(a.json()["fallback"] for a in outage), [a.json() for a in outage]
+        assert outage[-1].json()["reasons"][0] == "fallback:breaker_open"
+        triton.start(project.settings.model_repository, http_port, grpc_port, metrics_port)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            body = post(url, row).json()
+            if not body["fallback"]:
+                break
+            time.sleep(0.5)
+        assert body["fallback"] is False and body["score"] is not None
+        assert (
+            'hotpath_breaker_state{breaker="model"} 0.0'
+            in requests.get(f"{url}/metrics", timeout=5).text
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        triton.stop()
+
+
+def test_redis_outage_falls_back_and_is_not_ready(trained, tmp_path) -> None:
+    """Stop the real redis-server behind the redis profile: fallback, no 5xx, /ready 503."""
+    import shutil as sh
+
+    from pipelines.settings import feast_redis_connection
+    from pipelines.store import REDIS_ENV
+
+    project, _, _ = trained
+    port = free_port()
+    redis_proc = subprocess.Popen(
+        [
+            sh.which("redis-server"),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    url_redis = f"redis://127.0.0.1:{port}/0"
+    time.sleep(0.5)
+    s = project.settings.model_copy(update={"profile": "redis", "redis_url": url_redis})
+    fs = store.open_store(s)
+    store.apply(fs)
+    store.materialize(fs, datetime.now(UTC))
+    proc, url = start(
+        project,
+        HOTPATH_PROFILE="redis",
+        HOTPATH_REDIS_URL=url_redis,
+        **{REDIS_ENV: feast_redis_connection(url_redis)},
+        HOTPATH_SERVING_BREAKER_FAILURES="2",
+    )
+    try:
+        row = {"user_id": 1, "merchant_id": 1, "amount": 10.0}
+        assert post(url, row).json()["fallback"] is False
+        redis_proc.terminate()
+        redis_proc.wait(timeout=10)
+        outage = [post(url, row) for _ in range(4)]
+        assert all(a.status_code == 200 for a in outage)
+        assert all(a.json()["fallback"] for a in outage)
+        assert outage[0].json()["reasons"][0].startswith("fallback:")
+        assert requests.get(f"{url}/ready", timeout=5).status_code == 503
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        if redis_proc.poll() is None:
+            redis_proc.kill()
