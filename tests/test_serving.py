@@ -308,3 +308,28 @@ def test_redis_outage_falls_back_and_is_not_ready(trained, tmp_path) -> None:
         proc.wait(timeout=20)
         if redis_proc.poll() is None:
             redis_proc.kill()
+
+
+def test_schemathesis_finds_no_server_error(server) -> None:
+    """A bounded property-based run against the service's own OpenAPI schema."""
+    st = os.path.join(os.path.dirname(sys.executable), "schemathesis")
+    proc = subprocess.run(
+        [
+            st,
+            "run",
+            f"{server}/openapi.json",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "60",
+            "--seed",
+            "20261124",
+            "-H",
+            f"X-API-Key: {KEY}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "No issues found" in proc.stdout
