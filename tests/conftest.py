@@ -36,14 +36,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server on a free loopback port, stopped after the session."""
+def start_redis_server(workdir: Path) -> tuple[subprocess.Popen, str]:
+    """A real redis-server on a free loopback port, answering PING; the caller stops it."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server not found: run scripts/setup.sh (apt-get install redis-server)")
     port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
         [
             binary,
@@ -67,12 +65,18 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     while True:
         try:
             client.ping()
-            break
+            return proc, url
         except redis.ConnectionError:
             if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
                 pytest.fail(f"redis-server did not start on port {port}")
             time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server for the session, stopped after it."""
+    proc, url = start_redis_server(tmp_path_factory.mktemp("redis"))
     yield url
     proc.terminate()
     proc.wait(timeout=10)

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import requests
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, start_redis_server
 
 from pipelines import store
 from serving.model_repository import feature_matrix, load_metadata, onnx_path
@@ -257,31 +257,11 @@ def test_triton_outage_falls_back_and_recovers(served_project, tmp_path) -> None
 
 def test_redis_outage_falls_back_and_is_not_ready(trained, tmp_path) -> None:
     """Stop the real redis-server behind the redis profile: fallback, no 5xx, /ready 503."""
-    import shutil as sh
-
     from pipelines.settings import feast_redis_connection
     from pipelines.store import REDIS_ENV
 
     project, _, _ = trained
-    port = free_port()
-    redis_proc = subprocess.Popen(
-        [
-            sh.which("redis-server"),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    url_redis = f"redis://127.0.0.1:{port}/0"
-    time.sleep(0.5)
+    redis_proc, url_redis = start_redis_server(tmp_path)
     s = project.settings.model_copy(update={"profile": "redis", "redis_url": url_redis})
     fs = store.open_store(s)
     store.apply(fs)
