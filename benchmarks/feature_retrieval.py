@@ -12,6 +12,14 @@ Feast is measured at its best here: ``mode="python"`` on-demand view, no pandas.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Run as a script, this folder comes first on sys.path and benchmarks/serving.py would
+# shadow the `serving` package: put the project root there instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
 import argparse
 import shutil
 import socket
@@ -20,7 +28,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,7 +35,7 @@ import redis
 
 from pipelines import store
 from pipelines.batch_job import run_batch
-from pipelines.generate import GenerateConfig, generate
+from pipelines.generate import GenerateConfig, GenerateResult, generate
 from pipelines.settings import DEFAULT_REPO, Settings
 from pipelines.spark import spark_session
 from serving.online_features import OnlineFeatures
@@ -75,6 +82,26 @@ def start_redis() -> tuple[subprocess.Popen | None, str | None]:
     return None, None
 
 
+def backfilled_project(
+    settings: Settings, rows: int, calls: int
+) -> tuple[GenerateResult, list[dict]]:
+    """Generate ``rows`` payments ending now, backfill every feature with Spark, and draw
+    ``calls`` request bodies (user, merchant, amount) from the payments."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    gen = generate(GenerateConfig(rows=rows, days=35, end=now), settings.raw_dir)
+    spark = spark_session()
+    run_batch(
+        spark, settings.repo, settings.raw_dir, settings.offline_dir, gen.start.date(), now.date()
+    )
+    tx = pd.read_parquet(settings.raw_dir / "transactions")
+    sample = tx.sample(calls, random_state=1, replace=len(tx) < calls)
+    bodies = [
+        {"user_id": int(r.user_id), "merchant_id": int(r.merchant_id), "amount": float(r.amount)}
+        for r in sample.itertuples()
+    ]
+    return gen, bodies
+
+
 def measure(settings: Settings, rows: list[dict]) -> None:
     """(a) and (c) on one profile's freshly materialized online store."""
     fs = store.open_store(settings)
@@ -103,20 +130,7 @@ def main() -> None:
     redis_proc, url = start_redis()
     try:
         base = Settings(repo=root / "feature_repo")
-        now = datetime.now(UTC).replace(microsecond=0)
-        gen = generate(GenerateConfig(rows=args.rows, days=35, end=now), base.raw_dir)
-        spark = spark_session()
-        run_batch(spark, base.repo, base.raw_dir, base.offline_dir, gen.start.date(), now.date())
-        tx = pd.read_parquet(base.raw_dir / "transactions")
-        sample = tx.sample(args.calls, random_state=1, replace=len(tx) < args.calls)
-        rows = [
-            {
-                "user_id": int(r.user_id),
-                "merchant_id": int(r.merchant_id),
-                "amount": float(r.amount),
-            }
-            for r in sample.itertuples()
-        ]
+        gen, rows = backfilled_project(base, args.rows, args.calls)
         profiles = [("embedded", base)]
         if url:
             profiles.append(

@@ -33,18 +33,13 @@ import subprocess
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 
 import numpy as np
-import pandas as pd
 import requests
 
-from benchmarks.feature_retrieval import report, start_redis, timed
+from benchmarks.feature_retrieval import backfilled_project, report, start_redis, timed
 from pipelines import store
-from pipelines.batch_job import run_batch
-from pipelines.generate import GenerateConfig, generate
 from pipelines.settings import DEFAULT_REPO, PROJECT_ROOT, Settings, feast_redis_connection
-from pipelines.spark import spark_session
 from pipelines.training import train
 from serving.online_features import OnlineFeatures
 from serving.triton_local import LocalTriton, _free_port
@@ -115,23 +110,11 @@ def main() -> None:
     triton = LocalTriton(PROJECT_ROOT / ".venv-triton", root / "triton")
     try:
         s = Settings(repo=root / "feature_repo", profile="redis", redis_url=redis_url)
-        now = datetime.now(UTC).replace(microsecond=0)
-        gen = generate(GenerateConfig(rows=args.rows, days=35, end=now), s.raw_dir)
-        spark = spark_session()
-        run_batch(spark, s.repo, s.raw_dir, s.offline_dir, gen.start.date(), now.date())
+        gen, rows = backfilled_project(s, args.rows, args.calls)
         fs = store.open_store(s)
         store.apply(fs)
         store.materialize(fs)
         train(fs, s.raw_dir, s.model_repository, log=lambda _: None)
-        tx = pd.read_parquet(s.raw_dir / "transactions").sample(args.calls, random_state=1)
-        rows = [
-            {
-                "user_id": int(r.user_id),
-                "merchant_id": int(r.merchant_id),
-                "amount": float(r.amount),
-            }
-            for r in tx.itertuples()
-        ]
         env = {
             "HOTPATH_PROFILE": "redis",
             "HOTPATH_REDIS_URL": redis_url,

@@ -95,6 +95,7 @@ class OnlineFeatures:
                     view.ttl.total_seconds() if view.ttl else None,
                 )
             )
+        self._ttls = {n: v.ttl_s for v in self.views for n in v.features}
         self.feature_names = [n for v in self.views for n in v.features] + [
             n for o in self.on_demand for n in o.outputs
         ]
@@ -147,7 +148,8 @@ class OnlineFeatures:
         return vectors
 
     def ttl_of(self) -> dict[str, float | None]:
-        return {n: v.ttl_s for v in self.views for n in v.features}
+        """Each stored feature's view TTL in seconds (computed once, at start-up)."""
+        return self._ttls
 
 
 @lru_cache(maxsize=65_536)
