@@ -12,8 +12,11 @@ p50/p99 and throughput of:
   (d) hotpath ``/predict`` over HTTP, in-process ONNX (features + model + decision)
   (e) hotpath ``/predict`` over HTTP, local Triton (Python backend, CPU)
 
-and ``/predict`` (d) under ``--clients`` concurrent clients. Every server has one
-uvicorn worker. Needs redis-server, and ``.venv-triton`` for (e).
+and ``/predict`` (d) under concurrent clients with 1 and 2 uvicorn workers: wrk (Debian's
+``wrk``, a C load generator that leaves the CPUs to the server) with ``--clients``
+connections when installed, else Python client threads (which compete for the 2 cores).
+(a) and (c) are measured unpinned and pinned with redis-server to one CPU (see
+``feature_retrieval.py``). Needs redis-server, and ``.venv-triton`` for (e).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import argparse
+import gc
+import json
 import os
 import shutil
 import subprocess
@@ -37,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import requests
 
-from benchmarks.feature_retrieval import backfilled_project, report, start_redis, timed
+from benchmarks.feature_retrieval import backfilled_project, compare, report, start_redis, timed
 from pipelines import store
 from pipelines.settings import DEFAULT_REPO, PROJECT_ROOT, Settings, feast_redis_connection
 from pipelines.training import train
@@ -59,10 +64,21 @@ def wait_http(url: str, timeout: float = 90) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-def serve(repo: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+def serve(repo: Path, env: dict[str, str], workers: int = 1) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", "--repo", str(repo), "serve", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "--repo",
+            str(repo),
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -70,6 +86,40 @@ def serve(repo: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/ready")
     return proc, url
+
+
+def with_wrk(url: str, rows: list[dict], clients: int, seconds: int = 10) -> tuple[float, float]:
+    """Throughput and p99 of /predict under wrk with ``clients`` connections, cycling
+    through ``rows``; any non-2xx answer fails the run."""
+    bodies = ",".join(f"[[{json.dumps(r)}]]" for r in rows)
+    script = f"""
+local bodies = {{{bodies}}}
+local i = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  i = i % #bodies + 1
+  return wrk.format(nil, "/predict", nil, bodies[i])
+end
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %d %d %d %d\\n", summary.requests, summary.duration,
+    latency:percentile(99), summary.errors.status + summary.errors.connect + summary.errors.read
+    + summary.errors.write + summary.errors.timeout))
+end
+"""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as f:
+        f.write(script)
+        f.flush()
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "-s", f.name, url],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    requests_, micros, p99_us, bad = map(int, out.split("RESULT")[1].split())
+    if bad:
+        raise RuntimeError(f"{bad} failed or non-2xx answers under load")
+    return requests_ / (micros / 1e6), p99_us / 1000
 
 
 def concurrent(url: str, rows: list[dict], clients: int) -> tuple[float, float]:
@@ -96,7 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=30_000)
     parser.add_argument("--calls", type=int, default=2_000)
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=8, help="concurrent connections")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="hotpath-bench-"))
@@ -124,9 +174,16 @@ def main() -> None:
             f"{args.calls:,} single-client calls, {gen.transactions:,} payments, Redis online store"
         )
         service = fs.get_feature_service(SERVICE)
-        a = report(
+        fast = OnlineFeatures(fs, SERVICE)
+        gc.collect()
+        gc.freeze()  # as the service does after start-up
+        a, c = compare(
             "(a) Feast SDK get_online_features",
-            timed(lambda r: fs.get_online_features(features=service, entity_rows=[r]), rows),
+            lambda r: fs.get_online_features(features=service, entity_rows=[r]),
+            "(c) fast path, in-process",
+            lambda r: fast.read([r]),
+            rows,
+            redis_proc.pid,
         )
 
         port = _free_port()
@@ -162,9 +219,6 @@ def main() -> None:
             ),
         )
 
-        fast = OnlineFeatures(fs, SERVICE)
-        c = report("(c) fast path, in-process", timed(lambda r: fast.read([r]), rows))
-
         onnx_proc, onnx_url = serve(s.repo, env)
         procs.append(onnx_proc)
         d = report(
@@ -188,11 +242,24 @@ def main() -> None:
             timed(lambda r: http.post(f"{triton_url}/predict", json=r, timeout=10), rows),
         )
 
-        rate, p99 = concurrent(onnx_url, rows * 2, args.clients)
-        print(
-            f"  (d) with {args.clients} concurrent clients, 1 uvicorn worker: "
-            f"{rate:,.0f} predictions/s, p99 {p99:.2f} ms"
-        )
+        onnx_proc.terminate()
+        for workers in (1, 2):
+            proc, url = serve(s.repo, env, workers)
+            procs.append(proc)
+            # /ready answers once one worker is up: give the others time to load and warm
+            time.sleep(5 * (workers - 1))
+            if shutil.which("wrk"):
+                with_wrk(url, rows, args.clients, seconds=2)  # warm-up
+                rate, p99 = with_wrk(url, rows, args.clients)
+                how = f"wrk, {args.clients} connections"
+            else:
+                rate, p99 = concurrent(url, rows * 2, args.clients)
+                how = f"{args.clients} Python client threads"
+            print(
+                f"  (d) {how}, {workers} uvicorn worker(s): "
+                f"{rate:,.0f} predictions/s, p99 {p99:.2f} ms"
+            )
+            proc.terminate()
         print("ratios (p50, p99):")
         for name, num, den in (
             ("fast path vs Feast SDK", a, c),

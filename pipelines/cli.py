@@ -402,9 +402,16 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
 ) -> None:
     """Serve POST /predict (API key from HOTPATH_SERVING_API_KEY when set)."""
-    import os
+    import tempfile
 
     import uvicorn
+
+    # Before anything imports prometheus_client (Feast's import would pick its own dir):
+    # every worker writes its metric values here and /metrics sums them.
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        metrics_dir = tempfile.mkdtemp(prefix="hotpath-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        os.environ["PROMETHEUS_MULTIPROCESS_DIR"] = metrics_dir
 
     s = _settings(ctx)
     if backend not in ("onnx", "triton"):

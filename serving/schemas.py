@@ -33,6 +33,10 @@ class Prediction(BaseModel):
     model: str
     model_version: int
     missing_features: list[str] = Field(description="features replaced by their defaults")
+    feature_age_s: dict[str, float | None] = Field(
+        description="per feature view, seconds since the served value's event time "
+        "(null: no value, or older than the view's TTL)"
+    )
     latency_ms: dict[str, float]
 
 

@@ -36,12 +36,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_redis_server(workdir: Path) -> tuple[subprocess.Popen, str]:
+def start_redis_server(
+    workdir: Path, *extra: str, password: str | None = None, port: int | None = None
+) -> tuple[subprocess.Popen, str]:
     """A real redis-server on a free loopback port, answering PING; the caller stops it."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server not found: run scripts/setup.sh (apt-get install redis-server)")
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [
             binary,
@@ -55,11 +57,13 @@ def start_redis_server(workdir: Path) -> tuple[subprocess.Popen, str]:
             "no",
             "--dir",
             str(workdir),
+            *(["--requirepass", password] if password else []),
+            *extra,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
-    url = f"redis://127.0.0.1:{port}/0"
+    url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
     deadline = time.monotonic() + 10
     while True:

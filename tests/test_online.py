@@ -242,3 +242,31 @@ def test_served_vectors_drop_expired_values(materialized) -> None:
     assert expired and expired <= had
     assert all(vec.values[n] is None for n in expired)
     assert "user_txn_count_30d" in expired or vec.ts["user_txn_count_30d"] is None
+
+
+def test_resp_client_auth_db_and_reconnect(tmp_path) -> None:
+    """The fast path's Redis connection: AUTH and SELECT from Feast's connection string,
+    a clear error on a wrong password, and a fresh connection after the server restarts."""
+    import redis as redis_py
+
+    from serving.resp import RespClient, RespError, pack
+    from tests.conftest import start_redis_server
+
+    proc, url = start_redis_server(tmp_path, password="s3cret")
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    try:
+        redis_py.Redis(port=port, password="s3cret", db=2).set("k", "in-db-2")
+        good = RespClient.from_feast(f"127.0.0.1:{port},db=2,password=s3cret")
+        assert good.execute(pack("GET", "k") + pack("GET", "missing"), 2) == [b"in-db-2", None]
+        with pytest.raises(RespError, match="WRONGPASS|invalid"):
+            RespClient.from_feast(f"127.0.0.1:{port},password=nope").execute(pack("PING"), 1)
+        proc.terminate()
+        proc.wait(timeout=10)
+        with pytest.raises(OSError):
+            good.execute(pack("GET", "k"), 1)
+        proc, _ = start_redis_server(tmp_path, password="s3cret", port=port)
+        redis_py.Redis(port=port, password="s3cret", db=2).set("k", "again")
+        assert good.execute(pack("GET", "k"), 1) == [b"again"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

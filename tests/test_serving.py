@@ -112,6 +112,20 @@ def test_scores_equal_an_independent_computation(server, served_project) -> None
     assert all(not g["fallback"] for g in got), [g["reasons"] for g in got if g["fallback"]]
     np.testing.assert_allclose([g["score"] for g in got], proba[:, 1], atol=1e-6)
     assert all(not g["fallback"] and g["model_version"] == meta.version for g in got)
+    # each view's value age, from Feast's own event timestamps (null when missing/expired)
+    checked = 0
+    for view in fs.list_feature_views():
+        first = view.features[0].name
+        if first not in want:
+            continue
+        for g, value, ts in zip(got, want[first], want[f"{first}__ts"], strict=True):
+            age = g["feature_age_s"][view.name]
+            if value is None:
+                assert age is None, (view.name, g)
+            else:
+                assert abs(age - (now - ts)) < 60, (view.name, age, now - ts)
+                checked += 1
+    assert checked > 40
     batch = post(server, {"transactions": rows}, "/predict/batch").json()["predictions"]
     assert all(not b["fallback"] for b in batch), batch[0]["latency_ms"]
     np.testing.assert_allclose([b["score"] for b in batch], proba[:, 1], atol=1e-6)
