@@ -402,16 +402,19 @@ def serve(
     workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
 ) -> None:
     """Serve POST /predict (API key from HOTPATH_SERVING_API_KEY when set)."""
+    import atexit
+    import shutil
     import tempfile
 
     import uvicorn
 
-    # Before anything imports prometheus_client (Feast's import would pick its own dir):
-    # every worker writes its metric values here and /metrics sums them.
-    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-        metrics_dir = tempfile.mkdtemp(prefix="hotpath-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        os.environ["PROMETHEUS_MULTIPROCESS_DIR"] = metrics_dir
+    # A fresh folder per server, set before anything imports prometheus_client (Feast's
+    # import would pick its own, or inherit a parent's): every worker of this server
+    # writes its metric values there and /metrics sums them.
+    metrics_dir = tempfile.mkdtemp(prefix="hotpath-metrics-")
+    atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ["PROMETHEUS_MULTIPROCESS_DIR"] = metrics_dir
 
     s = _settings(ctx)
     if backend not in ("onnx", "triton"):
