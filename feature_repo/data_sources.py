@@ -18,12 +18,13 @@ RAW_DIR = DATA_DIR / "raw"
 OFFLINE_DIR = DATA_DIR / "offline"
 
 
-def _offline(name: str) -> SparkSource:
+def _offline(name: str, created: str | None = None) -> SparkSource:
     return SparkSource(
         name=f"{name}_source",
         path=str(OFFLINE_DIR / name),
         file_format="parquet",
         timestamp_field="event_timestamp",
+        created_timestamp_column=created or "",
         date_partition_column="date",
     )
 
@@ -31,7 +32,9 @@ def _offline(name: str) -> SparkSource:
 user_spending_source = _offline("user_spending_stats")
 merchant_risk_source = _offline("merchant_risk_stats")
 user_merchant_source = _offline("user_merchant_history")
-user_velocity_batch_source = _offline("user_velocity")
+# The streaming job appends here too; where a row for the same user and instant exists
+# twice (a replay, a late event's correction), the newer ``created`` wins.
+user_velocity_batch_source = _offline("user_velocity", created="created")
 
 user_profile_source = SparkSource(
     name="user_profile_source",

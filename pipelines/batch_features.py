@@ -179,6 +179,7 @@ def user_velocity(tx: DataFrame, first: date, last: date) -> DataFrame:
         F.size(F.collect_set("merchant_id").over(w24h))
         .cast("long")
         .alias("user_distinct_merchants_24h"),
+        F.col("event_timestamp").alias("created"),  # older than any streamed row's
     )
     return _per_event(out, ["user_id"], first, last)
 

@@ -130,6 +130,8 @@ def check_contract(
         raise HotpathError(f"no feature view in the repo reads the offline table {table}")
     expected: dict[str, T.DataType] = {"event_timestamp": T.TimestampType()}
     for view in views:
+        if view.batch_source.created_timestamp_column:
+            expected[view.batch_source.created_timestamp_column] = T.TimestampType()
         expected.update({keys[e].join_key: KEY_TYPES[keys[e].value_type] for e in view.entities})
         expected.update({f.name: SPARK_TYPES[f.dtype] for f in view.features})
     actual = {f.name: f.dataType for f in df.schema.fields if f.name != "date"}

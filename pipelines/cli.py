@@ -332,6 +332,164 @@ def _print_vector(values: list[Any], echo: Callable[[str], None] = typer.echo) -
         echo(f"      {v.name:<{width}}  {shown!s:>12}  {age}")
 
 
+# ---------------------------------------------------------------- streaming
+@app.command()
+def stream(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Option(help="file (replay the raw parquet), redis, kafka.")] = (
+        "file"
+    ),
+    rate: Annotated[float, typer.Option(help="File replay rate, events/s (0: max).")] = 0,
+    file: Annotated[
+        Path | None, typer.Option(help="Parquet to replay (default: the raw transactions).")
+    ] = None,
+    streams: Annotated[str, typer.Option(help="Redis stream keys, comma-separated.")] = (
+        "transactions"
+    ),
+    group: Annotated[str, typer.Option(help="Redis consumer group.")] = "hotpath",
+    source_redis_url: Annotated[
+        str | None, typer.Option(help="Redis holding the streams (default: --redis-url).")
+    ] = None,
+    brokers: Annotated[str, typer.Option(help="Kafka brokers, comma-separated.")] = (
+        "127.0.0.1:9092"
+    ),
+    topics: Annotated[str, typer.Option(help="Kafka topics, comma-separated.")] = "transactions",
+    lateness: Annotated[float, typer.Option(help="Allowed out-of-order seconds per user.")] = 300,
+    offline: Annotated[bool, typer.Option(help="Also append rows to the offline store.")] = True,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on 127.0.0.1:PORT.")
+    ] = None,
+    process_id: Annotated[
+        int | None, typer.Option("--process-id", "-i", help="This process's index.")
+    ] = None,
+    addresses: Annotated[
+        str | None,
+        typer.Option("--addresses", "-a", help="All processes' host:port, ';'-separated."),
+    ] = None,
+    recovery_dir: Annotated[
+        Path | None, typer.Option(help="Bytewax recovery folder (created if absent).")
+    ] = None,
+    snapshot_interval: Annotated[
+        float, typer.Option(help="Seconds between epochs (snapshots, offline flushes).")
+    ] = 2.0,
+    backup_interval: Annotated[float, typer.Option(help="Seconds of old snapshots kept.")] = 0,
+) -> None:
+    """Run the Bytewax flow: events -> per-user velocity features -> online (+offline) store."""
+    from datetime import timedelta
+
+    from bytewax.recovery import RecoveryConfig, init_db_dir
+    from bytewax.run import cli_main
+
+    from pipelines.stream.flow import StreamSettings, build_flow
+
+    s = _settings(ctx)
+    if source not in ("file", "redis", "kafka"):
+        raise HotpathError(f"unknown source {source!r} (file, redis or kafka)")
+    cfg = StreamSettings(
+        source=source,
+        rate=rate,
+        file=file,
+        streams=[x for x in streams.split(",") if x],
+        group=group,
+        source_redis_url=source_redis_url,
+        kafka_brokers=brokers.split(","),
+        kafka_topics=topics.split(","),
+        lateness_s=lateness,
+        offline=offline,
+        metrics_port=None if metrics_port is None else metrics_port + (process_id or 0),
+    )
+    flow = build_flow(s, cfg)
+    recovery = None
+    if recovery_dir is not None:
+        if not any(recovery_dir.glob("part-*.sqlite3")):
+            recovery_dir.mkdir(parents=True, exist_ok=True)
+            init_db_dir(recovery_dir, 1)
+        recovery = RecoveryConfig(str(recovery_dir), timedelta(seconds=backup_interval))
+    typer.echo(
+        f"streaming from {source} into the {s.profile} online store"
+        + (f", metrics on 127.0.0.1:{cfg.metrics_port}" if cfg.metrics_port else "")
+        + (f", recovery in {recovery_dir}" if recovery_dir else "")
+    )
+    cli_main(
+        flow,
+        process_id=process_id,
+        addresses=addresses.split(";") if addresses else None,
+        epoch_interval=timedelta(seconds=snapshot_interval),
+        recovery_config=recovery,
+    )
+    from pipelines.stream import metrics
+
+    typer.echo(
+        f"done: {metrics.EVENTS_IN._value.get():,.0f} events, "
+        f"{metrics.LATE._value.get():,.0f} late, "
+        f"{metrics.WRITES.labels('online')._value.get():,.0f} online writes"
+    )
+
+
+@app.command()
+def replay(
+    ctx: typer.Context,
+    rate: Annotated[
+        float, typer.Option(min=0, help="Events per second (0: as fast as possible).")
+    ] = (1000),
+    stream_key: Annotated[str, typer.Option("--stream", help="Redis stream key.")] = "transactions",
+    limit: Annotated[int | None, typer.Option(min=1, help="Stop after this many events.")] = None,
+    file: Annotated[
+        Path | None, typer.Option(help="Parquet to replay (default: the raw transactions).")
+    ] = None,
+) -> None:
+    """Push generated transactions into a Redis stream at a steady rate (demos, benchmarks)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import redis
+
+    from pipelines.store import check_redis
+
+    s = _settings(ctx)
+    path = file or s.raw_dir / "transactions"
+    if not path.exists():
+        raise HotpathError(f"no transactions at {path} (run `hotpath generate` first)")
+    check_redis(s.redis_url)
+    client = redis.Redis.from_url(s.redis_url)
+    cols = ["user_id", "merchant_id", "amount", "event_timestamp"]
+    table = ds.dataset(path, format="parquet", partitioning="hive").to_table(columns=cols)
+    table = table.sort_by("event_timestamp")
+    if limit:
+        table = table.slice(0, limit)
+    ts = table["event_timestamp"].cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_pylist()
+    users, merchants = table["user_id"].to_pylist(), table["merchant_id"].to_pylist()
+    amounts = table["amount"].to_pylist()
+    n, sent, chunk = len(ts), 0, 500
+    typer.echo(f"replaying {n:,} events into {stream_key} at {rate or 'max'} events/s")
+    t0 = last_report = time.monotonic()
+    while sent < n:
+        stop = min(n, sent + chunk)
+        if rate:
+            due = int((time.monotonic() - t0) * rate)
+            if due <= sent:
+                time.sleep(min(0.002, (sent + 1 - due) / rate))
+                continue
+            stop = min(stop, due)
+        pipe = client.pipeline(transaction=False)
+        for i in range(sent, stop):
+            event = {
+                "user_id": users[i],
+                "merchant_id": merchants[i],
+                "amount": amounts[i],
+                "event_timestamp": ts[i],
+            }
+            pipe.xadd(stream_key, {"event": json.dumps(event)})
+        pipe.execute()
+        sent = stop
+        if time.monotonic() - last_report >= 5:
+            last_report = time.monotonic()
+            typer.echo(f"    {sent:,} / {n:,} sent ({sent / (last_report - t0):,.0f} events/s)")
+    elapsed = time.monotonic() - t0
+    typer.echo(f"sent {n:,} events in {elapsed:.1f}s ({n / max(elapsed, 1e-9):,.0f} events/s)")
+
+
 # ---------------------------------------------------------------- training
 @app.command()
 def train(

@@ -1,0 +1,6 @@
+"""The Bytewax streaming pipeline: transaction events -> per-user velocity features, live.
+
+``events`` validates raw events, ``aggregates`` is the keyed window state (pure),
+``sources`` and ``sinks`` connect it to Redis Streams / files / Kafka and to the online
+and offline stores, ``flow`` chains them into a dataflow.
+"""

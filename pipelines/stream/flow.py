@@ -1,0 +1,171 @@
+"""The streaming dataflow: events -> validate -> key by user -> window state -> stores.
+
+    input -> parse -> branch(valid?) -> key_on(user) -> stateful_batch(windows)
+          -> rows: online store (each batch, fresh) + offline store (each epoch)
+          -> rejected and late events: dead-letter output
+
+Run it with ``hotpath stream`` or, configured by ``HOTPATH_STREAM_*`` variables, directly:
+``python -m bytewax.run "pipelines.stream.flow:get_flow()" [-i/-a ...] [-r/-s/-b ...]``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow
+from bytewax.operators import StatefulBatchLogic
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipelines.errors import HotpathError
+from pipelines.settings import Settings
+from pipelines.stream import metrics
+from pipelines.stream.aggregates import Aggregate, UserWindow, aggregate, apply
+from pipelines.stream.events import Event, Rejected, parse
+from pipelines.stream.sinks import (
+    DeadLetterSink,
+    OfflineSink,
+    OnlineSink,
+    OnlineWriter,
+    Row,
+    offline_schema,
+)
+from pipelines.stream.sources import FileReplaySource, RedisStreamSource, kafka_source
+
+
+class StreamSettings(BaseSettings):
+    """What the flow reads and how (``HOTPATH_STREAM_*``); stores come from ``Settings``."""
+
+    model_config = SettingsConfigDict(env_prefix="HOTPATH_STREAM_", extra="ignore")
+
+    source: Literal["file", "redis", "kafka"] = "file"
+    push_source: str = "user_velocity_push"  # the stream views are the views on it
+    file: Path | None = None  # default: the raw transactions
+    rate: float = 0  # file replay, events/s (0: as fast as possible)
+    source_redis_url: str | None = None  # default: the profile's Redis URL
+    streams: list[str] = ["transactions"]
+    group: str = "hotpath"
+    block_ms: int = 100
+    kafka_brokers: list[str] = ["127.0.0.1:9092"]
+    kafka_topics: list[str] = ["transactions"]
+    lateness_s: float = 300  # out-of-order tolerance, per user
+    max_future_s: float = 300  # event times further ahead are rejected
+    dead_letter: str | None = None  # Redis stream (redis source) or file; default derived
+    offline: bool = True
+    metrics_port: int | None = None
+
+
+def stream_views(store: Any, push_source: str) -> list[Any]:
+    """The feature views fed by ``push_source``; each must be keyed by user and declare
+    only aggregates the flow computes."""
+    views = [
+        v
+        for v in store.list_feature_views()
+        if v.stream_source is not None and v.stream_source.name == push_source
+    ]
+    if not views:
+        raise HotpathError(f"no feature view reads the push source {push_source!r}")
+    for v in views:
+        keys = [store.get_entity(e).join_key for e in v.entities]
+        if keys != ["user_id"]:
+            raise HotpathError(f"stream view {v.name} is keyed by {keys}; the flow keys by user_id")
+        for f in v.features:
+            try:
+                aggregate(f.name)
+            except ValueError as e:
+                raise HotpathError(f"{v.name}: {e}") from None
+    return views
+
+
+class _Windows(StatefulBatchLogic[Event, Any, UserWindow]):
+    def __init__(self, aggs: list[Aggregate], lateness_us: int, state: UserWindow | None):
+        self.aggs, self.lateness_us = aggs, lateness_us
+        self.state = state or UserWindow()
+
+    def on_batch(self, values: list[Event]) -> tuple[list[Any], bool]:
+        u = apply(self.state, values, self.aggs, self.lateness_us)
+        user = values[0].user_id
+        out: list[Any] = [Row(user, t, row, u.ingest_s[t]) for t, row in sorted(u.rows.items())]
+        for e in u.late:
+            metrics.LATE.inc()
+            late_by = (self.state.newest - e.ts_us) / 1e6
+            out.append(
+                Rejected(
+                    {
+                        "user_id": e.user_id,
+                        "merchant_id": e.merchant_id,
+                        "amount": e.amount,
+                        "event_timestamp": e.ts_us,
+                    },
+                    f"late: {late_by:.0f}s behind the user's newest event "
+                    f"(allowed {self.lateness_us / 1e6:g}s)",
+                    e.ingest_s,
+                    "late",
+                )
+            )
+        return out, StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> UserWindow:
+        return copy.deepcopy(self.state)
+
+
+def build_flow(settings: Settings, stream: StreamSettings) -> Dataflow:
+    """The dataflow for a profile's stores and a source (checked now, not at first event)."""
+    from pipelines import store as feast_store
+
+    redis_url = stream.source_redis_url or settings.redis_url
+    if stream.source == "file":
+        source: Any = FileReplaySource(
+            stream.file or settings.raw_dir / "transactions", stream.rate
+        )
+    elif stream.source == "redis":
+        feast_store.check_redis(redis_url)
+        source = RedisStreamSource(
+            redis_url, stream.streams, stream.group, block_ms=stream.block_ms
+        )
+    else:
+        source = kafka_source(stream.kafka_brokers, stream.kafka_topics)
+    fs = feast_store.open_store(settings)
+    views = stream_views(fs, stream.push_source)
+    aggs = [aggregate(f.name) for v in views for f in v.features]
+    lateness_us = int(stream.lateness_s * 1e6)
+
+    if stream.source == "redis":
+        dead_letter, dlq_redis = stream.dead_letter or f"{stream.streams[0]}:dead-letter", redis_url
+    else:
+        dead_letter = stream.dead_letter or str(settings.data_dir / "stream" / "dead_letter.jsonl")
+        dlq_redis = None
+    if stream.metrics_port:
+        metrics.serve(stream.metrics_port)
+
+    def open_writer() -> OnlineWriter:
+        return OnlineWriter(feast_store.open_store(settings), views)
+
+    max_future_s = stream.max_future_s
+    flow = Dataflow("hotpath_stream")
+    raw = op.input("events", flow, source)
+    if stream.source == "kafka":
+        raw = op.map("kafka_message", raw, lambda m: (m.value, m.timestamp[1] / 1000))
+    parsed = op.map("parse", raw, lambda r: parse(r[0], r[1], max_future_s))
+    checked = op.branch("valid", parsed, lambda x: isinstance(x, Event))
+    valid = op.inspect("count_in", checked.trues, lambda _s, _e: metrics.EVENTS_IN.inc())
+    keyed = op.key_on("by_user", valid, lambda e: str(e.user_id))
+    out = op.stateful_batch("windows", keyed, lambda state: _Windows(aggs, lateness_us, state))
+    split = op.branch("rows_or_late", out, lambda kv: isinstance(kv[1], Row))
+    rows = split.trues
+    op.output("online", op.map("row", rows, lambda kv: kv[1]), OnlineSink(open_writer))
+    if stream.offline:
+        path = Path(views[0].batch_source.path)
+        features = [f.name for v in views for f in v.features]
+        op.output("offline", rows, OfflineSink(path, offline_schema(views), features))
+    late = op.map("late", split.falses, lambda kv: kv[1])
+    dead = op.merge("dead", checked.falses, late)
+    op.output("dead_letter", dead, DeadLetterSink(dead_letter, dlq_redis))
+    return flow
+
+
+def get_flow() -> Dataflow:
+    """For ``python -m bytewax.run``: stores from ``HOTPATH_*``, the rest ``HOTPATH_STREAM_*``."""
+    return build_flow(Settings(), StreamSettings())

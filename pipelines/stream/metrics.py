@@ -1,0 +1,21 @@
+"""The flow's Prometheus metrics, served by each process on ``--metrics-port`` (+ its index)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+EVENTS_IN = Counter("hotpath_stream_events_total", "Valid events read")
+LATE = Counter("hotpath_stream_late_events_total", "Events later than the allowed lateness")
+DEAD_LETTERS = Counter(
+    "hotpath_stream_dead_letters_total", "Events sent to the dead-letter output", ["reason"]
+)
+WRITES = Counter("hotpath_stream_writes_total", "Rows written", ["store"])
+LAG = Histogram(
+    "hotpath_stream_lag_seconds",
+    "From an event entering the stream to its row in the online store",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+def serve(port: int) -> None:
+    start_http_server(port, addr="127.0.0.1")

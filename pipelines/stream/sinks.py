@@ -1,0 +1,279 @@
+"""Where the stream's rows go: the online store (fresh), the offline store (training),
+and the dead-letter output (rejected and late events, with the reason).
+
+Writes are idempotent, because recovery replays at-least-once: online, a row overwrites
+the stored one when its event time is the same or newer (never an increment); offline,
+each (user, event time) row carries a ``created`` time and Feast's point-in-time join
+keeps the newest, so a replayed or corrected row supersedes, never adds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import redis
+from bytewax.outputs import (
+    DynamicSink,
+    FixedPartitionedSink,
+    StatefulSinkPartition,
+    StatelessSinkPartition,
+)
+from feast import FeatureStore, FeatureView
+from feast.infra.key_encoding_utils import serialize_entity_key
+from feast.infra.online_stores.helpers import _mmh3
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+from feast.types import Float64, Int64
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from pipelines.stream import metrics
+from pipelines.stream.events import Rejected
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One user's stream aggregates as of ``ts_us`` (every stream view's features)."""
+
+    user_id: int
+    ts_us: int
+    values: dict[str, Any]
+    ingest_s: float
+
+
+def _value(dtype: Any, v: Any) -> ValueProto:
+    if dtype == Int64:
+        return ValueProto(int64_val=int(v))
+    if dtype == Float64:
+        return ValueProto(double_val=float(v))
+    raise ValueError(f"stream features are Int64 or Float64, not {dtype}")
+
+
+# Compare-and-set in Feast's Redis layout: write the view's fields and ``_ts:<view>`` unless
+# the stored event time is newer. Ties overwrite: a late event's correction keeps the
+# row's time. (Feast's own write skips equal times, which would drop corrections.)
+_CAS = """
+local function micros(b)
+  if not b then return -1 end
+  local secs, nanos, i = 0, 0, 1
+  while i <= #b do
+    local tag = string.byte(b, i); i = i + 1
+    local v, mul = 0, 1
+    repeat
+      local c = string.byte(b, i); i = i + 1
+      v = v + (c % 128) * mul; mul = mul * 128
+    until c < 128
+    if tag == 8 then secs = v elseif tag == 16 then nanos = v end
+  end
+  return secs * 1000000 + math.floor(nanos / 1000)
+end
+if tonumber(ARGV[2]) < micros(redis.call('HGET', KEYS[1], ARGV[1])) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], unpack(ARGV, 4))
+return 1
+"""
+
+
+class OnlineWriter:
+    """Writes rows into the profile's online store in Feast's layout: Redis by
+    compare-and-set (above), any other store through Feast's own ``online_write_batch``
+    (SQLite upserts, which with one writer per user in event order is the same)."""
+
+    def __init__(self, store: FeatureStore, views: list[FeatureView]) -> None:
+        self.store, self.views = store, views
+        self.project = store.project
+        self.version = store.config.entity_key_serialization_version
+        cfg = store.config.online_store
+        self.redis: redis.Redis | None = None
+        if cfg.type == "redis":
+            from feast.infra.online_stores.redis import RedisOnlineStore
+
+            self.redis = RedisOnlineStore()._get_client(cfg)
+            self.cas = self.redis.register_script(_CAS)
+            self.fields = {v.name: [_mmh3(f"{v.name}:{f.name}") for f in v.features] for v in views}
+
+    def _key(self, user_id: int) -> EntityKeyProto:
+        return EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=user_id)])
+
+    def write(self, rows: Sequence[Row]) -> None:
+        newest: dict[int, Row] = {}
+        for r in rows:  # only each user's newest row matters online
+            if r.user_id not in newest or r.ts_us >= newest[r.user_id].ts_us:
+                newest[r.user_id] = r
+        if not newest:
+            return
+        if self.redis is not None:
+            pipe = self.redis.pipeline(transaction=False)
+            for r in newest.values():
+                key = (
+                    serialize_entity_key(self._key(r.user_id), self.version) + self.project.encode()
+                )
+                ts = Timestamp(seconds=r.ts_us // 1_000_000, nanos=(r.ts_us % 1_000_000) * 1000)
+                for view in self.views:
+                    args: list[Any] = [f"_ts:{view.name}", r.ts_us, ts.SerializeToString()]
+                    for f, field in zip(view.features, self.fields[view.name], strict=True):
+                        args += [field, _value(f.dtype, r.values[f.name]).SerializeToString()]
+                    self.cas(keys=[key], args=args, client=pipe)
+            pipe.execute()
+        else:
+            provider = self.store._get_provider()
+            for view in self.views:
+                data = [
+                    (
+                        self._key(r.user_id),
+                        {f.name: _value(f.dtype, r.values[f.name]) for f in view.features},
+                        datetime.fromtimestamp(r.ts_us / 1e6, UTC),
+                        None,
+                    )
+                    for r in newest.values()
+                ]
+                provider.online_write_batch(self.store.config, view, data, progress=None)
+        now = time.time()
+        metrics.WRITES.labels("online").inc(len(newest))
+        for r in newest.values():
+            metrics.LAG.observe(max(0.0, now - r.ingest_s))
+
+
+class _OnlinePartition(StatelessSinkPartition[Row]):
+    def __init__(self, writer: OnlineWriter) -> None:
+        self.writer = writer
+
+    def write_batch(self, items: list[Row]) -> None:
+        self.writer.write(items)
+
+
+class OnlineSink(DynamicSink[Row]):
+    def __init__(self, open_writer: Any) -> None:
+        self.open_writer = open_writer  # called once per worker: each opens its own store
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _OnlinePartition:
+        return _OnlinePartition(self.open_writer())
+
+
+class _OfflinePartition(StatefulSinkPartition[Row, None]):
+    """Buffers rows and writes one parquet file per ``date=`` partition at each epoch's
+    snapshot, so a committed epoch's rows are on disk before its input is acknowledged."""
+
+    def __init__(self, path: Path, schema: pa.Schema, features: list[str]) -> None:
+        self.path, self.schema, self.features = path, schema, features
+        self.buffer: list[Row] = []
+
+    def write_batch(self, items: list[Row]) -> None:  # routed by user key, keys stripped
+        self.buffer.extend(items)
+
+    def snapshot(self) -> None:
+        if not self.buffer:
+            return None
+        created = int(time.time() * 1e6)
+        by_day: dict[str, list[Row]] = {}
+        for r in self.buffer:
+            day = datetime.fromtimestamp(r.ts_us / 1e6, UTC).date().isoformat()
+            by_day.setdefault(day, []).append(r)
+        for day, rows in by_day.items():
+            columns: dict[str, list[Any]] = {
+                "user_id": [r.user_id for r in rows],
+                "event_timestamp": [r.ts_us for r in rows],
+                "created": [created] * len(rows),
+            }
+            for f in self.features:
+                columns[f] = [r.values[f] for r in rows]
+            table = pa.table(columns, schema=self.schema)
+            folder = self.path / f"date={day}"
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".stream-{uuid.uuid4().hex}.parquet.tmp"
+            pq.write_table(table, tmp)
+            tmp.rename(folder / f"stream-{uuid.uuid4().hex}.parquet")  # readers never see half
+        metrics.WRITES.labels("offline").inc(len(self.buffer))
+        self.buffer = []
+        return None
+
+    def close(self) -> None:
+        self.snapshot()
+
+
+class OfflineSink(FixedPartitionedSink[Row, None]):
+    """Appends rows to the push source's offline table (parquet, ``date=`` partitions)."""
+
+    PARTS = 4
+
+    def __init__(self, path: Path, schema: pa.Schema, features: list[str]) -> None:
+        self.path, self.schema, self.features = path, schema, features
+
+    def list_parts(self) -> list[str]:
+        return [str(i) for i in range(self.PARTS)]
+
+    def part_fn(self, item_key: str) -> int:
+        return int(item_key) % self.PARTS
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _OfflinePartition:
+        return _OfflinePartition(self.path, self.schema, self.features)
+
+
+def offline_schema(views: list[FeatureView]) -> pa.Schema:
+    fields = [
+        pa.field("user_id", pa.int64()),
+        pa.field("event_timestamp", pa.timestamp("us", tz="UTC")),
+        pa.field("created", pa.timestamp("us", tz="UTC")),
+    ]
+    for v in views:
+        for f in v.features:
+            fields.append(pa.field(f.name, pa.int64() if f.dtype == Int64 else pa.float64()))
+    return pa.schema(fields)
+
+
+class _DeadLetterPartition(StatelessSinkPartition[Rejected]):
+    def __init__(self, target: str, redis_url: str | None) -> None:
+        self.client = redis.Redis.from_url(redis_url) if redis_url else None
+        self.target = target
+
+    def write_batch(self, items: list[Rejected]) -> None:
+        records = [
+            {"reason": r.reason, "code": r.code, "event": _jsonable(r.raw), "ingest_s": r.ingest_s}
+            for r in items
+        ]
+        for r in items:
+            metrics.DEAD_LETTERS.labels(r.code).inc()
+        if self.client is not None:
+            pipe = self.client.pipeline(transaction=False)
+            for rec in records:
+                fields = {"reason": rec["reason"], "code": rec["code"]}
+                pipe.xadd(self.target, fields | {"event": json.dumps(rec["event"])})
+            pipe.execute()
+        else:
+            path = Path(self.target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.writelines(json.dumps(rec) + "\n" for rec in records)
+
+
+class DeadLetterSink(DynamicSink[Rejected]):
+    """A Redis stream (``redis_url`` given) or a JSON-lines file: reason + original event."""
+
+    def __init__(self, target: str, redis_url: str | None = None) -> None:
+        self.target, self.redis_url = target, redis_url
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _DeadLetterPartition:
+        target = self.target
+        if self.redis_url is None and worker_count > 1:
+            target = f"{target}.{worker_index}"  # one file per worker: no interleaved lines
+        return _DeadLetterPartition(target, self.redis_url)
+
+
+def _jsonable(raw: Any) -> Any:
+    if isinstance(raw, bytes):
+        return raw.decode("utf-8", "replace")
+    if isinstance(raw, dict):
+        return {
+            (k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k)): _jsonable(v)
+            for k, v in raw.items()
+        }
+    if isinstance(raw, str | int | float | bool) or raw is None:
+        return raw
+    return repr(raw)
