@@ -378,9 +378,8 @@ def stream(
     from datetime import timedelta
 
     from bytewax.recovery import RecoveryConfig, init_db_dir
-    from bytewax.run import cli_main
 
-    from pipelines.stream.flow import StreamSettings, build_flow
+    from pipelines.stream.flow import StreamSettings
 
     s = _settings(ctx)
     if source not in ("file", "redis", "kafka"):
@@ -398,7 +397,6 @@ def stream(
         offline=offline,
         metrics_port=None if metrics_port is None else metrics_port + (process_id or 0),
     )
-    flow = build_flow(s, cfg)
     recovery = None
     if recovery_dir is not None:
         if not any(recovery_dir.glob("part-*.sqlite3")):
@@ -410,19 +408,37 @@ def stream(
         + (f", metrics on 127.0.0.1:{cfg.metrics_port}" if cfg.metrics_port else "")
         + (f", recovery in {recovery_dir}" if recovery_dir else "")
     )
-    cli_main(
-        flow,
+    _run_flow(
+        s,
+        cfg,
         process_id=process_id,
         addresses=addresses.split(";") if addresses else None,
         epoch_interval=timedelta(seconds=snapshot_interval),
         recovery_config=recovery,
     )
-    from pipelines.stream import metrics
 
+
+def _run_flow(s: Settings, cfg: Any, **run: Any) -> None:
+    """Build the flow (its checks fail here, before any event) and run it to the end of a
+    finite source, then print what it did."""
+    from bytewax.run import cli_main
+
+    from pipelines.stream import metrics
+    from pipelines.stream.flow import build_flow
+
+    flow = build_flow(s, cfg)
+    cli_main(flow, **run)
+    dead = sum(
+        x.value
+        for m in metrics.DEAD_LETTERS.collect()
+        for x in m.samples
+        if x.name.endswith("_total")
+    )
     typer.echo(
-        f"done: {metrics.EVENTS_IN._value.get():,.0f} events, "
-        f"{metrics.LATE._value.get():,.0f} late, "
-        f"{metrics.WRITES.labels('online')._value.get():,.0f} online writes"
+        f"    {metrics.EVENTS_IN._value.get():,.0f} events, "
+        f"{metrics.WRITES.labels('online')._value.get():,.0f} online writes, "
+        f"{metrics.WRITES.labels('offline')._value.get():,.0f} offline rows, "
+        f"{metrics.LATE._value.get():,.0f} late, {dead:,.0f} dead letters"
     )
 
 
@@ -810,7 +826,8 @@ def demo(
     rows: Annotated[int, typer.Option(min=1000, help="Transactions to generate.")] = 30_000,
     days: Annotated[int, typer.Option(min=2, help="Days of history.")] = 35,
 ) -> None:
-    """The whole loop on the active profile: generate, batch, apply, materialize, read, train."""
+    """The whole loop on the active profile: generate, batch, apply, materialize, stream,
+    read, train."""
     s = _settings(ctx)
     t0 = time.perf_counter()
     typer.echo(f"hotpath demo: profile {s.profile}, data in {s.data_dir}")
@@ -818,6 +835,10 @@ def demo(
     _batch(s, None, None)
     _apply(s)
     _materialize(s)
+    with _step("stream: replay the payments through the Bytewax flow into the online store"):
+        from pipelines.stream.flow import StreamSettings
+
+        _run_flow(s, StreamSettings(source="file"))
     _show_recent(s)
     _train(s)
     typer.echo(f"demo finished in {time.perf_counter() - t0:.0f}s")

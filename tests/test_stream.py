@@ -439,3 +439,19 @@ def test_kafka_unreachable_fails_fast(stream_root) -> None:
     assert "Kafka broker unreachable" in r.stderr + r.stdout
     assert "Traceback" not in r.stderr
     assert time.monotonic() - t0 < 30
+
+
+def test_embedded_profile_writes_sqlite_through_feast(file_runs, stream_root) -> None:
+    """The embedded default (SQLite online store, written through Feast's own
+    online_write_batch), run in this process by Bytewax's runtime."""
+    from bytewax.testing import run_main
+
+    from pipelines.stream.flow import StreamSettings, build_flow
+
+    events = file_runs[0]
+    path = _write_events(events, stream_root.parent / "embedded_events")
+    s = Settings(repo=stream_root / "feature_repo")
+    fs = store.open_store(s)
+    store.apply(fs)
+    run_main(build_flow(s, StreamSettings(source="file", file=path, offline=False)))
+    assert _mismatches(fs, _latest_expected(events)) == []
