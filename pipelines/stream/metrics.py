@@ -13,7 +13,28 @@ WRITES = Counter("hotpath_stream_writes_total", "Rows written", ["store"])
 LAG = Histogram(
     "hotpath_stream_lag_seconds",
     "From an event entering the stream to its row in the online store",
-    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    buckets=(
+        0.001,
+        0.002,
+        0.003,
+        0.005,
+        0.0075,
+        0.01,
+        0.015,
+        0.02,
+        0.03,
+        0.05,
+        0.075,
+        0.1,
+        0.15,
+        0.2,
+        0.3,
+        0.5,
+        1,
+        2.5,
+        5,
+        10,
+    ),  # fmt: skip
 )
 
 

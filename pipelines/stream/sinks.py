@@ -49,17 +49,11 @@ class Row:
     ingest_s: float
 
 
-def _value(dtype: Any, v: Any) -> ValueProto:
-    if dtype == Int64:
-        return ValueProto(int64_val=int(v))
-    if dtype == Float64:
-        return ValueProto(double_val=float(v))
-    raise ValueError(f"stream features are Int64 or Float64, not {dtype}")
-
-
-# Compare-and-set in Feast's Redis layout: write the view's fields and ``_ts:<view>`` unless
-# the stored event time is newer. Ties overwrite: a late event's correction keeps the
-# row's time. (Feast's own write skips equal times, which would drop corrections.)
+# Compare-and-set in Feast's Redis layout, for every view of one entity in one call:
+# ARGV = new event time (µs), its Timestamp bytes, then per view: its ``_ts:<view>`` field,
+# its field count n, and n field/value pairs. A view is written unless its stored event
+# time is newer; ties overwrite, so a late event's correction keeps the row's time
+# (Feast's own write skips equal times, which would drop corrections).
 _CAS = """
 local function micros(b)
   if not b then return -1 end
@@ -75,10 +69,26 @@ local function micros(b)
   end
   return secs * 1000000 + math.floor(nanos / 1000)
 end
-if tonumber(ARGV[2]) < micros(redis.call('HGET', KEYS[1], ARGV[1])) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3], unpack(ARGV, 4))
-return 1
+local new, written, i = tonumber(ARGV[1]), 0, 3
+while i <= #ARGV do
+  local ts_field, n = ARGV[i], tonumber(ARGV[i + 1])
+  if new >= micros(redis.call('HGET', KEYS[1], ts_field)) then
+    redis.call('HSET', KEYS[1], ts_field, ARGV[2], unpack(ARGV, i + 2, i + 1 + 2 * n))
+    written = written + 1
+  end
+  i = i + 2 + 2 * n
+end
+return written
 """
+
+
+def _encoder(dtype: Any) -> Any:
+    """Feature value -> ValueProto, chosen once per feature (dtype comparison is slow)."""
+    if dtype == Int64:
+        return lambda v: ValueProto(int64_val=int(v))
+    if dtype == Float64:
+        return lambda v: ValueProto(double_val=float(v))
+    raise ValueError(f"stream features are Int64 or Float64, not {dtype}")
 
 
 class OnlineWriter:
@@ -97,7 +107,15 @@ class OnlineWriter:
 
             self.redis = RedisOnlineStore()._get_client(cfg)
             self.cas = self.redis.register_script(_CAS)
-            self.fields = {v.name: [_mmh3(f"{v.name}:{f.name}") for f in v.features] for v in views}
+            # per view: (ts field, [(feature, hash field, encoder)])
+            self.layout = [
+                (
+                    f"_ts:{v.name}",
+                    [(f.name, _mmh3(f"{v.name}:{f.name}"), _encoder(f.dtype)) for f in v.features],
+                )
+                for v in views
+            ]
+        self.encoders = {f.name: _encoder(f.dtype) for v in views for f in v.features}
 
     def _key(self, user_id: int) -> EntityKeyProto:
         return EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=user_id)])
@@ -111,16 +129,16 @@ class OnlineWriter:
             return
         if self.redis is not None:
             pipe = self.redis.pipeline(transaction=False)
+            project = self.project.encode()
             for r in newest.values():
-                key = (
-                    serialize_entity_key(self._key(r.user_id), self.version) + self.project.encode()
-                )
+                key = serialize_entity_key(self._key(r.user_id), self.version) + project
                 ts = Timestamp(seconds=r.ts_us // 1_000_000, nanos=(r.ts_us % 1_000_000) * 1000)
-                for view in self.views:
-                    args: list[Any] = [f"_ts:{view.name}", r.ts_us, ts.SerializeToString()]
-                    for f, field in zip(view.features, self.fields[view.name], strict=True):
-                        args += [field, _value(f.dtype, r.values[f.name]).SerializeToString()]
-                    self.cas(keys=[key], args=args, client=pipe)
+                args: list[Any] = [r.ts_us, ts.SerializeToString()]
+                for ts_field, fields in self.layout:
+                    args += [ts_field, len(fields)]
+                    for name, field, encode in fields:
+                        args += [field, encode(r.values[name]).SerializeToString()]
+                self.cas(keys=[key], args=args, client=pipe)
             pipe.execute()
         else:
             provider = self.store._get_provider()
@@ -128,7 +146,7 @@ class OnlineWriter:
                 data = [
                     (
                         self._key(r.user_id),
-                        {f.name: _value(f.dtype, r.values[f.name]) for f in view.features},
+                        {f.name: self.encoders[f.name](r.values[f.name]) for f in view.features},
                         datetime.fromtimestamp(r.ts_us / 1e6, UTC),
                         None,
                     )

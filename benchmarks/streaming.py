@@ -1,0 +1,264 @@
+"""Streaming throughput and freshness: the hotpath flow vs Bytewax's built-in windowing.
+
+    .venv/bin/python benchmarks/streaming.py [--events 600000] [--rate 5000] [--seconds 20]
+
+Against a real redis-server it starts on a free loopback port (the redis profile), with
+the full streaming feature set (``user_velocity`` + ``user_merchant_spread``: counts and
+sums over 5 min and 1 h, distinct merchants over 24 h):
+
+1. throughput, one Bytewax worker, file replay as fast as possible, in this process:
+   (i) the hotpath flow writing the online store; (ii) the same plus offline appends;
+   (iii) the naive baseline: ``fold_window`` with a 5-min tumbling window, a 1-h window
+   sliding by 5 min and a 24-h window sliding by 1 h, results written to the same Redis
+   (on the first ``--naive-events`` events only: it is that slow);
+2. freshness at a steady ``--rate``: ``hotpath replay`` pushes events into a Redis
+   stream, ``hotpath stream --source redis`` (its own process) reads them; lag = from
+   the stream entry's id time (XADD) to the row written in the online store, p50/p99
+   interpolated from the flow's Prometheus histogram (as ``histogram_quantile`` does).
+
+The naive flow's freshness is not measured: its values appear when a window closes,
+i.e. up to the hop (5 min for the 1-h window) after the event, by construction.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this folder comes first on sys.path and benchmarks/serving.py would
+# shadow the `serving` package: put the project root there instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import argparse
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+
+import bytewax.operators as op
+import bytewax.operators.windowing as win
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import redis
+import requests
+from bytewax.dataflow import Dataflow
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax.testing import run_main
+
+from benchmarks.feature_retrieval import backfilled_project, start_redis
+from pipelines import store
+from pipelines.generate import GenerateConfig, generate
+from pipelines.settings import DEFAULT_REPO, PROJECT_ROOT, Settings
+from pipelines.stream import metrics
+from pipelines.stream.events import Event, parse
+from pipelines.stream.flow import StreamSettings, build_flow
+from pipelines.stream.sources import FileReplaySource
+from serving.triton_local import _free_port
+
+
+def _events_in() -> float:
+    return metrics.EVENTS_IN._value.get()
+
+
+def hotpath_throughput(s: Settings, events: Path, offline: bool) -> tuple[int, float]:
+    flow = build_flow(s, StreamSettings(source="file", file=events, offline=offline))
+    before = _events_in()
+    t0 = time.perf_counter()
+    run_main(flow, epoch_interval=timedelta(seconds=2))
+    return int(_events_in() - before), time.perf_counter() - t0
+
+
+class _RedisHashSink(DynamicSink):
+    """The naive flow's window results, one HSET each, pipelined per batch."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def build(self, step_id: str, worker_index: int, worker_count: int):
+        client = redis.Redis.from_url(self.url)
+
+        class _Part(StatelessSinkPartition):
+            def write_batch(self, items: list) -> None:
+                pipe = client.pipeline(transaction=False)
+                for user, (window_id, value) in items:
+                    pipe.hset(f"naive:{user}", mapping={f"{step_id}:{window_id}": repr(value)})
+                pipe.execute()
+
+        return _Part()
+
+
+def naive_throughput(events: Path, redis_url: str) -> tuple[int, float]:
+    """Bytewax windowing: every event folds into 1 + 12 + 24 windows."""
+    source = FileReplaySource(events)
+    flow = Dataflow("naive_windows")
+    raw = op.input("events", flow, source)
+    parsed = op.filter_map(
+        "parse", raw, lambda r: e if isinstance(e := parse(r[0], r[1], 300), Event) else None
+    )
+    keyed = op.key_on("by_user", parsed, lambda e: str(e.user_id))
+    clock = win.EventClock(
+        lambda e: datetime.fromtimestamp(e.ts_us / 1e6, UTC), wait_for_system_duration=timedelta(0)
+    )
+    align = datetime(2020, 1, 1, tzinfo=UTC)
+
+    def count_sum(acc: tuple[int, float], e: Event) -> tuple[int, float]:
+        return acc[0] + 1, acc[1] + e.amount
+
+    def merge_cs(a: tuple[int, float], b: tuple[int, float]) -> tuple[int, float]:
+        return a[0] + b[0], a[1] + b[1]
+
+    m5 = win.fold_window(
+        "m5", keyed, clock, win.TumblingWindower(timedelta(minutes=5), align),
+        lambda: (0, 0.0), count_sum, merge_cs,
+    )  # fmt: skip
+    h1 = win.fold_window(
+        "h1", keyed, clock, win.SlidingWindower(timedelta(hours=1), timedelta(minutes=5), align),
+        lambda: (0, 0.0), count_sum, merge_cs,
+    )  # fmt: skip
+    d1 = win.fold_window(
+        "d1", keyed, clock, win.SlidingWindower(timedelta(hours=24), timedelta(hours=1), align),
+        set, lambda acc, e: acc | {e.merchant_id}, lambda a, b: a | b,
+    )  # fmt: skip
+    counted = [0]
+
+    def count(_: object) -> None:
+        counted[0] += 1
+
+    op.inspect("count", parsed, lambda _s, _e: count(None))
+    sink = _RedisHashSink(redis_url)
+    op.output("out_m5", m5.down, sink)
+    op.output("out_h1", h1.down, sink)
+    op.output(
+        "out_d1", op.map("distinct", d1.down, lambda kv: (kv[0], (kv[1][0], len(kv[1][1])))), sink
+    )
+    t0 = time.perf_counter()
+    run_main(flow, epoch_interval=timedelta(seconds=2))
+    return counted[0], time.perf_counter() - t0
+
+
+def quantile(q: float, buckets: list[tuple[float, float]]) -> float:
+    """Prometheus ``histogram_quantile``: linear within the bucket holding rank q."""
+    total = buckets[-1][1]
+    rank = q * total
+    prev_le, prev_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * (rank - prev_count) / max(count - prev_count, 1e-9)
+        prev_le, prev_count = le, count
+    return prev_le
+
+
+def scrape_lag(port: int) -> tuple[list[tuple[float, float]], float]:
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    buckets, count = [], 0.0
+    for line in text.splitlines():
+        if line.startswith("hotpath_stream_lag_seconds_bucket"):
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((float(le), float(line.rsplit(" ", 1)[1])))
+        elif line.startswith("hotpath_stream_lag_seconds_count"):
+            count = float(line.rsplit(" ", 1)[1])
+    return sorted(buckets), count
+
+
+def freshness(s: Settings, events: Path, rate: float, seconds: float) -> None:
+    env = {
+        **os.environ,
+        "HOTPATH_REPO": str(s.repo),
+        "HOTPATH_PROFILE": "redis",
+        "HOTPATH_REDIS_URL": s.redis_url,
+    }
+    port = _free_port()
+    cli = [sys.executable, "-m", "pipelines.cli"]
+    flow = subprocess.Popen(
+        [*cli, "stream", "--source", "redis", "--streams", "bench", "--no-offline",
+         "--metrics-port", str(port)],
+        env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                scrape_lag(port)
+                break
+            except requests.ConnectionError:
+                if time.monotonic() > deadline or flow.poll() is not None:
+                    raise RuntimeError("the stream flow did not start") from None
+                time.sleep(0.2)
+        n = int(rate * seconds)
+        subprocess.run(
+            [*cli, "replay", "--rate", str(rate), "--stream", "bench", "--limit", str(n),
+             "--file", str(events)],
+            env=env, cwd=PROJECT_ROOT, check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis.from_url(s.redis_url)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            group = client.xinfo_groups("bench")[0]
+            if group["lag"] == 0 and group["pending"] == 0:
+                break
+            time.sleep(0.2)
+        time.sleep(1)
+        buckets, count = scrape_lag(port)
+        print(
+            f"  freshness at {rate:,.0f} events/s for {seconds:.0f}s ({count:,.0f} rows written): "
+            f"p50 {quantile(0.5, buckets) * 1000:.1f} ms, "
+            f"p99 {quantile(0.99, buckets) * 1000:.1f} ms"
+        )
+    finally:
+        flow.terminate()
+        flow.wait(timeout=30)
+
+
+def report(name: str, n: int, seconds: float) -> float:
+    print(f"  {name:<42} {n / seconds:9,.0f} events/s ({n:,} in {seconds:.1f}s)")
+    return n / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=600_000)
+    parser.add_argument("--rate", type=float, default=5000)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument(
+        "--naive-events", type=int, default=30_000, help="the baseline is slow: its first N events"
+    )
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="hotpath-stream-bench-"))
+    shutil.copytree(
+        DEFAULT_REPO, root / "feature_repo", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    redis_proc, url = start_redis()
+    if not url:
+        sys.exit("redis-server is required (apt-get install redis-server)")
+    try:
+        s = Settings(repo=root / "feature_repo", profile="redis", redis_url=url)
+        backfilled_project(s, 30_000, 1)  # the registry's offline sources must exist
+        fs = store.open_store(s)
+        store.apply(fs)
+        big = generate(
+            GenerateConfig(rows=args.events, days=7, end=datetime.now(UTC)), root / "events"
+        )
+        events = root / "events" / "transactions"
+        print(f"{big.transactions:,} events, {big.users:,} users, one Bytewax worker, Redis online")
+        ours = report("(i)   hotpath flow, online writes", *hotpath_throughput(s, events, False))
+        report("(ii)  hotpath flow, online + offline", *hotpath_throughput(s, events, True))
+        first = root / "first" / "transactions"
+        table = ds.dataset(events, partitioning="hive").to_table().sort_by("event_timestamp")
+        first.mkdir(parents=True)
+        pq.write_table(table.slice(0, args.naive_events), first / "part.parquet")
+        naive = report("(iii) naive Bytewax windowing (baseline)", *naive_throughput(first, url))
+        print(f"  hotpath vs naive throughput: {ours / naive:.1f}x")
+        freshness(s, events, args.rate, args.seconds)
+    finally:
+        redis_proc.terminate()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
