@@ -54,8 +54,21 @@ def _global(
         str | None,
         typer.Option(envvar="HOTPATH_REDIS_URL", help="Redis URL for the redis profile."),
     ] = None,
+    redis_cluster_nodes: Annotated[
+        str | None,
+        typer.Option(
+            envvar="HOTPATH_REDIS_CLUSTER_NODES",
+            help="host:port,... of the Redis Cluster (redis-cluster, production profiles; "
+            "password from HOTPATH_REDIS_PASSWORD).",
+        ),
+    ] = None,
 ) -> None:
-    overrides = {"repo": repo, "profile": profile, "redis_url": redis_url}
+    overrides = {
+        "repo": repo,
+        "profile": profile,
+        "redis_url": redis_url,
+        "redis_cluster_nodes": redis_cluster_nodes,
+    }
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     if settings.profile not in PROFILES:
         raise HotpathError(f"unknown profile {settings.profile!r} (known: {', '.join(PROFILES)})")
@@ -330,6 +343,33 @@ def _print_vector(values: list[Any], echo: Callable[[str], None] = typer.echo) -
         )
         age = "request-time" if v.value is not None and v.age_s is None else _age(v.age_s)
         echo(f"      {v.name:<{width}}  {shown!s:>12}  {age}")
+
+
+# ---------------------------------------------------------------- doctor
+@app.command()
+def doctor(ctx: typer.Context) -> None:
+    """Check the active profile's online store tiers: reachable, versions, round trips."""
+    from feast import FeatureStore
+
+    from pipelines import store
+
+    s = _settings(ctx)
+    typer.echo(f"profile {s.profile}: {s.feature_store_yaml}")
+    store.open_store_env(s)
+    try:
+        config = FeatureStore(repo_path=str(s.repo.resolve()), fs_yaml_file=s.feature_store_yaml)
+        tiers = store.online_tiers(config.config.online_store)
+    except Exception as e:
+        raise HotpathError(f"cannot load {s.feature_store_yaml}: {e}") from None
+    failed = 0
+    for name, cfg in tiers.items():
+        try:
+            typer.echo(f"  {name:<8} ok    {store.check_tier(name, cfg)}")
+        except HotpathError as e:
+            failed += 1
+            typer.echo(f"  {name:<8} FAIL  {e}")
+    if failed:
+        raise HotpathError(f"{failed} of {len(tiers)} online store tier(s) unreachable")
 
 
 # ---------------------------------------------------------------- streaming

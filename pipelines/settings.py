@@ -16,6 +16,8 @@ DEFAULT_REPO = PROJECT_ROOT / "feature_repo"
 PROFILES = {
     "embedded": "feature_store.yaml",
     "redis": "feature_store.redis.yaml",
+    "redis-cluster": "feature_store.redis-cluster.yaml",
+    "production": "feature_store.production.yaml",
 }
 
 
@@ -27,6 +29,13 @@ class Settings(BaseSettings):
     repo: Path = DEFAULT_REPO
     profile: str = "embedded"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # redis-cluster and production profiles
+    redis_cluster_nodes: str = "127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002"
+    redis_password: str | None = None  # HOTPATH_REDIS_PASSWORD (cluster profiles)
+    redis_ssl: bool = False
+    scylla_host: str = "127.0.0.1"  # production profile: HOTPATH_SCYLLA_HOST...
+    scylla_keyspace: str = "hotpath"
+    scylla_local_dc: str = "datacenter1"
     spark_master: str = "local[*]"
     spark_driver_memory: str = "2g"
     model_repository_path: Path | None = None  # HOTPATH_MODEL_REPOSITORY_PATH; default data/
@@ -63,6 +72,22 @@ class Settings(BaseSettings):
             known = ", ".join(PROFILES)
             raise HotpathError(f"unknown profile {self.profile!r} (known: {known})")
         return self.repo.resolve() / PROFILES[self.profile]
+
+
+def feast_cluster_connection(nodes: str, password: str | None, ssl: bool) -> str:
+    """``host:port,host:port`` plus credentials, as Feast's Redis Cluster connection string."""
+    parts = [n.strip() for n in nodes.split(",") if n.strip()]
+    for n in parts:
+        host, _, port = n.rpartition(":")
+        if not host or not port.isdigit():
+            raise HotpathError(f"not a Redis Cluster node: {n!r} (expected host:port)")
+    if not parts:
+        raise HotpathError("no Redis Cluster nodes given (host:port,host:port,...)")
+    if password:
+        parts.append(f"password={password}")
+    if ssl:
+        parts.append("ssl=true")
+    return ",".join(parts)
 
 
 def feast_redis_connection(url: str) -> str:

@@ -20,9 +20,10 @@ import redis
 from feast import FeatureStore
 
 from pipelines.errors import HotpathError
-from pipelines.settings import Settings, feast_redis_connection
+from pipelines.settings import Settings, feast_cluster_connection, feast_redis_connection
 
 REDIS_ENV = "HOTPATH_REDIS_CONNECTION"
+CLUSTER_ENV = "HOTPATH_REDIS_CLUSTER_CONNECTION"
 
 
 def open_store(settings: Settings) -> FeatureStore:
@@ -30,13 +31,124 @@ def open_store(settings: Settings) -> FeatureStore:
     yaml_path = settings.feature_store_yaml
     if not yaml_path.exists():
         raise HotpathError(f"profile {settings.profile!r} has no config: {yaml_path} is missing")
+    open_store_env(settings)
     if settings.profile == "redis":
-        os.environ[REDIS_ENV] = feast_redis_connection(settings.redis_url)
         check_redis(settings.redis_url)
     try:
-        return FeatureStore(repo_path=str(settings.repo.resolve()), fs_yaml_file=yaml_path)
+        fs = FeatureStore(repo_path=str(settings.repo.resolve()), fs_yaml_file=yaml_path)
+        config = fs.config.online_store  # parses the online store section now
     except Exception as e:
         raise HotpathError(f"cannot load {yaml_path}: {_first_line(e)}") from None
+    if settings.profile != "redis":
+        for tier, cfg in online_tiers(config).items():
+            check_tier(tier, cfg)
+    return fs
+
+
+def open_store_env(settings: Settings) -> None:
+    """The variables the profiles' ``feature_store.*.yaml`` files substitute."""
+    if settings.profile == "redis":
+        os.environ[REDIS_ENV] = feast_redis_connection(settings.redis_url)
+    os.environ[CLUSTER_ENV] = feast_cluster_connection(
+        settings.redis_cluster_nodes, settings.redis_password, settings.redis_ssl
+    )
+    os.environ["HOTPATH_SCYLLA_HOST"] = settings.scylla_host
+    os.environ["HOTPATH_SCYLLA_KEYSPACE"] = settings.scylla_keyspace
+    os.environ["HOTPATH_SCYLLA_LOCAL_DC"] = settings.scylla_local_dc
+
+
+def online_tiers(config: Any) -> dict[str, Any]:
+    """The online store's tiers by name (one, ``online``, unless the store is tiered)."""
+    from feast.repo_config import get_online_config_from_type
+
+    from serving.tiered_store import TYPE
+
+    if config.type != TYPE:
+        return {"online": config}
+    return {
+        name: get_online_config_from_type(conf["type"])(**conf)
+        for name, conf in config.tiers.items()
+    }
+
+
+def check_tier(name: str, cfg: Any, timeout_s: float = 3.0) -> str:
+    """Reach one online store tier now (not at the first request): its server version and
+    round trip, or a one-line error naming the endpoint."""
+    kind = cfg.type
+    if kind == "sqlite":
+        return "sqlite (a local file)"
+    if kind == "redis":
+        from feast.infra.online_stores.redis import RedisOnlineStore
+
+        nodes, params = RedisOnlineStore._parse_connection_string(cfg.connection_string)
+        where = ",".join(f"{n['host']}:{n['port']}" for n in nodes)
+        kw = {
+            "password": params.get("password"),
+            "username": params.get("username"),
+            "ssl": bool(params.get("ssl", False)),
+            "socket_connect_timeout": timeout_s,
+            "socket_timeout": timeout_s,
+        }
+        try:
+            if cfg.redis_type == "redis_cluster":
+                client: Any = redis.RedisCluster(
+                    startup_nodes=[
+                        redis.cluster.ClusterNode(n["host"], int(n["port"])) for n in nodes
+                    ],
+                    **kw,
+                )
+            else:
+                client = redis.Redis(
+                    host=nodes[0]["host"],
+                    port=int(nodes[0]["port"]),
+                    db=int(params.get("db", 0)),
+                    **kw,
+                )
+            t0 = time.perf_counter()
+            client.ping()
+            ms = (time.perf_counter() - t0) * 1000
+            info = client.info("server")
+            version = info.get("redis_version") if isinstance(info, dict) else None
+            if version is None and isinstance(info, dict):  # cluster: per node
+                version = next(iter(info.values()), {}).get("redis_version")
+            client.close()
+        except redis.AuthenticationError as e:
+            raise HotpathError(
+                f"{name} tier: Redis at {where} refused the credentials: {e}"
+            ) from None
+        except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as e:
+            if "username-password" in str(e) or "WRONGPASS" in str(e):  # cluster wraps auth
+                raise HotpathError(
+                    f"{name} tier: Redis at {where} refused the credentials: {_first_line(e)}"
+                ) from None
+            raise HotpathError(
+                f"{name} tier: Redis unreachable at {where}: {_first_line(e)}"
+            ) from None
+        shape = "Redis Cluster" if cfg.redis_type == "redis_cluster" else "Redis"
+        return f"{shape} {version} at {where}, round trip {ms:.2f} ms"
+    if kind in ("scylladb", "cassandra"):
+        from cassandra.auth import PlainTextAuthProvider
+        from cassandra.cluster import Cluster
+
+        hosts = list(cfg.hosts or [])
+        where = ",".join(f"{h}:{cfg.port or 9042}" for h in hosts)
+        auth = PlainTextAuthProvider(cfg.username, cfg.password) if cfg.username else None
+        cluster = Cluster(
+            hosts, port=cfg.port or 9042, auth_provider=auth, connect_timeout=timeout_s
+        )
+        try:
+            t0 = time.perf_counter()
+            session = cluster.connect()
+            row = session.execute("SELECT release_version FROM system.local").one()
+            ms = (time.perf_counter() - t0) * 1000
+        except Exception as e:  # NoHostAvailable, AuthenticationFailed...
+            raise HotpathError(
+                f"{name} tier: {kind} unreachable at {where}: {_first_line(e)}"
+            ) from None
+        finally:
+            cluster.shutdown()
+        return f"{kind} {row.release_version} at {where}, connect + query {ms:.1f} ms"
+    return f"{kind} (not checked)"
 
 
 def check_redis(url: str, timeout_s: float = 2.0) -> float:
@@ -78,6 +190,25 @@ def _restoring_cwd() -> Iterator[None]:
         os.chdir(cwd)
 
 
+def check_tiers(store: FeatureStore, repo: Path) -> None:
+    """On a tiered online store, every feature view's tag must name a configured tier."""
+    from pipelines.contract import feature_views
+    from serving.tiered_store import TYPE, tier_of
+
+    cfg = store.config.online_store
+    if cfg.type != TYPE:
+        return
+    for view in feature_views(repo).values():
+        if not view.online:
+            continue
+        tier = tier_of(view, cfg.routing_tag)
+        if tier not in cfg.tiers:
+            raise HotpathError(
+                f"feature view {view.name}: {cfg.routing_tag} tag {tier!r} names no tier of "
+                f"this profile's online store (tiers: {', '.join(sorted(cfg.tiers))})"
+            )
+
+
 def apply(store: FeatureStore) -> None:
     """``feast apply`` for the store's repo (registers definitions, validates sources)."""
     from feast.repo_operations import apply_total
@@ -86,6 +217,7 @@ def apply(store: FeatureStore) -> None:
 
     repo = Path(store.repo_path)
     use_repo(repo)
+    check_tiers(store, repo)
     with _restoring_cwd():  # apply_total chdirs into the repo
         try:
             apply_total(store.config, repo, skip_source_validation=False)

@@ -106,19 +106,16 @@ class OnlineFeatures:
         self.feature_names = [n for v in self.views for n in v.features] + [
             n for o in self.on_demand for n in o.outputs
         ]
-        cfg = store.config.online_store
-        if cfg.type == "sqlite":
-            path = Path(cfg.path)
-            if not path.is_absolute():
-                path = Path(store.repo_path) / path
-            self._backend: _Backend = _Sqlite(path, self.project, self.views)
-        elif cfg.type == "redis":
-            if cfg.redis_type != "redis":
-                raise ValueError(f"the fast path reads standalone Redis, not {cfg.redis_type}")
-            client = RespClient.from_feast(cfg.connection_string, timeout_s)
-            self._backend = _Redis(client, self.project, self.views)
-        else:
-            raise ValueError(f"the fast path does not read the {cfg.type!r} online store")
+        # one backend per online store tier, each reading its views (see tiered_store)
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(self.view_names):
+            groups.setdefault(_tier_name(store, name), []).append(i)
+        self._backends: list[tuple[_Backend, list[int]]] = []
+        for tier, members in groups.items():
+            plans = [self.views[i] for i in members]
+            backend = _backend_for(store, tier, plans, self.project, timeout_s)
+            self._backends.append((backend, members))
+        self._backend = self._backends[0][0]  # the only one, on a single-store profile
 
     def entity_keys(self, rows: Sequence[dict[str, Any]]) -> dict[tuple[str, ...], list[bytes]]:
         """Feast's serialized entity key of every row, per distinct set of join keys."""
@@ -127,7 +124,14 @@ class OnlineFeatures:
     def read(self, rows: Sequence[dict[str, Any]]) -> list[Vector]:
         """Stored and on-demand values for each row (``row`` holds join keys and request
         fields); no TTL applied, like Feast."""
-        stored = self._backend.read(self.entity_keys(rows))
+        keys = self.entity_keys(rows)
+        # every tier's request goes out before any answer is awaited: one round trip each,
+        # concurrently
+        pending = [(backend.send(keys), backend, members) for backend, members in self._backends]
+        stored: list[Found] = [[] for _ in self.views]
+        for handle, backend, members in pending:
+            for i, found in zip(members, backend.receive(handle), strict=True):
+                stored[i] = found
         vectors = []
         for i in range(len(rows)):
             values: dict[str, Any] = {}
@@ -256,10 +260,18 @@ Found = list[tuple[float | None, Sequence[Any] | None]]
 
 
 class _Backend:
-    def read(self, keys: dict[tuple[str, ...], list[bytes]]) -> list[Found]:
-        """Per view (in plan order), per row: (event time, values in the view's feature
-        order), or (None, None) when the entity has no row."""
+    """Reads its views for a batch of entity keys: ``send`` issues the request,
+    ``receive`` returns, per view (in plan order) and row, (event time, values in the
+    view's feature order) or (None, None) when the entity has no row."""
+
+    def send(self, keys: dict[tuple[str, ...], list[bytes]]) -> Any:
+        return keys
+
+    def receive(self, handle: Any) -> list[Found]:
         raise NotImplementedError
+
+    def read(self, keys: dict[tuple[str, ...], list[bytes]]) -> list[Found]:
+        return self.receive(self.send(keys))
 
 
 class _Sqlite(_Backend):
@@ -275,7 +287,7 @@ class _Sqlite(_Backend):
         self.views = views
         self._sql: dict[int, str] = {}  # query text per batch size
 
-    def read(self, keys):
+    def receive(self, keys):
         n = len(next(iter(keys.values())))
         sql = self._sql.get(n)
         if sql is None:
@@ -331,13 +343,20 @@ class _Redis(_Backend):
             spans = [(i, len(views[i].features)) for i in members]
             self.groups.append((join_keys, spans, head, tail))
 
-    def read(self, keys):
+    def send(self, keys):
         commands = []
         for join_keys, _, head, tail in self.groups:
             for entity_key in keys[join_keys]:
                 key = entity_key + self.project_bytes
                 commands.append(b"%s$%d\r\n%s\r\n%s" % (head, len(key), key, tail))
-        replies = iter(self.client.execute(b"".join(commands), len(commands)))
+        self.client.send(b"".join(commands))
+        return keys, len(commands)
+
+    def receive(self, handle):
+        keys, n = handle
+        return self._parse(keys, iter(self.client.receive(n)))
+
+    def _parse(self, keys: dict[tuple[str, ...], list[bytes]], replies: Any) -> list[Found]:
         out: list[Found] = [[] for _ in range(self.n_views)]
         for join_keys, spans, _, _ in self.groups:
             for _ in keys[join_keys]:
@@ -351,6 +370,127 @@ class _Redis(_Backend):
                     else:
                         out[i].append((None, None))
         return out
+
+
+class _RedisCluster(_Redis):
+    """Redis Cluster: the same HMGETs through redis-py's cluster pipeline, which sends
+    each to the master owning its slot (one round trip per node)."""
+
+    def __init__(self, client: Any, project: str, views: list[ViewPlan]) -> None:
+        super().__init__(None, project, views)  # type: ignore[arg-type]
+        self.cluster = client
+        self.fields = {
+            join_keys: _hmget_fields(views, [i for i, _ in spans])
+            for join_keys, spans, _, _ in self.groups
+        }
+
+    def send(self, keys):
+        return keys
+
+    def receive(self, keys):
+        pipe = self.cluster.pipeline(transaction=False)
+        n = 0
+        for join_keys, _, _, _ in self.groups:
+            for entity_key in keys[join_keys]:
+                pipe.hmget(entity_key + self.project_bytes, self.fields[join_keys])
+                n += 1
+        self._replies = pipe.execute()
+        return self._parse(keys, iter(self._replies))
+
+
+class _FeastStore(_Backend):
+    """Any other tier (ScyllaDB, Cassandra...): Feast's own ``online_read`` for the tier."""
+
+    def __init__(self, store: FeatureStore, tier: str | None, views: list[ViewPlan]) -> None:
+        from serving.tiered_store import TieredOnlineStore
+
+        provider = store._get_provider()
+        online = provider.online_store
+        self.config = store.config
+        if isinstance(online, TieredOnlineStore) and tier is not None:
+            self.config = online.tier_config(store.config, tier)
+            online = online.tier_store(store.config, tier)
+        self.online = online
+        self.views = [store.get_feature_view(v.name) for v in views]
+        self.plans = views
+        self.project = store.project
+
+    def receive(self, keys):
+        from feast.infra.key_encoding_utils import deserialize_entity_key
+
+        out = []
+        for view, plan in zip(self.views, self.plans, strict=True):
+            protos = [deserialize_entity_key(k, 3) for k in keys[plan.join_keys]]
+            rows = self.online.online_read(self.config, view, protos, list(plan.features))
+            per_view: Found = []
+            for ts, values in rows:
+                if values is None:
+                    per_view.append((None, None))
+                    continue
+                stamp = _seconds(ts)
+                per_view.append(
+                    (
+                        stamp,
+                        [
+                            _decode(values[f].SerializeToString()) if f in values else None
+                            for f in plan.features
+                        ],
+                    )
+                )
+            out.append(per_view)
+        return out
+
+
+def _hmget_fields(views: list[ViewPlan], members: list[int]) -> list[bytes]:
+    return [
+        f
+        for i in members
+        for f in [_mmh3(f"{views[i].name}:{x}") for x in views[i].features]
+        + [f"_ts:{views[i].name}".encode()]
+    ]
+
+
+def _tier_name(store: FeatureStore, view: str) -> str | None:
+    from serving.tiered_store import TYPE, tier_of
+
+    cfg = store.config.online_store
+    if cfg.type != TYPE:
+        return None
+    return tier_of(store.get_feature_view(view), cfg.routing_tag)
+
+
+def _backend_for(
+    store: FeatureStore, tier: str | None, views: list[ViewPlan], project: str, timeout_s: float
+) -> _Backend:
+    """The fastest reader for a tier's store config: raw Redis, Redis Cluster, SQLite, or
+    Feast's own read for anything else."""
+    from serving.tiered_store import TYPE
+
+    cfg = store.config.online_store
+    if cfg.type == TYPE:
+        if tier not in cfg.tiers:
+            raise ValueError(f"no online store tier {tier!r} (configured: {sorted(cfg.tiers)})")
+        tier_cfg = dict(cfg.tiers[tier])
+        kind = tier_cfg.get("type")
+    else:
+        tier_cfg, kind = {}, cfg.type
+    if kind == "sqlite":
+        path = Path(tier_cfg.get("path") or cfg.path)
+        if not path.is_absolute():
+            path = Path(store.repo_path) / path
+        return _Sqlite(path, project, views)
+    if kind == "redis":
+        from feast.infra.online_stores.redis import RedisOnlineStoreConfig
+
+        rcfg = RedisOnlineStoreConfig(**tier_cfg) if tier_cfg else cfg
+        if rcfg.redis_type == "redis_cluster":
+            from feast.infra.online_stores.redis import RedisOnlineStore
+
+            return _RedisCluster(RedisOnlineStore()._get_client(rcfg), project, views)
+        if rcfg.redis_type != "redis":
+            return _FeastStore(store, tier, views)
+        return _Redis(RespClient.from_feast(rcfg.connection_string, timeout_s), project, views)
+    return _FeastStore(store, tier, views)
 
 
 def _stamp(blob: bytes | None) -> float:

@@ -82,10 +82,25 @@ class RespClient:
 
     def execute(self, packed: bytes, replies: int) -> list[Any]:
         """Send pre-packed commands, return their ``replies`` replies in order."""
+        self.send(packed)
+        return self.receive(replies)
+
+    def send(self, packed: bytes) -> None:
+        """Send pre-packed commands; their replies wait for :meth:`receive`."""
         conn = getattr(self._local, "conn", None) or self._connect()
+        try:
+            conn[0].sendall(packed)
+        except BaseException:
+            self._drop(conn)
+            raise
+
+    def receive(self, replies: int) -> list[Any]:
+        """The next ``replies`` replies on this thread's connection, in order."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            raise ConnectionError("no request in flight on this connection")
         sock, reader = conn
         try:
-            sock.sendall(packed)
             out: list[Any] = []
             while len(out) < replies:
                 reply = reader.gets()
@@ -100,9 +115,12 @@ class RespClient:
                 out.append(reply)
             return out
         except BaseException:
-            self._local.conn = None  # half-read replies: never reuse this socket
-            sock.close()
+            self._drop(conn)
             raise
+
+    def _drop(self, conn: tuple[socket.socket, hiredis.Reader]) -> None:
+        self._local.conn = None  # half-read replies: never reuse this socket
+        conn[0].close()
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

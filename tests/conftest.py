@@ -229,3 +229,91 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
 def read_offline(project: Project, table: str) -> pd.DataFrame:
     df = pd.read_parquet(project.settings.offline_dir / table)
     return df.drop(columns="date").reset_index(drop=True)
+
+
+@dataclass
+class RedisCluster:
+    """A real 3-master Redis Cluster on loopback (redis-server in cluster mode)."""
+
+    procs: list[subprocess.Popen]
+    ports: list[int]
+    password: str
+
+    @property
+    def nodes(self) -> str:
+        return ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            p.wait(timeout=10)
+
+
+def start_redis_cluster(workdir: Path, password: str = "cluster-secret") -> RedisCluster:
+    binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if binary is None or cli is None:
+        pytest.fail("redis-server/redis-cli not found: run scripts/setup.sh")
+    ports = [free_port() for _ in range(3)]
+    procs = []
+    for port in ports:
+        node = workdir / str(port)
+        node.mkdir(parents=True, exist_ok=True)
+        procs.append(
+            subprocess.Popen(
+                [
+                    binary,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    str(node / "nodes.conf"),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(node),
+                    "--requirepass",
+                    password,
+                    "--masterauth",
+                    password,
+                ],  # fmt: skip
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    cluster = RedisCluster(procs, ports, password)
+    deadline = time.monotonic() + 30
+    for port in ports:
+        while True:
+            try:
+                redis.Redis(port=port, password=password).ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                    cluster.stop()
+                    pytest.fail(f"redis-server (cluster mode) did not start on {port}")
+                time.sleep(0.05)
+    created = subprocess.run(
+        [cli, "-a", password, "--no-auth-warning", "--cluster", "create",
+         *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", "0", "--cluster-yes"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if created.returncode != 0:
+        cluster.stop()
+        pytest.fail(f"redis-cli --cluster create failed: {created.stdout[-500:]}")
+    deadline = time.monotonic() + 30
+    while any(
+        redis.Redis(port=p, password=password).cluster("info").get("cluster_state") != "ok"
+        for p in ports
+    ):
+        if time.monotonic() > deadline:
+            cluster.stop()
+            pytest.fail("the Redis Cluster did not reach cluster_state:ok")
+        time.sleep(0.1)
+    return cluster

@@ -1,0 +1,278 @@
+"""The tiered online store against a real 3-master Redis Cluster, with SQLite standing in
+for the ScyllaDB tier (the same routing code path), and the profiles' start-up checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from conftest import ROOT, Project, free_port, start_redis_cluster
+from feast import FeatureStore, FeatureView, Field
+from feast.infra.key_encoding_utils import serialize_entity_key
+from feast.infra.online_stores.helpers import _mmh3
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+from feast.types import Int64
+
+from pipelines import store
+from pipelines.errors import HotpathError
+from pipelines.settings import Settings
+from serving.tiered_store import tier_of
+
+SERVICE = "fraud_detection_v1"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = start_redis_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def tier_root(batch_done: Project, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiers") / "project"
+    shutil.copytree(
+        batch_done.settings.repo.parent,
+        root,
+        ignore=shutil.ignore_patterns("registry*", "online*", "__pycache__", "stream"),
+    )
+    return root
+
+
+def _tiered_yaml(root: Path, cluster) -> Path:
+    base = (root / "feature_repo" / "feature_store.redis.yaml").read_text()
+    tail = base[base.index("offline_store:") :]
+    path = root / "feature_repo" / "feature_store.tiered-test.yaml"
+    path.write_text(
+        f"""project: hotpath
+provider: local
+registry: ../data/registry_tiered.db
+online_store:
+  type: serving.tiered_store.TieredOnlineStore
+  tiers:
+    redis:
+      type: redis
+      redis_type: redis_cluster
+      connection_string: "{cluster.nodes},password={cluster.password}"
+    scylla:
+      type: sqlite
+      path: ../data/scylla_stand_in.db
+{tail}"""
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def stores(tier_root, cluster, batch_done: Project):
+    """The same repo materialized to the same instant: tiered (Redis Cluster + SQLite) and
+    single-store (SQLite)."""
+    end = datetime.now(UTC)
+    tiered = FeatureStore(
+        repo_path=str(tier_root / "feature_repo"), fs_yaml_file=_tiered_yaml(tier_root, cluster)
+    )
+    single = store.open_store(Settings(repo=tier_root / "feature_repo"))
+    for fs in (tiered, single):
+        store.apply(fs)
+        store.materialize(fs, end)
+    return tiered, single
+
+
+def _rows(project: Project, n: int = 40) -> list[dict]:
+    tx = project.transactions
+    picked = tx.iloc[np.random.default_rng(3).choice(len(tx), size=n, replace=False)]
+    return [
+        {"user_id": int(r.user_id), "merchant_id": int(r.merchant_id), "amount": float(r.amount)}
+        for r in picked.itertuples()
+    ]
+
+
+def test_tiered_values_equal_a_single_store(stores, batch_done: Project) -> None:
+    tiered, single = stores
+    rows = _rows(batch_done)
+    service = tiered.get_feature_service(SERVICE)
+    got = tiered.get_online_features(features=service, entity_rows=rows).to_dict(
+        include_event_timestamps=True
+    )
+    want = single.get_online_features(
+        features=single.get_feature_service(SERVICE), entity_rows=rows
+    ).to_dict(include_event_timestamps=True)
+    assert got == want
+    assert sum(v is not None for v in got["user_txn_count_30d"]) > 10
+
+
+def test_each_view_lives_in_the_tier_its_tag_names(stores, tier_root, cluster, batch_done) -> None:
+    tiered, _ = stores
+    client = redis.RedisCluster(host="127.0.0.1", port=cluster.ports[0], password=cluster.password)
+    lite = sqlite3.connect(tier_root / "data" / "scylla_stand_in.db")
+    tables = {r[0] for r in lite.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    users = sorted({r["user_id"] for r in _rows(batch_done)})
+
+    def key(u: int) -> bytes:
+        entity = EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=u)])
+        return serialize_entity_key(entity, 3) + b"hotpath"
+
+    views = {v.name: v for v in tiered.list_feature_views()}
+    seen = {"redis": 0, "scylla": 0}
+    for name, view in views.items():
+        tier = tier_of(view)
+        table = f"hotpath_{name}"
+        if tier == "redis":
+            assert table not in tables, name
+        else:
+            assert tier == "scylla" and table in tables, name
+            assert lite.execute(f'SELECT COUNT(*) FROM "{table}"').fetchone()[0] > 0, name
+        if [e for e in view.entities] != ["user"]:
+            continue
+        field = _mmh3(f"{name}:{view.features[0].name}")
+        stored = [client.hget(key(u), field) for u in users]
+        if tier == "redis":
+            assert any(stored), name
+        else:
+            assert not any(stored), name  # never in Redis
+        seen[tier] += 1
+    assert seen["redis"] and seen["scylla"]
+
+
+def test_fast_path_reads_both_tiers_like_feast(stores, batch_done: Project) -> None:
+    from serving.online_features import OnlineFeatures
+
+    tiered, _ = stores
+    fast = OnlineFeatures(tiered, SERVICE)
+    assert len(fast._backends) == 2
+    rows = _rows(batch_done) + [{"user_id": 123_456_789, "merchant_id": 1, "amount": 1.0}]
+    want = tiered.get_online_features(
+        features=tiered.get_feature_service(SERVICE), entity_rows=rows
+    ).to_dict()
+    for i, vec in enumerate(fast.read(rows)):
+        for name in fast.feature_names:
+            assert vec.values[name] == want[name][i], (name, rows[i])
+
+
+def test_keys_expire_after_their_views_ttl(stores, tier_root, cluster) -> None:
+    tiered, _ = stores
+    client = redis.RedisCluster(host="127.0.0.1", port=cluster.ports[0], password=cluster.password)
+    source = tiered.get_feature_view("user_velocity").batch_source
+    probe = FeatureView(
+        name="ttl_probe",
+        entities=[tiered.get_entity("user")],
+        ttl=timedelta(seconds=2),
+        schema=[Field(name="x", dtype=Int64)],
+        source=source,
+        tags={"online_store": "redis"},
+    )
+    entity = EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=4242)])
+    key = serialize_entity_key(entity, 3) + b"hotpath"
+    online = tiered._get_provider().online_store
+    online.online_write_batch(
+        tiered.config,
+        probe,
+        [(entity, {"x": ValueProto(int64_val=1)}, datetime.now(UTC), None)],
+        None,
+    )
+    assert client.exists(key) == 1
+    assert 1 <= client.ttl(key) <= 3
+    time.sleep(3.5)
+    assert client.exists(key) == 0
+    # a real view: its keys expire at the newest event time + the view's TTL
+    view = tiered.get_feature_view("merchant_risk_stats")
+    merchant = EntityKeyProto(join_keys=["merchant_id"], entity_values=[ValueProto(int64_val=1)])
+    mkey = serialize_entity_key(merchant, 3) + b"hotpath"
+    ts_blob = client.hget(mkey, "_ts:merchant_risk_stats")
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    stamp = Timestamp()
+    stamp.ParseFromString(ts_blob)
+    expected = stamp.seconds + view.ttl.total_seconds() - time.time()
+    assert abs(client.ttl(mkey) - expected) <= 3
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOTPATH_")}
+    return env | extra
+
+
+def _cli(repo: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "--repo", str(repo), *args],
+        env=_env(**env), cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_doctor_and_bad_configs_fail_at_start_up(tier_root, cluster) -> None:
+    repo = tier_root / "feature_repo"
+    ok = _cli(
+        repo, "--profile", "redis-cluster", "doctor",
+        HOTPATH_REDIS_CLUSTER_NODES=cluster.nodes, HOTPATH_REDIS_PASSWORD=cluster.password,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "Redis Cluster 7." in ok.stdout and "round trip" in ok.stdout
+    closed = f"127.0.0.1:{free_port()}"
+    cases = [
+        (("--profile", "redis-cluster", "apply"), {"HOTPATH_REDIS_CLUSTER_NODES": closed},
+         "Redis unreachable at " + closed),
+        (("--profile", "redis-cluster", "apply"),
+         {"HOTPATH_REDIS_CLUSTER_NODES": cluster.nodes, "HOTPATH_REDIS_PASSWORD": "wrong"},
+         "refused the credentials"),
+        (("--profile", "production", "apply"),
+         {"HOTPATH_REDIS_CLUSTER_NODES": cluster.nodes, "HOTPATH_REDIS_PASSWORD": cluster.password,
+          "HOTPATH_SCYLLA_HOST": "127.0.0.1"},
+         "scylla tier: scylladb unreachable at 127.0.0.1:9042"),
+        (("--profile", "redis-cluster", "doctor"), {"HOTPATH_REDIS_CLUSTER_NODES": "nonsense"},
+         "not a Redis Cluster node"),
+    ]  # fmt: skip
+    for args, env, fragment in cases:
+        r = _cli(repo, *args, **env)
+        assert r.returncode == 1, (args, r.stdout, r.stderr)
+        assert fragment in r.stdout + r.stderr, (args, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+def test_unknown_tier_tag_fails_at_apply(tier_root, cluster) -> None:
+    repo = tier_root.parent / "bad_repo" / "feature_repo"
+    shutil.copytree(tier_root / "feature_repo", repo, ignore=shutil.ignore_patterns("__pycache__"))
+    features = repo / "features.py"
+    text = features.read_text()
+    assert '"online_store": "scylla"' in text
+    features.write_text(text.replace('"online_store": "scylla"', '"online_store": "ssd"', 1))
+    (repo.parent / "data").symlink_to(tier_root / "data")
+    fs = FeatureStore(repo_path=str(repo), fs_yaml_file=_tiered_yaml(repo.parent, cluster))
+    with pytest.raises(HotpathError, match="tag 'ssd' names no tier"):
+        store.apply(fs)
+
+
+def test_killing_a_master_never_returns_wrong_values(stores, cluster, batch_done) -> None:
+    """Last in this module: the cluster stays broken. Reads either answer right or fail
+    with a clear error; none returns a wrong value."""
+    tiered, single = stores
+    rows = _rows(batch_done, 60)
+    service = tiered.get_feature_service(SERVICE)
+    want = single.get_online_features(
+        features=single.get_feature_service(SERVICE), entity_rows=rows
+    ).to_dict()
+    ok = errors = 0
+    for i in range(40):
+        if i == 10:
+            cluster.procs[1].send_signal(signal.SIGKILL)
+            cluster.procs[1].wait(timeout=10)
+        row = rows[i % len(rows)]
+        try:
+            got = tiered.get_online_features(features=service, entity_rows=[row]).to_dict()
+        except Exception as e:  # redis-py's ClusterDownError / ConnectionError, said plainly
+            errors += 1
+            assert str(e) or type(e).__name__
+            continue
+        ok += 1
+        j = i % len(rows)
+        assert {k: v[0] for k, v in got.items()} == {k: v[j] for k, v in want.items()}, row
+    assert ok >= 10 and errors >= 1
