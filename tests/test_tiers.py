@@ -197,6 +197,50 @@ def test_keys_expire_after_their_views_ttl(stores, tier_root, cluster) -> None:
     assert abs(client.ttl(mkey) - expected) <= 3
 
 
+def test_stream_writes_reach_the_cluster_tier(stores, cluster) -> None:
+    """The streaming flow's writer on a tiered store: compare-and-set on the Redis Cluster
+    tier (a correction at the same event time overwrites, an older row does not), and the
+    key's expiry set like the store's own writes."""
+    from pipelines.stream.flow import stream_views
+    from pipelines.stream.sinks import OnlineWriter, Row
+
+    tiered, _ = stores
+    views = stream_views(tiered, "user_velocity_push")
+    writer = OnlineWriter(tiered, views)
+    now_us = int(time.time() * 1e6)
+    names = [f.name for v in views for f in v.features]
+
+    def row(ts: int, n: int) -> Row:
+        return Row(
+            777_001,
+            ts,
+            {f: (n if "count" in f or "distinct" in f else n * 1.5) for f in names},
+            0.0,
+        )
+
+    def read() -> int:
+        got = tiered.get_online_features(
+            features=["user_velocity:user_txn_count_5m"], entity_rows=[{"user_id": 777_001}]
+        ).to_dict()
+        return got["user_txn_count_5m"][0]
+
+    writer.write([row(now_us, 3)])
+    assert read() == 3
+    writer.write([row(now_us, 4)])  # a late event's correction: same instant, new values
+    assert read() == 4
+    writer.write([row(now_us - 10_000_000, 9)])  # older: ignored
+    assert read() == 4
+    client = redis.RedisCluster(host="127.0.0.1", port=cluster.ports[0], password=cluster.password)
+    key = (
+        serialize_entity_key(
+            EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=777_001)]), 3
+        )
+        + b"hotpath"
+    )
+    longest = max(v.ttl.total_seconds() for v in views)
+    assert abs(client.ttl(key) - longest) <= 3
+
+
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOTPATH_")}
     return env | extra

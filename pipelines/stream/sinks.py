@@ -50,7 +50,8 @@ class Row:
 
 
 # Compare-and-set in Feast's Redis layout, for every view of one entity in one call:
-# ARGV = new event time (µs), its Timestamp bytes, then per view: its ``_ts:<view>`` field,
+# ARGV = new event time (µs), its Timestamp bytes, the key's expiry (epoch s, 0: none; on
+# tiered stores, as ``serving.tiered_store`` sets it), then per view: its ``_ts:<view>`` field,
 # its field count n, and n field/value pairs. A view is written unless its stored event
 # time is newer; ties overwrite, so a late event's correction keeps the row's time
 # (Feast's own write skips equal times, which would drop corrections).
@@ -69,7 +70,7 @@ local function micros(b)
   end
   return secs * 1000000 + math.floor(nanos / 1000)
 end
-local new, written, i = tonumber(ARGV[1]), 0, 3
+local new, expire_at, written, i = tonumber(ARGV[1]), tonumber(ARGV[3]), 0, 4
 while i <= #ARGV do
   local ts_field, n = ARGV[i], tonumber(ARGV[i + 1])
   if new >= micros(redis.call('HGET', KEYS[1], ts_field)) then
@@ -77,6 +78,10 @@ while i <= #ARGV do
     written = written + 1
   end
   i = i + 2 + 2 * n
+end
+if written > 0 and expire_at > 0 then
+  redis.call('EXPIREAT', KEYS[1], expire_at, 'NX')
+  redis.call('EXPIREAT', KEYS[1], expire_at, 'GT')
 end
 return written
 """
@@ -100,9 +105,9 @@ class OnlineWriter:
         self.store, self.views = store, views
         self.project = store.project
         self.version = store.config.entity_key_serialization_version
-        cfg = store.config.online_store
-        self.redis: redis.Redis | None = None
-        if cfg.type == "redis":
+        cfg, self.ttl_s = _stream_tier(store, views)
+        self.redis: Any = None
+        if cfg.type == "redis":  # standalone or cluster: one key per call, routed by key
             from feast.infra.online_stores.redis import RedisOnlineStore
 
             self.redis = RedisOnlineStore()._get_client(cfg)
@@ -128,18 +133,22 @@ class OnlineWriter:
         if not newest:
             return
         if self.redis is not None:
-            pipe = self.redis.pipeline(transaction=False)
+            # redis-py refuses scripts in a cluster pipeline: one call per row there
+            cluster = isinstance(self.redis, redis.RedisCluster)
+            pipe = None if cluster else self.redis.pipeline(transaction=False)
             project = self.project.encode()
             for r in newest.values():
                 key = serialize_entity_key(self._key(r.user_id), self.version) + project
                 ts = Timestamp(seconds=r.ts_us // 1_000_000, nanos=(r.ts_us % 1_000_000) * 1000)
-                args: list[Any] = [r.ts_us, ts.SerializeToString()]
+                expire_at = int(r.ts_us / 1e6 + self.ttl_s) + 1 if self.ttl_s else 0
+                args: list[Any] = [r.ts_us, ts.SerializeToString(), expire_at]
                 for ts_field, fields in self.layout:
                     args += [ts_field, len(fields)]
                     for name, field, encode in fields:
                         args += [field, encode(r.values[name]).SerializeToString()]
                 self.cas(keys=[key], args=args, client=pipe)
-            pipe.execute()
+            if pipe is not None:
+                pipe.execute()
         else:
             provider = self.store._get_provider()
             for view in self.views:
@@ -157,6 +166,24 @@ class OnlineWriter:
         metrics.WRITES.labels("online").inc(len(newest))
         for r in newest.values():
             metrics.LAG.observe(max(0.0, now - r.ingest_s))
+
+
+def _stream_tier(store: FeatureStore, views: list[FeatureView]) -> tuple[Any, float]:
+    """The online store config the stream views live in (their tier on a tiered store)
+    and the key expiry to keep there (the longest view TTL; 0 when the store sets none)."""
+    from feast.repo_config import get_online_config_from_type
+
+    from serving.tiered_store import TYPE, tier_of
+
+    cfg = store.config.online_store
+    if cfg.type != TYPE:
+        return cfg, 0.0
+    tiers = {tier_of(v, cfg.routing_tag) for v in views}
+    if len(tiers) != 1:
+        raise ValueError(f"the stream views must share one online store tier, not {tiers}")
+    conf = dict(cfg.tiers[tiers.pop()])
+    ttl = max((v.ttl.total_seconds() for v in views if v.ttl), default=0.0)
+    return get_online_config_from_type(conf["type"])(**conf), ttl
 
 
 class _OnlinePartition(StatelessSinkPartition[Row]):
