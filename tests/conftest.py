@@ -26,7 +26,7 @@ from pipelines.generate import TRANSACTION_SCHEMA, GenerateConfig, GenerateResul
 from pipelines.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-EDGE_USER, VELOCITY_USER, STALE_USER = 900_001, 900_002, 900_003
+EDGE_USER, VELOCITY_USER, STALE_USER, FRESH_USER = 900_001, 900_002, 900_003, 900_004
 EDGE_MERCHANT = 900
 
 
@@ -105,7 +105,7 @@ class Project:
         return pd.read_parquet(self.settings.raw_dir / "transactions").drop(columns="date")
 
 
-def _edge_events(day0: datetime, start: datetime) -> pd.DataFrame:
+def _edge_events(day0: datetime, start: datetime, now: datetime) -> pd.DataFrame:
     """Payments exactly on window boundaries (inclusive/exclusive ends, ties, label timing)."""
     us = timedelta(microseconds=1)
     t0 = day0 + timedelta(hours=12)
@@ -127,6 +127,8 @@ def _edge_events(day0: datetime, start: datetime) -> pd.DataFrame:
         (VELOCITY_USER, 1, t0 + timedelta(days=1), 32.0),
         # a user last seen long ago: every feature of theirs is past its TTL now
         (STALE_USER, 1, start + timedelta(hours=1), 50.0),
+        # a payment minutes before "now": the one-hour views hold a value whatever the hour
+        (FRESH_USER, 1, now - timedelta(minutes=3), 6.0),
     ]
     df = pd.DataFrame(rows, columns=["user_id", "merchant_id", "event_timestamp", "amount"])
     df["merchant_id"] = df["merchant_id"].where(df.user_id != EDGE_USER, EDGE_MERCHANT)
@@ -172,7 +174,7 @@ def make_project(
     )
     edge_day = datetime.combine((now - timedelta(days=5)).date(), datetime.min.time(), UTC)
     if edges:
-        _append_events(settings.raw_dir, _edge_events(edge_day, result.start))
+        _append_events(settings.raw_dir, _edge_events(edge_day, result.start, now))
     return Project(settings, result, now, edge_day)
 
 

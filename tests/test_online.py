@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import redis
 import reference
-from conftest import EDGE_USER, STALE_USER, VELOCITY_USER, Project, read_offline
+from conftest import EDGE_USER, FRESH_USER, STALE_USER, VELOCITY_USER, Project, read_offline
 
 from pipelines import store
 from pipelines.contract import feature_views
@@ -60,7 +60,9 @@ def _sample_entities(project: Project, keys: list[str], offline: pd.DataFrame) -
     picked = pool.iloc[rng.choice(len(pool), size=min(40, len(pool)), replace=False)]
     rows = [{k: int(v) for k, v in r.items()} for r in picked.to_dict("records")]
     if keys == ["user_id"]:
-        rows += [{"user_id": u} for u in (EDGE_USER, VELOCITY_USER, STALE_USER, 123_456_789)]
+        rows += [
+            {"user_id": u} for u in (EDGE_USER, VELOCITY_USER, STALE_USER, FRESH_USER, 123_456_789)
+        ]
     return rows
 
 
