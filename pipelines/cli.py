@@ -640,12 +640,9 @@ def serve(
         "HOTPATH_SERVING_BACKEND": backend,
         "HOTPATH_SERVING_TRITON_URL": triton_url,
     }
-    if s.profile == "redis":
-        from pipelines.settings import feast_redis_connection
-        from pipelines.store import REDIS_ENV, check_redis
+    from pipelines import store
 
-        check_redis(s.redis_url)
-        env[REDIS_ENV] = feast_redis_connection(s.redis_url)
+    store.open_store(s)  # every online store tier reached now, not at the first request
     os.environ.update(env)
     if not (s.model_repository / "fraud_detection").exists():
         raise HotpathError(f"no model in {s.model_repository} (run `hotpath train` first)")
