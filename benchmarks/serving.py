@@ -47,7 +47,7 @@ from pipelines import store
 from pipelines.settings import DEFAULT_REPO, PROJECT_ROOT, Settings, feast_redis_connection
 from pipelines.training import train
 from serving.online_features import OnlineFeatures
-from serving.triton_local import LocalTriton, _free_port
+from serving.triton_local import LocalTriton, free_port
 
 SERVICE = "fraud_detection_v1"
 
@@ -65,7 +65,7 @@ def wait_http(url: str, timeout: float = 90) -> None:
 
 
 def serve(repo: Path, env: dict[str, str], workers: int = 1) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -186,7 +186,7 @@ def main() -> None:
             redis_proc.pid,
         )
 
-        port = _free_port()
+        port = free_port()
         feast_proc = subprocess.Popen(
             [
                 str(Path(sys.executable).with_name("feast")),
@@ -226,7 +226,7 @@ def main() -> None:
             timed(lambda r: http.post(f"{onnx_url}/predict", json=r, timeout=10), rows),
         )
 
-        grpc_port = _free_port()
+        grpc_port = free_port()
         triton.start(s.model_repository, grpc_port=grpc_port)
         triton_proc, triton_url = serve(
             s.repo,

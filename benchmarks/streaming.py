@@ -56,7 +56,7 @@ from pipelines.stream import metrics
 from pipelines.stream.events import Event, parse
 from pipelines.stream.flow import StreamSettings, build_flow
 from pipelines.stream.sources import FileReplaySource
-from serving.triton_local import _free_port
+from serving.triton_local import free_port
 
 
 def _events_in() -> float:
@@ -172,7 +172,7 @@ def freshness(s: Settings, events: Path, rate: float, seconds: float) -> None:
         "HOTPATH_PROFILE": "redis",
         "HOTPATH_REDIS_URL": s.redis_url,
     }
-    port = _free_port()
+    port = free_port()
     cli = [sys.executable, "-m", "pipelines.cli"]
     flow = subprocess.Popen(
         [*cli, "stream", "--source", "redis", "--streams", "bench", "--no-offline",

@@ -56,10 +56,19 @@ class TritonState:
         return f"127.0.0.1:{self.grpc_port}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_HANDED_OUT: set[int] = set()
+
+
+def free_port() -> int:
+    """A free loopback port, never one this process handed out before (the kernel may
+    offer a just-released port again, and two servers' ports must differ)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def _alive(pid: int) -> bool:
@@ -193,8 +202,8 @@ class LocalTriton:
         grpc_port: int | None,
         metrics_port: int | None,
     ) -> TritonState:
-        http_port, grpc_port = http_port or _free_port(), grpc_port or _free_port()
-        metrics_port = metrics_port or _free_port()
+        http_port, grpc_port = http_port or free_port(), grpc_port or free_port()
+        metrics_port = metrics_port or free_port()
         log = self.workdir / "triton.log"
         before = _leftovers()
         cmd = [

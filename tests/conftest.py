@@ -8,7 +8,6 @@ hand-placed payments exactly on window edges.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,16 +23,11 @@ import redis
 
 from pipelines.generate import TRANSACTION_SCHEMA, GenerateConfig, GenerateResult, generate
 from pipelines.settings import Settings
+from serving.triton_local import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EDGE_USER, VELOCITY_USER, STALE_USER, FRESH_USER = 900_001, 900_002, 900_003, 900_004
 EDGE_MERCHANT = 900
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_redis_server(
