@@ -41,7 +41,7 @@ from benchmarks.feature_retrieval import backfilled_project, start_redis
 from pipelines import store
 from pipelines.materialize import load_view
 from pipelines.settings import DEFAULT_REPO, Settings
-from serving.triton_local import free_port
+from serving.triton_local import cluster_port
 
 VIEW = "user_spending_stats"
 FIRST_USER = 10_000_000
@@ -49,7 +49,7 @@ FIRST_USER = 10_000_000
 
 def start_cluster(workdir: Path) -> tuple[list[subprocess.Popen], str]:
     """Three redis-server masters in cluster mode, slots assigned by redis-cli."""
-    ports = [free_port() for _ in range(3)]
+    ports = [cluster_port() for _ in range(3)]
     procs = []
     for port in ports:
         node = workdir / str(port)

@@ -59,16 +59,30 @@ class TritonState:
 _HANDED_OUT: set[int] = set()
 
 
-def free_port() -> int:
-    """A free loopback port, never one this process handed out before (the kernel may
-    offer a just-released port again, and two servers' ports must differ)."""
+def free_port(below: int = 65536) -> int:
+    """A free loopback port under ``below``, never one this process handed out before
+    (the kernel may offer a just-released port again, and two servers' ports must
+    differ)."""
     while True:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
+        if port < below and port not in _HANDED_OUT:
             _HANDED_OUT.add(port)
             return port
+
+
+def cluster_port() -> int:
+    """A free port for a Redis Cluster node: its bus listens on port + 10000, so the port
+    must be at most 55535 and that one free too."""
+    while True:
+        port = free_port(below=55536)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
 
 
 def _alive(pid: int) -> bool:

@@ -23,7 +23,7 @@ import redis
 
 from pipelines.generate import TRANSACTION_SCHEMA, GenerateConfig, GenerateResult, generate
 from pipelines.settings import Settings
-from serving.triton_local import free_port
+from serving.triton_local import cluster_port, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EDGE_USER, VELOCITY_USER, STALE_USER, FRESH_USER = 900_001, 900_002, 900_003, 900_004
@@ -251,7 +251,7 @@ def start_redis_cluster(workdir: Path, password: str = "cluster-secret") -> Redi
     binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
     if binary is None or cli is None:
         pytest.fail("redis-server/redis-cli not found: run scripts/setup.sh")
-    ports = [free_port() for _ in range(3)]
+    ports = [cluster_port() for _ in range(3)]
     procs = []
     for port in ports:
         node = workdir / str(port)
