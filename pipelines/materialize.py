@@ -27,14 +27,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from feast import FeatureStore, FeatureView
-from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.infra.online_stores.helpers import _mmh3
-from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.types import Float32, Float64, Int32, Int64, String
-from feast.value_type import ValueType
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from serving.online_features import KeyEncoder
 from serving.resp import RespClient
 
 CHUNK = 5_000  # rows per pipelined batch
@@ -74,38 +72,6 @@ def _value_encoder(dtype: Any) -> Callable[[Any], bytes]:
         return out
 
     return encode
-
-
-def _key_prefix_and_pack(store: FeatureStore, view: FeatureView) -> tuple[list[str], Callable]:
-    """The view's join keys (sorted, as Feast serializes them) and a function from their
-    values to Feast's serialized entity key (checked against Feast's own function)."""
-    entities = [store.get_entity(e) for e in view.entities]
-    keys = sorted((e.join_key, e.value_type) for e in entities)
-    names = [k for k, _ in keys]
-    fields = {ValueType.INT64: "int64_val", ValueType.INT32: "int32_val"}
-    packs = {
-        ValueType.INT64: struct.Struct("<IIq"),
-        ValueType.INT32: struct.Struct("<IIi"),
-    }
-    if any(t not in packs for _, t in keys):
-        raise UnsupportedView(f"fast materialization needs integer join keys ({view.name})")
-    count = struct.pack("<I", len(names))
-    prefix = count + b"".join(
-        struct.pack("<II", ValueType.STRING.value, len(n.encode())) + n.encode() for n in names
-    )
-    structs = [(packs[t], t.value, 8 if t == ValueType.INT64 else 4) for _, t in keys]
-
-    def pack(*values: int) -> bytes:
-        return prefix + b"".join(
-            s.pack(t, n, v) for (s, t, n), v in zip(structs, values, strict=True)
-        )
-
-    probe = EntityKeyProto(
-        join_keys=names, entity_values=[ValueProto(**{fields[t]: 7}) for _, t in keys]
-    )
-    if pack(*[7] * len(names)) != serialize_entity_key(probe, 3):
-        raise ValueError("Feast's entity key layout changed: fast materialization can't write it")
-    return names, pack
 
 
 def newest_rows(
@@ -213,7 +179,11 @@ def load_view(
 
     t0 = time.perf_counter()
     features = [f.name for f in view.features]
-    key_names, pack_key = _key_prefix_and_pack(store, view)
+    try:
+        encoder = KeyEncoder.for_view(store, view)
+    except ValueError as e:
+        raise UnsupportedView(f"{view.name}: {e}") from None
+    key_names = list(encoder.join_keys)
     encoders = [_value_encoder(f.dtype) for f in view.features]  # unsupported: fail before I/O
     table = newest_rows(view, start, end, key_names, features)
     n = table.num_rows
@@ -231,7 +201,8 @@ def load_view(
     written = 0
     for lo, hi in _chunks(n, CHUNK):
         keys = [
-            pack_key(*vals) + project for vals in zip(*(c[lo:hi] for c in key_columns), strict=True)
+            encoder.encode_values(vals) + project
+            for vals in zip(*(c[lo:hi] for c in key_columns), strict=True)
         ]
         where = [nodes.node_of(k) for k in keys]
         # pass 1: the stored event time of every key, one round trip per node

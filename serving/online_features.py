@@ -101,7 +101,7 @@ class OnlineFeatures:
         self.view_names = [v.name for v in self.views]
         # distinct entity keys (views on the same join keys share one serialized key)
         self._encoders = {
-            v.join_keys: _KeyEncoder(v.join_keys, v.key_types, self.version) for v in self.views
+            v.join_keys: KeyEncoder(v.join_keys, v.key_types, self.version) for v in self.views
         }
         self.feature_names = [n for v in self.views for n in v.features] + [
             n for o in self.on_demand for n in o.outputs
@@ -115,7 +115,6 @@ class OnlineFeatures:
             plans = [self.views[i] for i in members]
             backend = _backend_for(store, tier, plans, self.project, timeout_s)
             self._backends.append((backend, members))
-        self._backend = self._backends[0][0]  # the only one, on a single-store profile
 
     def entity_keys(self, rows: Sequence[dict[str, Any]]) -> dict[tuple[str, ...], list[bytes]]:
         """Feast's serialized entity key of every row, per distinct set of join keys."""
@@ -165,10 +164,11 @@ class OnlineFeatures:
         return self._ttls
 
 
-class _KeyEncoder:
+class KeyEncoder:
     """Feast's serialized entity key (``serialize_entity_key``, version 3) for one set of
     join keys, as a constant prefix plus struct-packed values: ~1 µs instead of building
-    a protobuf per lookup. Checked against Feast's own function at construction."""
+    a protobuf per key. Checked against Feast's own function at construction. The
+    streaming and materialization writers use it too, so reads and writes agree."""
 
     _PACK = {
         ValueType.INT64: lambda v: struct.pack("<IIq", ValueType.INT64.value, 8, v),
@@ -195,6 +195,17 @@ class _KeyEncoder:
         )
         if self.encode_values(probe) != serialize_entity_key(proto, version):
             raise ValueError("Feast's entity key layout changed: the fast path can't read it")
+
+    @classmethod
+    def for_view(cls, store: FeatureStore, view: Any) -> KeyEncoder:
+        """The encoder of ``view``'s entities, join keys sorted as Feast serializes them."""
+        keys = sorted((store.get_entity(e).join_key, store.get_entity(e).value_type)
+                      for e in view.entities)  # fmt: skip
+        return cls(
+            tuple(k for k, _ in keys),
+            tuple(t for _, t in keys),
+            store.config.entity_key_serialization_version,
+        )
 
     def encode_values(self, values: tuple[Any, ...]) -> bytes:
         return self.prefix + b"".join(p(v) for p, v in zip(self.packers, values, strict=True))
@@ -389,13 +400,10 @@ class _RedisCluster(_Redis):
 
     def receive(self, keys):
         pipe = self.cluster.pipeline(transaction=False)
-        n = 0
         for join_keys, _, _, _ in self.groups:
             for entity_key in keys[join_keys]:
                 pipe.hmget(entity_key + self.project_bytes, self.fields[join_keys])
-                n += 1
-        self._replies = pipe.execute()
-        return self._parse(keys, iter(self._replies))
+        return self._parse(keys, iter(pipe.execute()))
 
 
 class _FeastStore(_Backend):

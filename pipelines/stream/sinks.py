@@ -28,7 +28,6 @@ from bytewax.outputs import (
     StatelessSinkPartition,
 )
 from feast import FeatureStore, FeatureView
-from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.infra.online_stores.helpers import _mmh3
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
@@ -37,6 +36,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from pipelines.stream import metrics
 from pipelines.stream.events import Rejected
+from serving.online_features import KeyEncoder
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +104,6 @@ class OnlineWriter:
     def __init__(self, store: FeatureStore, views: list[FeatureView]) -> None:
         self.store, self.views = store, views
         self.project = store.project
-        self.version = store.config.entity_key_serialization_version
         cfg, self.ttl_s = _stream_tier(store, views)
         self.redis: Any = None
         if cfg.type == "redis":  # standalone or cluster: one key per call, routed by key
@@ -112,6 +111,7 @@ class OnlineWriter:
 
             self.redis = RedisOnlineStore()._get_client(cfg)
             self.cas = self.redis.register_script(_CAS)
+            self.user_key = KeyEncoder.for_view(store, views[0])
             # per view: (ts field, [(feature, hash field, encoder)])
             self.layout = [
                 (
@@ -138,7 +138,7 @@ class OnlineWriter:
             pipe = None if cluster else self.redis.pipeline(transaction=False)
             project = self.project.encode()
             for r in newest.values():
-                key = serialize_entity_key(self._key(r.user_id), self.version) + project
+                key = self.user_key.encode_values((r.user_id,)) + project
                 ts = Timestamp(seconds=r.ts_us // 1_000_000, nanos=(r.ts_us % 1_000_000) * 1000)
                 expire_at = int(r.ts_us / 1e6 + self.ttl_s) + 1 if self.ttl_s else 0
                 args: list[Any] = [r.ts_us, ts.SerializeToString(), expire_at]
