@@ -31,95 +31,22 @@ sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resol
 
 import argparse
 import gc
-import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import requests
 
-from benchmarks.feature_retrieval import backfilled_project, compare, report, start_redis, timed
-from pipelines import store
-from pipelines.settings import DEFAULT_REPO, PROJECT_ROOT, Settings, feast_redis_connection
-from pipelines.training import train
+from benchmarks.feature_retrieval import compare, report, timed
+from benchmarks.harness import Project, redis_project, serve, stop, wait_http, with_wrk
+from pipelines.settings import PROJECT_ROOT
 from serving.online_features import OnlineFeatures
 from serving.triton_local import LocalTriton, free_port
 
 SERVICE = "fraud_detection_v1"
-
-
-def wait_http(url: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url, timeout=1).status_code < 500:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up")
-
-
-def serve(repo: Path, env: dict[str, str], workers: int = 1) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipelines.cli",
-            "--repo",
-            str(repo),
-            "serve",
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-        ],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/ready")
-    return proc, url
-
-
-def with_wrk(url: str, rows: list[dict], clients: int, seconds: int = 10) -> tuple[float, float]:
-    """Throughput and p99 of /predict under wrk with ``clients`` connections, cycling
-    through ``rows``; any non-2xx answer fails the run."""
-    bodies = ",".join(f"[[{json.dumps(r)}]]" for r in rows)
-    script = f"""
-local bodies = {{{bodies}}}
-local i = 0
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-request = function()
-  i = i % #bodies + 1
-  return wrk.format(nil, "/predict", nil, bodies[i])
-end
-done = function(summary, latency, requests)
-  io.write(string.format("RESULT %d %d %d %d\\n", summary.requests, summary.duration,
-    latency:percentile(99), summary.errors.status + summary.errors.connect + summary.errors.read
-    + summary.errors.write + summary.errors.timeout))
-end
-"""
-    with tempfile.NamedTemporaryFile("w", suffix=".lua") as f:
-        f.write(script)
-        f.flush()
-        out = subprocess.run(
-            ["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "-s", f.name, url],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    requests_, micros, p99_us, bad = map(int, out.split("RESULT")[1].split())
-    if bad:
-        raise RuntimeError(f"{bad} failed or non-2xx answers under load")
-    return requests_ / (micros / 1e6), p99_us / 1000
 
 
 def concurrent(url: str, rows: list[dict], clients: int) -> tuple[float, float]:
@@ -149,131 +76,113 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8, help="concurrent connections")
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="hotpath-bench-"))
-    shutil.copytree(
-        DEFAULT_REPO, root / "feature_repo", ignore=shutil.ignore_patterns("__pycache__")
+    with redis_project(args.rows, args.calls) as p:
+        procs: list[subprocess.Popen] = []
+        triton = LocalTriton(PROJECT_ROOT / ".venv-triton", p.root / "triton")
+        try:
+            measure(p, triton, procs, args.clients)
+        finally:
+            for proc in procs:
+                stop(proc)
+            triton.stop()
+
+
+def measure(p: Project, triton: LocalTriton, procs: list[subprocess.Popen], clients: int) -> None:
+    """(a) to (e) and (d) under concurrent clients; every server started goes in ``procs``."""
+    s, fs, rows, env = p.settings, p.fs, p.bodies, p.env
+    print(f"{len(rows):,} single-client calls, {p.gen.transactions:,} payments, Redis online store")
+    service = fs.get_feature_service(SERVICE)
+    fast = OnlineFeatures(fs, SERVICE)
+    gc.collect()
+    gc.freeze()  # as the service does after start-up
+    a, c = compare(
+        "(a) Feast SDK get_online_features",
+        lambda r: fs.get_online_features(features=service, entity_rows=[r]),
+        "(c) fast path, in-process",
+        lambda r: fast.read([r]),
+        rows,
+        p.redis_pid,
     )
-    redis_proc, redis_url = start_redis()
-    if not redis_url:
-        sys.exit("redis-server is required (apt-get install redis-server)")
-    procs: list[subprocess.Popen] = []
-    triton = LocalTriton(PROJECT_ROOT / ".venv-triton", root / "triton")
-    try:
-        s = Settings(repo=root / "feature_repo", profile="redis", redis_url=redis_url)
-        gen, rows = backfilled_project(s, args.rows, args.calls)
-        fs = store.open_store(s)
-        store.apply(fs)
-        store.materialize(fs)
-        train(fs, s.raw_dir, s.model_repository, log=lambda _: None)
-        env = {
-            "HOTPATH_PROFILE": "redis",
-            "HOTPATH_REDIS_URL": redis_url,
-            "HOTPATH_REDIS_CONNECTION": feast_redis_connection(redis_url),
-        }
-        print(
-            f"{args.calls:,} single-client calls, {gen.transactions:,} payments, Redis online store"
-        )
-        service = fs.get_feature_service(SERVICE)
-        fast = OnlineFeatures(fs, SERVICE)
-        gc.collect()
-        gc.freeze()  # as the service does after start-up
-        a, c = compare(
-            "(a) Feast SDK get_online_features",
-            lambda r: fs.get_online_features(features=service, entity_rows=[r]),
-            "(c) fast path, in-process",
-            lambda r: fast.read([r]),
+
+    port = free_port()
+    feast_proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("feast")),
+            "-f",
+            str(s.feature_store_yaml),
+            "serve",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=s.repo,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    procs.append(feast_proc)
+    feast_url = f"http://127.0.0.1:{port}"
+    wait_http(f"{feast_url}/health", proc=feast_proc)
+    http = requests.Session()
+    b = report(
+        "(b) feast serve HTTP",
+        timed(
+            lambda r: http.post(
+                f"{feast_url}/get-online-features",
+                json={"feature_service": SERVICE, "entities": {k: [v] for k, v in r.items()}},
+                timeout=10,
+            ).raise_for_status(),
             rows,
-            redis_proc.pid,
-        )
+        ),
+    )
 
-        port = free_port()
-        feast_proc = subprocess.Popen(
-            [
-                str(Path(sys.executable).with_name("feast")),
-                "-f",
-                str(s.feature_store_yaml),
-                "serve",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-            ],
-            cwd=s.repo,
-            env={**os.environ, **env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        procs.append(feast_proc)
-        feast_url = f"http://127.0.0.1:{port}"
-        wait_http(f"{feast_url}/health")
-        http = requests.Session()
-        b = report(
-            "(b) feast serve HTTP",
-            timed(
-                lambda r: http.post(
-                    f"{feast_url}/get-online-features",
-                    json={"feature_service": SERVICE, "entities": {k: [v] for k, v in r.items()}},
-                    timeout=10,
-                ).raise_for_status(),
-                rows,
-            ),
-        )
+    onnx_proc, onnx_url = serve(s.repo, env)
+    procs.append(onnx_proc)
+    d = report(
+        "(d) /predict HTTP, in-process ONNX",
+        timed(lambda r: http.post(f"{onnx_url}/predict", json=r, timeout=10), rows),
+    )
 
-        onnx_proc, onnx_url = serve(s.repo, env)
-        procs.append(onnx_proc)
-        d = report(
-            "(d) /predict HTTP, in-process ONNX",
-            timed(lambda r: http.post(f"{onnx_url}/predict", json=r, timeout=10), rows),
-        )
+    grpc_port = free_port()
+    triton.start(s.model_repository, grpc_port=grpc_port)
+    triton_proc, triton_url = serve(
+        s.repo,
+        {
+            **env,
+            "HOTPATH_SERVING_BACKEND": "triton",
+            "HOTPATH_SERVING_TRITON_URL": f"127.0.0.1:{grpc_port}",
+        },
+    )
+    procs.append(triton_proc)
+    e = report(
+        "(e) /predict HTTP, local Triton",
+        timed(lambda r: http.post(f"{triton_url}/predict", json=r, timeout=10), rows),
+    )
 
-        grpc_port = free_port()
-        triton.start(s.model_repository, grpc_port=grpc_port)
-        triton_proc, triton_url = serve(
-            s.repo,
-            {
-                **env,
-                "HOTPATH_SERVING_BACKEND": "triton",
-                "HOTPATH_SERVING_TRITON_URL": f"127.0.0.1:{grpc_port}",
-            },
+    stop(onnx_proc)
+    for workers in (1, 2):
+        proc, url = serve(s.repo, env, workers)  # waits for the other workers too
+        procs.append(proc)
+        if shutil.which("wrk"):
+            with_wrk(url, rows, clients, seconds=2)  # warm-up
+            rate, p99 = with_wrk(url, rows, clients)
+            how = f"wrk, {clients} connections"
+        else:
+            rate, p99 = concurrent(url, rows * 2, clients)
+            how = f"{clients} Python client threads"
+        print(
+            f"  (d) {how}, {workers} uvicorn worker(s): {rate:,.0f} predictions/s, p99 {p99:.2f} ms"
         )
-        procs.append(triton_proc)
-        e = report(
-            "(e) /predict HTTP, local Triton",
-            timed(lambda r: http.post(f"{triton_url}/predict", json=r, timeout=10), rows),
-        )
-
-        onnx_proc.terminate()
-        for workers in (1, 2):
-            proc, url = serve(s.repo, env, workers)
-            procs.append(proc)
-            # /ready answers once one worker is up: give the others time to load and warm
-            time.sleep(5 * (workers - 1))
-            if shutil.which("wrk"):
-                with_wrk(url, rows, args.clients, seconds=2)  # warm-up
-                rate, p99 = with_wrk(url, rows, args.clients)
-                how = f"wrk, {args.clients} connections"
-            else:
-                rate, p99 = concurrent(url, rows * 2, args.clients)
-                how = f"{args.clients} Python client threads"
-            print(
-                f"  (d) {how}, {workers} uvicorn worker(s): "
-                f"{rate:,.0f} predictions/s, p99 {p99:.2f} ms"
-            )
-            proc.terminate()
-        print("ratios (p50, p99):")
-        for name, num, den in (
-            ("fast path vs Feast SDK", a, c),
-            ("fast path vs feast serve", b, c),
-            ("feast serve vs /predict ONNX", b, d),
-            ("/predict Triton vs /predict ONNX", e, d),
-        ):
-            print(f"  {name:<34} {num[0] / den[0]:5.1f}x  {num[1] / den[1]:5.1f}x")
-    finally:
-        for p in procs:
-            p.terminate()
-        triton.stop()
-        redis_proc.terminate()
-        shutil.rmtree(root, ignore_errors=True)
+        stop(proc)
+    print("ratios (p50, p99):")
+    for name, num, den in (
+        ("fast path vs Feast SDK", a, c),
+        ("fast path vs feast serve", b, c),
+        ("feast serve vs /predict ONNX", b, d),
+        ("/predict Triton vs /predict ONNX", e, d),
+    ):
+        print(f"  {name:<34} {num[0] / den[0]:5.1f}x  {num[1] / den[1]:5.1f}x")
 
 
 if __name__ == "__main__":

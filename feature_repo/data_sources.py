@@ -33,7 +33,9 @@ user_spending_source = _offline("user_spending_stats")
 merchant_risk_source = _offline("merchant_risk_stats")
 user_merchant_source = _offline("user_merchant_history")
 # The streaming job appends here too; where a row for the same user and instant exists
-# twice (a replay, a late event's correction), the newer ``created`` wins.
+# twice, the newer ``created`` wins: among streamed rows the later one (a replay, a late
+# event's correction), and a backfilled row over any streamed one (its ``created`` is fixed
+# far above, so the answer does not depend on which writer ran last).
 user_velocity_batch_source = _offline("user_velocity", created="created")
 
 user_profile_source = SparkSource(

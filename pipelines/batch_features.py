@@ -14,13 +14,18 @@ costs 31 bucket rows per entity, not a rescan of the raw events.
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import UTC, date, datetime
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 SNAPSHOT_LOOKBACK_DAYS = 31  # 30-day windows plus one day for the closing all-zero row
 US = 1_000_000
+# The ``created`` of every backfilled row of a table the stream also appends to: above any
+# streamed row's (wall-clock) ``created``, so for the same entity and instant the backfill
+# (complete, late events included) wins Feast's point-in-time join and materialization,
+# whichever writer ran last. Below pandas' datetime64[ns] limit (2262).
+BACKFILL_CREATED = datetime(2200, 1, 1, tzinfo=UTC)
 MINUTE_US = 60 * US
 HOUR_US = 60 * MINUTE_US
 DAY_US = 24 * HOUR_US
@@ -179,7 +184,7 @@ def user_velocity(tx: DataFrame, first: date, last: date) -> DataFrame:
         F.size(F.collect_set("merchant_id").over(w24h))
         .cast("long")
         .alias("user_distinct_merchants_24h"),
-        F.col("event_timestamp").alias("created"),  # older than any streamed row's
+        F.timestamp_micros(F.lit(int(BACKFILL_CREATED.timestamp()) * US)).alias("created"),
     )
     return _per_event(out, ["user_id"], first, last)
 

@@ -19,11 +19,12 @@ from pathlib import Path
 
 from feast import Entity, FeatureView, ValueType
 from feast.types import Bool, Float32, Float64, Int32, Int64, String
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from pipelines import batch_features
-from pipelines.contract import entities, feature_views
+from pipelines.contract import EventRules, entities, event_rules, feature_views
 from pipelines.errors import HotpathError
 
 RAW_COLUMNS = {
@@ -77,6 +78,65 @@ class ViewResult:
     rows: int
     seconds: float
     path: Path
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Raw events of the run's days that no feature counts, by reason code (the stream's
+    dead-letter codes), written with their code and reason under ``path``."""
+
+    by_code: dict[str, int]
+    path: Path
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_code.values())
+
+    def summary(self) -> str:
+        codes = ", ".join(f"{c}: {n:,}" for c, n in sorted(self.by_code.items()))
+        return f"refused {self.total:,} raw events" + (f" ({codes})" if codes else "")
+
+
+def judge(tx: DataFrame, rules: EventRules, now: datetime) -> DataFrame:
+    """``tx`` plus ``code`` and ``reason``: null for a valid event, else why it is refused.
+    The repo's declaration, checked in the stream's order with the stream's codes, so an
+    event the stream dead-letters is one the backfill refuses (future: against ``now``)."""
+    us = batch_features.US
+    ahead_us = int(now.timestamp() * us) + round(rules.max_future_s * us)
+    ts, amount = F.col("event_timestamp"), F.col("amount")
+    checks: list[tuple[Column, str, Column]] = [
+        (ts.isNull(), "bad_type", F.lit("event_timestamp is null")),
+        (
+            F.unix_micros(ts) > ahead_us,
+            "future_timestamp",
+            F.format_string(
+                "event_timestamp %s is more than %ss ahead", ts, F.lit(f"{rules.max_future_s:g}")
+            ),
+        ),
+    ]
+    for name in ("user_id", "merchant_id"):
+        c = F.col(name)
+        checks.append(
+            (
+                c.isNull() | (c < rules.id_min) | (c > rules.id_max),
+                "bad_type",
+                F.format_string(f"{name} %s outside [{rules.id_min}, {rules.id_max}]", c),
+            )
+        )
+    checks += [
+        (amount.isNull(), "bad_type", F.lit("amount is null")),
+        (
+            F.isnan(amount) | (amount < rules.amount_min) | (amount > rules.amount_max),
+            "bad_amount",
+            F.format_string(
+                f"amount %s outside [{rules.amount_min:g}, {rules.amount_max:g}]", amount
+            ),
+        ),
+    ]
+    code, reason = F.when(checks[0][0], F.lit(checks[0][1])), F.when(checks[0][0], checks[0][2])
+    for cond, c, r in checks[1:]:  # the first failing check names the event's code
+        code, reason = code.when(cond, F.lit(c)), reason.when(cond, r)
+    return tx.withColumn("code", code).withColumn("reason", reason)
 
 
 def _days(first: date, last: date) -> list[date]:
@@ -144,14 +204,28 @@ def check_contract(
         )
 
 
-def _replace_partitions(spark: SparkSession, df: DataFrame, path: Path, days: list[date]) -> None:
-    """Delete the range's partitions (also those that will be empty), then write the new ones."""
+def _replace_partitions(
+    spark: SparkSession, df: DataFrame | None, path: Path, days: list[date]
+) -> None:
+    """Delete the range's partitions (also those that will be empty), then write the new ones
+    (none when ``df`` is None)."""
     jvm = spark.sparkContext._jvm
     conf = spark.sparkContext._jsc.hadoopConfiguration()
     for d in days:
         p = jvm.org.apache.hadoop.fs.Path(str(path / f"date={d.isoformat()}"))
         p.getFileSystem(conf).delete(p, True)
-    df.repartition("date").write.mode("append").partitionBy("date").parquet(str(path))
+    if df is not None:
+        df.repartition("date").write.mode("append").partitionBy("date").parquet(str(path))
+
+
+def _write_refused(
+    spark: SparkSession, refused: DataFrame, path: Path, days: list[date]
+) -> Refused:
+    """Replace the days' partitions of the refused-events table (idempotent, as the offline
+    tables are) and count them by code."""
+    by_code = {r["code"]: r["count"] for r in refused.groupBy("code").count().collect()}
+    _replace_partitions(spark, refused if by_code else None, path, days)
+    return Refused(by_code, path)
 
 
 def run_batch(
@@ -163,8 +237,15 @@ def run_batch(
     end: date,
     views: list[str] | None = None,
     progress: Callable[[ViewResult], None] | None = None,
+    on_refused: Callable[[Refused], None] | None = None,
+    rejected_dir: Path | None = None,
+    now: datetime | None = None,
 ) -> list[ViewResult]:
-    """Backfill the days ``start..end`` (inclusive) of the selected views (default: all)."""
+    """Backfill the days ``start..end`` (inclusive) of the selected views (default: all).
+
+    Only events valid by the repo's declaration are counted; the refused ones of the run's
+    days replace their ``date=`` partitions of ``rejected_dir/transactions`` (default
+    ``data/rejected``) with their code and reason, and are reported to ``on_refused``."""
     if end < start:
         raise HotpathError(f"end date {end} is before start date {start}")
     unknown = sorted(set(views or []) - set(VIEW_NAMES))
@@ -179,6 +260,16 @@ def run_batch(
             f"no transactions under {raw_dir / 'transactions'} between "
             f"{start - timedelta(days=lookback)} and {end}"
         )
+    judged = judge(tx, event_rules(repo), now or datetime.now(UTC))
+    refused = _write_refused(
+        spark,
+        judged.filter(F.col("code").isNotNull() & F.col("date").between(start, end)),
+        (rejected_dir or offline_dir.parent / "rejected") / "transactions",
+        _days(start, end),
+    )
+    if on_refused:
+        on_refused(refused)
+    tx = judged.filter(F.col("code").isNull()).drop("code", "reason")
     results = []
     for job in JOBS:
         if views and job.name not in views:
@@ -215,7 +306,14 @@ def main(argv: list[str] | None = None) -> None:
     spark.conf.set("spark.sql.session.timeZone", "UTC")
     spark.conf.set("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
     for r in run_batch(
-        spark, args.repo, data / "raw", data / "offline", args.start, args.end, args.views
+        spark,
+        args.repo,
+        data / "raw",
+        data / "offline",
+        args.start,
+        args.end,
+        args.views,
+        on_refused=lambda x: print(f"{x.summary()} -> {x.path}"),
     ):
         print(f"{r.name}: {r.rows} rows in {r.seconds:.1f}s -> {r.path}")
 

@@ -13,7 +13,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -215,6 +215,7 @@ def _batch(
             end,
             views,
             progress=lambda r: typer.echo(f"    {r.name}: {r.rows:,} rows in {r.seconds:.1f}s"),
+            on_refused=lambda r: typer.echo(f"    {r.summary()} -> {r.path}"),
         )
 
 
@@ -312,12 +313,22 @@ def features(
     amount: Annotated[float, typer.Option(help="Amount of the payment being scored.")],
     service: Annotated[str, typer.Option(help="Feature service.")] = FEATURE_SERVICE,
 ) -> None:
-    """Print one online feature vector with each value's age."""
+    """Print the feature vector the model gets: each value with its age, values past their
+    view's TTL as missing, and the default the model uses for each missing one."""
     from pipelines import store
 
-    fs = store.open_store(_settings(ctx))
+    s = _settings(ctx)
+    fs = store.open_store(s)
     _require_applied(fs)
-    _print_vector(store.read_vector(fs, service, _entity(user_id, merchant_id, amount)))
+    defaults = None
+    with suppress(Exception):  # no model yet: values only
+        from serving.model_repository import load_metadata
+
+        meta = load_metadata(s.model_repository, "fraud_detection")
+        if meta.feature_service == service:
+            defaults = {f.name: f.default for f in meta.features}
+    entity = _entity(user_id, merchant_id, amount)
+    _print_vector(store.read_vector(fs, service, entity, defaults=defaults))
 
 
 def _entity(user_id: int, merchant_id: int, amount: float) -> dict[str, Any]:
@@ -342,6 +353,8 @@ def _print_vector(values: list[Any], echo: Callable[[str], None] = typer.echo) -
             else (f"{v.value:.6g}" if isinstance(v.value, float) else v.value)
         )
         age = "request-time" if v.value is not None and v.age_s is None else _age(v.age_s)
+        if v.default is not None:
+            age += f" (model uses default {v.default:g})"
         echo(f"      {v.name:<{width}}  {shown!s:>12}  {age}")
 
 
@@ -460,14 +473,23 @@ def stream(
 
 def _run_flow(s: Settings, cfg: Any, **run: Any) -> None:
     """Build the flow (its checks fail here, before any event) and run it to the end of a
-    finite source, then print what it did."""
+    finite source or to a stop request (SIGINT/SIGTERM: the sources end at their next batch,
+    the sinks flush, the last epoch is committed), then print what it did."""
     from bytewax.run import cli_main
 
     from pipelines.stream import metrics
     from pipelines.stream.flow import build_flow
+    from pipelines.stream.sources import stop_on_signals, stop_requested
 
     flow = build_flow(s, cfg)
-    cli_main(flow, **run)
+    restore = stop_on_signals()
+    try:
+        cli_main(flow, **run)
+        stopped = stop_requested()
+    finally:
+        restore()
+    if stopped:
+        typer.echo("    stopped on request: all events read were written (and committed)")
     dead = sum(
         x.value
         for m in metrics.DEAD_LETTERS.collect()
@@ -618,15 +640,21 @@ def serve(
     """Serve POST /predict (API key from HOTPATH_SERVING_API_KEY when set)."""
     import atexit
     import shutil
+    import signal
     import tempfile
 
     import uvicorn
+
+    from serving.admission import AdmissionProtocol
 
     # A fresh folder per server, set before anything imports prometheus_client (Feast's
     # import would pick its own, or inherit a parent's): every worker of this server
     # writes its metric values there and /metrics sums them.
     metrics_dir = tempfile.mkdtemp(prefix="hotpath-metrics-")
     atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; with the default
+    # handler that kills the process before atexit runs. Exit normally instead.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ["PROMETHEUS_MULTIPROCESS_DIR"] = metrics_dir
 
@@ -655,6 +683,7 @@ def serve(
         port=port,
         workers=workers,
         log_level="warning",
+        http=AdmissionProtocol,  # arrival stamps and the in-flight bound (serving.admission)
     )
 
 

@@ -290,4 +290,19 @@ def materialize(
             others.append(view)
             continue
         store.registry.apply_materialization(view, store.project, start, end)
+        mark_materialized(store, view, end)
     return loads, others
+
+
+def mark_materialized(store: FeatureStore, view: FeatureView, end: datetime) -> None:
+    """Record in the view's Redis tier that it holds materialized data (serving's
+    readiness looks for it: a Redis that restarted empty has no record)."""
+    from feast.infra.online_stores.redis import RedisOnlineStore
+
+    from serving.online_features import materialized_key
+
+    target = redis_tier(store, view)
+    if target is None:
+        return
+    client = RedisOnlineStore()._get_client(target[0])
+    client.hset(materialized_key(store.project), view.name, end.isoformat())

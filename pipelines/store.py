@@ -236,6 +236,8 @@ def materialize(store: FeatureStore, end: datetime | None = None) -> datetime:
         _, others = fast.materialize(store, end)
         if others:
             store.materialize_incremental(end_date=end, feature_views=[v.name for v in others])
+            for view in others:
+                fast.mark_materialized(store, view, end)
     except Exception as e:
         raise HotpathError(f"materialization failed: {_first_line(e)}") from None
     return end
@@ -244,28 +246,34 @@ def materialize(store: FeatureStore, end: datetime | None = None) -> datetime:
 @dataclass(frozen=True)
 class FeatureValue:
     name: str
-    value: Any
-    age_s: float | None  # None when the value is missing
+    value: Any  # None when missing or older than its view's TTL
+    age_s: float | None  # None when missing, or computed at request time
+    default: float | None = None  # what the model gets instead of a missing value
 
 
 def read_vector(
-    store: FeatureStore, service: str, entity: dict[str, Any], now: datetime | None = None
+    store: FeatureStore,
+    service: str,
+    entity: dict[str, Any],
+    now: datetime | None = None,
+    defaults: dict[str, float] | None = None,
 ) -> list[FeatureValue]:
-    """One entity's online feature vector for ``service``, each value with its age."""
+    """One entity's online feature vector for ``service`` as serving reads it: the same
+    fast path, each view's TTL applied (an expired value is missing), each value with
+    its age, and the model's default for each missing one when ``defaults`` is given."""
+    from serving.online_features import OnlineFeatures, served
+
     try:
-        fs = store.get_feature_service(service)
-        response = store.get_online_features(features=fs, entity_rows=[entity]).to_dict(
-            include_event_timestamps=True
-        )
+        reader = OnlineFeatures(store, service)
+        (vector,) = reader.read([entity])
     except Exception as e:
         raise HotpathError(f"online read failed: {_first_line(e)}") from None
     now_s = (now or datetime.now(UTC)).timestamp()
+    served(vector, reader.ttl_of(), now_s)
     out = []
-    for name, values in response.items():
-        if name.endswith("__ts") or name in entity:
-            continue
-        value = values[0]
-        ts = response.get(f"{name}__ts", [None])[0]
+    for name in reader.feature_names:
+        value, ts = vector.values.get(name), vector.ts.get(name)
         age = now_s - ts if value is not None and ts else None
-        out.append(FeatureValue(name, value, age))
+        default = (defaults or {}).get(name) if value is None else None
+        out.append(FeatureValue(name, value, age, default))
     return out

@@ -2,8 +2,15 @@
 
 Thin routes over a ``Runtime`` built once at start-up (FastAPI lifespan): the
 FeatureService's fast-path reader, the model's metadata (refused if the registry can't
-provide its features), the model backend, breakers around the online store and the
-model, warm-up before ``/ready``, and Prometheus metrics. Errors are mapped once.
+provide its features), the model backend, the coalescing scorer with its breakers, the
+health monitor, warm-up before ``/ready``, and Prometheus metrics. Admission control
+runs before any of this, in uvicorn's protocol (``serving.admission``). Errors are
+mapped once, to one ``Problem`` shape.
+
+The predict routes parse their body themselves (``model_validate_json``: parsing and
+strict validation in one pass) and write their JSON directly: FastAPI's generic body and
+response handling cost more than the rest of the request. The OpenAPI document still
+declares every body and answer (see :func:`_openapi`).
 """
 
 from __future__ import annotations
@@ -11,90 +18,57 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import os
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
-import numpy as np
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-    multiprocess,
-)
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
-from serving import decision
+from serving import admission
+from serving.health import Health
+from serving.metrics import Metrics
 from serving.model_backend import ModelBackend, OnnxBackend, TritonBackend
-from serving.model_repository import ModelMetadata, feature_matrix, load_metadata, onnx_path
-from serving.online_features import OnlineFeatures, served
-from serving.resilience import CircuitBreaker, InFlight, Overloaded
-from serving.schemas import BatchRequest, BatchResponse, Prediction, Problem, Transaction
+from serving.model_repository import load_metadata, onnx_path
+from serving.online_features import OnlineFeatures
+from serving.schemas import (
+    BatchRequest,
+    BatchResponse,
+    Prediction,
+    Problem,
+    Readiness,
+    Transaction,
+)
+from serving.scoring import Scorer, Shed
 from serving.settings import ServingSettings
-
-STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 
 
 class StartupError(Exception):
     """The service cannot serve this model with this feature repo."""
 
 
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.stage = Histogram(
-            "hotpath_stage_seconds",
-            "Latency per stage",
-            ["stage"],
-            buckets=STAGE_BUCKETS,
-            registry=r,
-        )
-        self.decisions = Counter(
-            "hotpath_decisions_total", "Decisions", ["decision", "fallback"], registry=r
-        )
-        self.fallbacks = Counter(
-            "hotpath_fallbacks_total", "Fallback decisions", ["cause"], registry=r
-        )
-        self.missing = Counter(
-            "hotpath_missing_features_total", "Features served as defaults", ["feature"], registry=r
-        )
-        self.age = Histogram(
-            "hotpath_feature_age_seconds",
-            "Age of served feature values",
-            ["feature_view"],
-            buckets=(1, 10, 60, 600, 3600, 86400, 172800),
-            registry=r,
-        )
-        self.breaker = Gauge(
-            "hotpath_breaker_state",
-            "0 closed, 1 open, 2 half-open (the worst over workers)",
-            ["breaker"],
-            registry=r,
-            multiprocess_mode="max",
-        )
-        self.shed = Counter("hotpath_shed_total", "Requests refused with 503", registry=r)
+class Unauthorized(Exception):
+    pass
+
+
+class TooLarge(Exception):
+    pass
 
 
 @dataclass
 class Runtime:
     settings: ServingSettings
-    features: OnlineFeatures
-    meta: ModelMetadata
-    backend: ModelBackend
-    store_breaker: CircuitBreaker
-    model_breaker: CircuitBreaker
-    in_flight: InFlight
+    scorer: Scorer
+    health: Health
     metrics: Metrics
-    ready: bool = False
 
 
 def build_runtime(settings: ServingSettings) -> Runtime:
@@ -119,148 +93,43 @@ def build_runtime(settings: ServingSettings) -> Runtime:
         backend: ModelBackend = TritonBackend(settings.triton_url, meta.model_name, meta.version)
     else:
         backend = OnnxBackend(onnx_path(settings.repository, meta.model_name, meta.version))
-    return Runtime(
-        settings,
-        reader,
-        meta,
-        backend,
-        CircuitBreaker("online_store", settings.breaker_failures, settings.breaker_reset_s),
-        CircuitBreaker("model", settings.breaker_failures, settings.breaker_reset_s),
-        InFlight(settings.max_in_flight),
-        Metrics(),
+    metrics = Metrics(meta.feature_names, reader.view_names)
+    admission.on_refuse = metrics.shed_of["in_flight"].inc
+    scorer = Scorer(settings, reader, meta, backend, metrics)
+    admission.backlogged = scorer.backlogged
+    return Runtime(settings, scorer, Health(scorer), metrics)
+
+
+async def warm_up(rt: Runtime) -> None:
+    """The whole request path, a few times, so the first real request pays no lazy
+    initialisation; not counted in metrics, with budgets that start-up contention (other
+    workers loading) cannot break."""
+    dummy = {"user_id": 0, "merchant_id": 0, "amount": 1.0}
+    with rt.scorer.warming():
+        for size in (1, 1, 1, 32):
+            await rt.scorer.predict([dummy] * size, admission.arrival({}))
+    await rt.health.check_model()
+    rt.health.check_store()
+    rt.health.warmed_up = True
+    rt.health.publish()
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        json.dumps(body, separators=(",", ":")).encode(),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
     )
 
 
-async def warm_up(rt: Runtime, rounds: int = 20) -> None:
-    """Dummy inferences so the first real request pays no lazy initialisation."""
-    x = np.array([[f.default for f in rt.meta.features]], dtype=np.float32)
-    for _ in range(rounds):
-        await rt.backend.predict(x)
-    dummy = Transaction(user_id=0, merchant_id=0, amount=1.0)
-    for size in (1, 1, 1, 32):  # the whole request path, metrics and response models included
-        await score(rt, [dummy] * size)
-    rt.store_breaker.success()  # warm-up calls don't count towards the breakers
-    rt.model_breaker.success()
-    rt.ready = True
+def _authorize(request: Request, key: Any) -> None:
+    if key is not None and request.headers.get("x-api-key") != key.get_secret_value():
+        raise Unauthorized
 
 
-async def score(rt: Runtime, txs: list[Transaction]) -> list[Prediction]:
-    """Features (fast path, TTL applied), model under its deadline, decisions."""
-    s, m = rt.settings, rt.metrics
-    t0 = time.perf_counter()
-    rows = [t.model_dump() for t in txs]
-    vectors, store_error = None, None
-    if rt.store_breaker.allow():
-        # Inline: a lookup is one local round trip (~50 µs), cheaper than a thread hop. The
-        # store's socket timeout is the features budget, so a hung store can't hold the
-        # loop longer, and the breaker stops asking after a few misses.
-        try:
-            vectors = rt.features.read(rows)
-            if time.perf_counter() - t0 > s.features_budget_ms / 1000:
-                raise TimeoutError
-            rt.store_breaker.success()
-        except (TimeoutError, BlockingIOError):
-            vectors = None
-            rt.store_breaker.failure()
-            store_error = "online_store_deadline"
-        except Exception as e:  # a store outage must not fail the request
-            rt.store_breaker.failure()
-            store_error = type(e).__name__
-    now = time.time()
-    ttls = rt.features.ttl_of()
-    values_list: list[dict[str, Any]] = []
-    ages_list: list[dict[str, float | None]] = []
-    for i in range(len(rows)):
-        ages: dict[str, float | None] = dict.fromkeys(rt.features.view_names)
-        ages_list.append(ages)
-        if vectors is None:
-            values_list.append({})
-            continue
-        served(vectors[i], ttls, now)
-        for view in rt.features.views:
-            first = view.features[0]
-            ts = vectors[i].ts.get(first)
-            if ts is not None and vectors[i].values.get(first) is not None:
-                ages[view.name] = age = round(max(0.0, now - ts), 3)
-                m.age.labels(view.name).observe(age)
-        values_list.append(vectors[i].values)
-    t1 = time.perf_counter()
-    m.stage.labels("features").observe(t1 - t0)
-
-    scores, cause = None, None
-    if vectors is None:
-        cause = store_error or "online_store_breaker_open"
-    elif not rt.model_breaker.allow():
-        cause = "breaker_open"
-    else:
-        x = feature_matrix(
-            {n: [v.get(n) for v in values_list] for n in rt.meta.feature_names}, rt.meta.features
-        )
-        try:
-            scores = await asyncio.wait_for(rt.backend.predict(x), s.model_budget_ms / 1000)
-            rt.model_breaker.success()
-        except TimeoutError:
-            rt.model_breaker.failure()
-            cause = "model_deadline"
-        except Exception:
-            rt.model_breaker.failure()
-            cause = "model_error"
-    t2 = time.perf_counter()
-    m.stage.labels("model").observe(t2 - t1)
-    for b in (rt.store_breaker, rt.model_breaker):
-        m.breaker.labels(b.name).set(b.state.value)
-
-    out = []
-    for i, (tx, values, ages) in enumerate(zip(txs, values_list, ages_list, strict=True)):
-        missing = [n for n in rt.meta.feature_names if values.get(n) is None]
-        for n in missing:
-            m.missing.labels(n).inc()
-        if scores is not None:
-            p = float(scores[i])
-            verdict = decision.decide(p, s.review_threshold, s.decline_threshold)
-            why = decision.reasons(values)
-        else:
-            p, verdict = None, decision.fallback(values, tx.amount)
-            why = [f"fallback:{cause or store_error}", *decision.reasons(values)]
-            m.fallbacks.labels(cause or "unknown").inc()
-        m.decisions.labels(verdict, str(p is None).lower()).inc()
-        out.append(
-            Prediction(
-                score=p,
-                decision=verdict,
-                reasons=why,
-                fallback=p is None,
-                model=rt.meta.model_name,
-                model_version=rt.meta.version,
-                missing_features=missing,
-                feature_age_s=ages,
-                latency_ms={},
-            )
-        )
-    t3 = time.perf_counter()
-    m.stage.labels("postprocess").observe(t3 - t2)
-    timing = {"features": (t1 - t0) * 1000, "model": (t2 - t1) * 1000, "total": (t3 - t0) * 1000}
-    for p in out:
-        p.latency_ms = {k: round(v, 3) for k, v in timing.items()}
-    return out
-
-
-async def get_runtime(request: Request) -> Runtime:  # async: no thread-pool hop
-    return request.app.state.runtime
-
-
-async def authorized(
-    rt: Annotated[Runtime, Depends(get_runtime)],
-    x_api_key: Annotated[str | None, Header()] = None,
-) -> Runtime:
-    expected = rt.settings.api_key
-    if expected is not None and x_api_key != expected.get_secret_value():
-        raise HTTPException(401, "missing or wrong X-API-Key")
-    return rt
-
-
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-AuthorizedDep = Annotated[Runtime, Depends(authorized)]
+def _row(tx: Transaction) -> dict[str, Any]:
+    return {"user_id": tx.user_id, "merchant_id": tx.merchant_id, "amount": tx.amount}
 
 
 def create_app(settings: ServingSettings | None = None) -> FastAPI:
@@ -268,80 +137,175 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.runtime = build_runtime(settings)
+        rt = app.state.runtime = build_runtime(settings)
         with contextlib.suppress(Exception):  # not ready: /ready says so, /predict falls back
-            await warm_up(app.state.runtime)
+            await warm_up(rt)
         # Feast, protobuf and ONNX Runtime leave ~10^6 long-lived objects; a full
         # collection walking them stalls every in-flight request for tens of ms. Move
         # them out of the collector's sight once they're loaded.
         gc.collect()
         gc.freeze()
+        monitor = asyncio.create_task(rt.health.run())
         yield
-        await app.state.runtime.backend.close()
+        monitor.cancel()
+        await rt.scorer.backend.close()
 
-    app = FastAPI(
-        title="hotpath",
-        version="0.1.0",
-        lifespan=lifespan,
-        responses={401: {"model": Problem}, 503: {"model": Problem}},
-    )
+    app = FastAPI(title="hotpath", version="0.2.0", lifespan=lifespan)
+
+    # ---- errors, mapped once: every error answer is a Problem
+    def problem(status: int, detail: str, field: str | None = None, **headers: str) -> Response:
+        return _json({"detail": detail, "field": field}, status, headers or None)
+
+    def invalid(errors: list[Any]) -> Response:
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return problem(422, "request body is not valid JSON (UTF-8)")
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+        msg = first.get("msg", "invalid request")
+        return problem(422, f"{where}: {msg}" if where else msg, where)
+
+    @app.exception_handler(ValidationError)
+    async def _invalid_body(_: Request, exc: ValidationError) -> Response:
+        return invalid(exc.errors(include_url=False))
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        if first.get("type") == "json_invalid":
-            return JSONResponse({"detail": "request body is not valid JSON"}, status_code=422)
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return JSONResponse(
-            {"detail": f"{where}: {first.get('msg', 'invalid request')}".strip(": ")},
-            status_code=422,
+    async def _invalid_request(_: Request, exc: RequestValidationError) -> Response:
+        return invalid(list(exc.errors()))
+
+    @app.exception_handler(Unauthorized)
+    async def _unauthorized(_: Request, __: Unauthorized) -> Response:
+        return problem(401, "missing or wrong X-API-Key", "X-API-Key")
+
+    @app.exception_handler(TooLarge)
+    async def _too_large(_: Request, __: TooLarge) -> Response:
+        n = settings.max_batch
+        return problem(413, f"at most {n} transactions per batch", "transactions")
+
+    @app.exception_handler(Shed)
+    async def _shed(request: Request, _: Shed) -> Response:
+        request.app.state.runtime.metrics.shed_of["queue_budget"].inc()
+        return problem(
+            503, "overloaded: waited past its queue budget, retry shortly", None, **_RETRY
         )
 
-    @app.exception_handler(Overloaded)
-    async def overloaded(request: Request, _: Overloaded) -> JSONResponse:
-        request.app.state.runtime.metrics.shed.inc()
-        return JSONResponse(
-            {"detail": "overloaded, retry shortly"}, status_code=503, headers={"Retry-After": "1"}
-        )
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> Response:
+        return problem(exc.status_code, str(exc.detail), None, **(exc.headers or {}))
 
-    @app.post("/predict", response_model=Prediction)
-    async def predict(tx: Transaction, rt: AuthorizedDep) -> Prediction:
-        with rt.in_flight:
-            (p,) = await score(rt, [tx])
-            return p
+    # ---- routes
+    @app.post("/predict", response_model=Prediction, openapi_extra=_body("Transaction"))
+    async def predict(request: Request) -> Response:
+        rt: Runtime = request.app.state.runtime
+        _authorize(request, settings.api_key)
+        tx = Transaction.model_validate_json(await request.body())
+        (p,) = await rt.scorer.predict([_row(tx)], admission.arrival(request.scope))
+        return _json(p)
 
-    @app.post("/predict/batch", response_model=BatchResponse)
-    async def predict_batch(body: BatchRequest, rt: AuthorizedDep) -> BatchResponse:
-        if len(body.transactions) > rt.settings.max_batch:
-            raise HTTPException(413, f"at most {rt.settings.max_batch} transactions per batch")
-        with rt.in_flight:
-            return BatchResponse(predictions=await score(rt, body.transactions))
+    @app.post(
+        "/predict/batch",
+        response_model=BatchResponse,
+        openapi_extra=_body("BatchRequest"),
+        responses={413: {"model": Problem, "description": "more rows than max_batch"}},
+    )
+    async def predict_batch(request: Request) -> Response:
+        rt: Runtime = request.app.state.runtime
+        _authorize(request, settings.api_key)
+        body = BatchRequest.model_validate_json(await request.body())
+        if len(body.transactions) > settings.max_batch:
+            raise TooLarge
+        rows = [_row(tx) for tx in body.transactions]
+        answers = await rt.scorer.predict(rows, admission.arrival(request.scope))
+        return _json({"predictions": answers})
 
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "alive"}
 
-    @app.get("/ready")
-    async def ready(rt: RuntimeDep) -> JSONResponse:
-        if not rt.ready:  # e.g. the model backend was down at start: try again now
+    @app.get(
+        "/ready",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "not ready: see reasons"}},
+    )
+    async def ready(request: Request) -> Response:
+        rt: Runtime = request.app.state.runtime
+        if not rt.health.warmed_up:  # e.g. the model backend was down at start: try again
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(warm_up(rt, rounds=3), timeout=2)
-        store_ok = rt.store_breaker.state.value == 0
-        ok = rt.ready and store_ok
-        body = {
-            "ready": ok,
-            "warmed_up": rt.ready,
-            "online_store": store_ok,
-            "model": f"{rt.meta.model_name} v{rt.meta.version}",
-        }
-        return JSONResponse(body, status_code=200 if ok else 503)
+                await asyncio.wait_for(warm_up(rt), timeout=2)
+        h, s = rt.health, rt.scorer
+        reasons = h.reasons()
+        body = Readiness(
+            ready=not reasons,
+            warmed_up=h.warmed_up,
+            model=f"{s.meta.model_name} v{s.meta.version}",
+            model_backend=not s.model_breaker.is_open,
+            online_store=not s.store_breaker.is_open,
+            materialized=not s.store_empty,
+            reasons=reasons,
+        )
+        return _json(body.model_dump(), 200 if not reasons else 503)
 
-    @app.get("/metrics")
-    async def metrics(rt: RuntimeDep) -> Response:
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
+    async def metrics(request: Request) -> Response:
+        """Prometheus text format (every uvicorn worker's values)."""
+        rt: Runtime = request.app.state.runtime
+        _authorize(request, settings.metrics_key)
         registry = rt.metrics.registry
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # every uvicorn worker's values
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
     return app
+
+
+_RETRY = {"Retry-After": str(admission.RETRY_AFTER_S)}
+
+
+def _body(model: str) -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}},
+        }
+    }
+
+
+def _openapi(app: FastAPI, settings: ServingSettings) -> dict[str, Any]:
+    """FastAPI's document plus what the hand-parsed routes need: their request bodies,
+    the Problem answers (401 with a key, 422, 503 with Retry-After) and the key scheme."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for model in (Transaction, BatchRequest, Problem):
+        js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(js.pop("$defs", {}))
+        schemas[model.__name__] = js
+    problem = {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    retry = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
+    for path in ("/predict", "/predict/batch"):
+        op = doc["paths"][path]["post"]
+        op["responses"]["422"] = {"description": "invalid request", "content": problem}
+        op["responses"]["503"] = {
+            "description": "overloaded: retry after the given seconds",
+            "content": problem,
+            "headers": retry,
+        }
+        if settings.api_key is not None:
+            op["responses"]["401"] = {"description": "missing or wrong key", "content": problem}
+            op["security"] = [{"ApiKey": []}]
+    if settings.metrics_key is not None:
+        op = doc["paths"]["/metrics"]["get"]
+        op["responses"]["401"] = {"description": "missing or wrong key", "content": problem}
+        op["security"] = [{"ApiKey": []}]
+    if settings.api_key is not None or settings.metrics_key is not None:
+        doc["components"]["securitySchemes"] = {
+            "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+        }
+    app.openapi_schema = doc
+    return doc

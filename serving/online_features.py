@@ -163,6 +163,19 @@ class OnlineFeatures:
         """Each stored feature's view TTL in seconds (computed once, at start-up)."""
         return self._ttls
 
+    def ping(self) -> None:
+        """Raise unless every tier answers (its own cheapest call)."""
+        for backend, _ in self._backends:
+            backend.ping()
+
+    def unmaterialized(self) -> list[str]:
+        """The views whose tier holds no materialized data for them (e.g. a Redis that
+        restarted empty): serving them would answer on defaults."""
+        out = []
+        for backend, members in self._backends:
+            out += backend.unmaterialized([self.views[i].name for i in members])
+        return out
+
 
 class KeyEncoder:
     """Feast's serialized entity key (``serialize_entity_key``, version 3) for one set of
@@ -229,6 +242,12 @@ def served(vector: Vector, ttls: dict[str, float | None], now: float | None = No
     return expired
 
 
+def materialized_key(project: str) -> str:
+    """The Redis hash where materialization records, per view, the end of the newest
+    window it loaded: a store that restarted empty has none, and serving is not ready."""
+    return f"hotpath:materialized:{project}"
+
+
 def _decode(blob: bytes | None) -> Any:
     """ValueProto bytes to the Python value Feast's SDK returns (memoised: counts, flags
     and ratios repeat across entities, and a dict lookup is ~20x cheaper than a parse)."""
@@ -284,6 +303,13 @@ class _Backend:
     def read(self, keys: dict[tuple[str, ...], list[bytes]]) -> list[Found]:
         return self.receive(self.send(keys))
 
+    def ping(self) -> None:
+        """Raise unless the store answers."""
+
+    def unmaterialized(self, views: list[str]) -> list[str]:
+        """Those of ``views`` with no materialized data here (unknown: none)."""
+        return []
+
 
 class _Sqlite(_Backend):
     """One ``SELECT ... WHERE entity_key IN (...)`` per view, in one statement, on a shared
@@ -297,6 +323,20 @@ class _Sqlite(_Backend):
         self.project = project
         self.views = views
         self._sql: dict[int, str] = {}  # query text per batch size
+
+    def ping(self) -> None:
+        with self.lock:
+            self.conn.execute("SELECT 1").fetchall()
+
+    def unmaterialized(self, views: list[str]) -> list[str]:
+        with self.lock:
+            return [
+                v
+                for v in views
+                if not self.conn.execute(
+                    f'SELECT EXISTS (SELECT 1 FROM "{self.project}_{v}")'
+                ).fetchone()[0]
+            ]
 
     def receive(self, keys):
         n = len(next(iter(keys.values())))
@@ -354,6 +394,14 @@ class _Redis(_Backend):
             spans = [(i, len(views[i].features)) for i in members]
             self.groups.append((join_keys, spans, head, tail))
 
+    def ping(self) -> None:
+        self.client.execute(pack("PING"), 1)
+
+    def unmaterialized(self, views: list[str]) -> list[str]:
+        key = materialized_key(self.project_bytes.decode())
+        (stamps,) = self.client.execute(pack("HMGET", key, *views), 1)
+        return [v for v, stamp in zip(views, stamps, strict=True) if not stamp]
+
     def send(self, keys):
         commands = []
         for join_keys, _, head, tail in self.groups:
@@ -394,6 +442,13 @@ class _RedisCluster(_Redis):
             join_keys: _hmget_fields(views, [i for i, _ in spans])
             for join_keys, spans, _, _ in self.groups
         }
+
+    def ping(self) -> None:
+        self.cluster.ping()
+
+    def unmaterialized(self, views: list[str]) -> list[str]:
+        stamps = self.cluster.hmget(materialized_key(self.project_bytes.decode()), views)
+        return [v for v, stamp in zip(views, stamps, strict=True) if not stamp]
 
     def send(self, keys):
         return keys

@@ -1,4 +1,12 @@
-"""Request-path resilience: circuit breakers and a bound on requests in flight."""
+"""Request-path resilience: circuit breakers that judge a backend by its own calls.
+
+A breaker counts only failures of the backend call itself (an error, or the call taking
+longer than its budget), never the time a request spent queueing before it. While open,
+calls are skipped (the request gets the rule-based fallback) and no customer request is
+used as a trial: the service's monitor (``serving.health``) probes the backend's own
+health call every probe interval and closes the breaker on the first success, so
+recovery after a backend returns takes one probe interval, whatever the load.
+"""
 
 from __future__ import annotations
 
@@ -9,68 +17,43 @@ from enum import Enum
 class State(Enum):
     CLOSED = 0
     OPEN = 1
-    HALF_OPEN = 2
 
 
 class CircuitBreaker:
-    """Closed until ``failures`` consecutive errors; open (calls skipped) for ``reset_s``;
-    then half-open: one trial call, closing on success and re-opening on failure."""
+    """Closed until ``failures`` consecutive failed backend calls (or a failed health
+    check); then open until a health check passes."""
 
-    def __init__(self, name: str, failures: int = 5, reset_s: float = 5.0) -> None:
+    def __init__(self, name: str, failures: int = 5) -> None:
         self.name = name
         self.failures = failures
-        self.reset_s = reset_s
+        self.state = State.CLOSED
+        self.opened_at = 0.0
+        self.last_error = ""
         self._count = 0
-        self._opened_at = 0.0
-        self._state = State.CLOSED
-        self._trial_running = False
 
     @property
-    def state(self) -> State:
-        if self._state is State.OPEN and time.monotonic() - self._opened_at >= self.reset_s:
-            self._state = State.HALF_OPEN
-            self._trial_running = False
-        return self._state
+    def is_open(self) -> bool:
+        return self.state is State.OPEN
 
     def allow(self) -> bool:
-        """May a call go through now? (In half-open, only one trial at a time.)"""
-        state = self.state
-        if state is State.CLOSED:
-            return True
-        if state is State.HALF_OPEN and not self._trial_running:
-            self._trial_running = True
-            return True
-        return False
+        """May a request call the backend now?"""
+        return self.state is State.CLOSED
 
     def success(self) -> None:
         self._count = 0
-        self._state = State.CLOSED
-        self._trial_running = False
+        self.state = State.CLOSED
+        self.last_error = ""
 
-    def failure(self) -> None:
+    def failure(self, error: str = "") -> None:
         self._count += 1
-        if self._state is State.HALF_OPEN or self._count >= self.failures:
-            self._state = State.OPEN
-            self._opened_at = time.monotonic()
-            self._trial_running = False
+        self.last_error = error or self.last_error
+        if self.state is State.CLOSED and self._count >= self.failures:
+            self.state = State.OPEN
+            self.opened_at = time.monotonic()
 
-
-class Overloaded(Exception):
-    """More requests in flight than allowed: answer 503 with Retry-After, don't queue."""
-
-
-class InFlight:
-    """Counts requests being served (the event loop is single-threaded: a plain counter)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.current = 0
-
-    def __enter__(self) -> InFlight:
-        if self.current >= self.limit:
-            raise Overloaded
-        self.current += 1
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.current -= 1
+    def trip(self, error: str) -> None:
+        """Open now: the backend failed its own health check."""
+        self.last_error = error
+        if self.state is State.CLOSED:
+            self.state = State.OPEN
+            self.opened_at = time.monotonic()

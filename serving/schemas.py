@@ -2,25 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import runpy
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-MAX_AMOUNT = 1_000_000.0
+from serving.settings import ServingSettings
+
+# What a valid transaction is: the feature repo's declaration, which the batch job and the
+# stream judge events by too (read by path: serving never imports pipelines).
+_EVENT: dict[str, Any] = runpy.run_path(
+    str(ServingSettings.model_fields["repo"].default / "transaction_event.py")
+)
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's ``integer`` includes ``7.0``: take a float without a fraction as the
+    integer it is; a bool, a string or ``7.5`` still fails strict validation."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Id = Annotated[int, BeforeValidator(_integral)]
 
 
 class Transaction(BaseModel):
     """A payment to score."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON types as declared (no bool or string as a number); ints are numbers
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    user_id: int = Field(ge=0, le=2**63 - 1)
-    merchant_id: int = Field(ge=0, le=2**63 - 1)
-    amount: float = Field(gt=0, le=MAX_AMOUNT, allow_inf_nan=False)
+    user_id: Id = Field(ge=_EVENT["ID_MIN"], le=_EVENT["ID_MAX"])
+    merchant_id: Id = Field(ge=_EVENT["ID_MIN"], le=_EVENT["ID_MAX"])
+    amount: float = Field(ge=_EVENT["AMOUNT_MIN"], le=_EVENT["AMOUNT_MAX"], allow_inf_nan=False)
 
 
 class BatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     transactions: list[Transaction] = Field(min_length=1)
 
@@ -45,4 +64,18 @@ class BatchResponse(BaseModel):
 
 
 class Problem(BaseModel):
+    """Every error answer (401, 413, 422, 503): what went wrong, and the request field
+    at fault when there is one."""
+
     detail: str
+    field: str | None = Field(default=None, description="the request field at fault")
+
+
+class Readiness(BaseModel):
+    ready: bool
+    warmed_up: bool
+    model: str = Field(description="name and version served")
+    model_backend: bool = Field(description="the backend answers its health call in budget")
+    online_store: bool = Field(description="every tier answers")
+    materialized: bool = Field(description="every view the model reads has been loaded")
+    reasons: list[str] = Field(description="why not ready (empty when ready)")

@@ -22,16 +22,20 @@ class ServingSettings(BaseSettings):
     backend: Literal["onnx", "triton"] = "onnx"  # in-process ONNX Runtime, or Triton (gRPC)
     triton_url: str = "127.0.0.1:8001"
     api_key: SecretStr | None = None  # required on /predict when set
+    metrics_key: SecretStr | None = None  # required (as X-API-Key) on /metrics when set
     host: str = "127.0.0.1"
     port: int = 8080
-    max_in_flight: int = 64  # past this, 503 + Retry-After instead of queueing
-    max_batch: int = 256
-    features_budget_ms: float = 50.0  # past it: fallback decision (a batch counts as one)
-    model_budget_ms: float = 50.0
+    # admitted, unanswered requests per worker (waiting or running); past it 503 at once.
+    # Read by serving.admission from the environment, where uvicorn's protocol runs.
+    max_in_flight: int = 64
+    max_batch: int = 256  # rows per /predict/batch request; also the largest coalesced batch
+    queue_budget_ms: float = 50.0  # not started this long after arrival: 503, not a fallback
+    features_budget_ms: float = 50.0  # store read past it: fallback decision
+    model_budget_ms: float = 50.0  # model call past it: fallback decision
     review_threshold: float = 0.3
     decline_threshold: float = 0.8
-    breaker_failures: int = 5  # consecutive failures that open a breaker
-    breaker_reset_s: float = 5.0  # open this long before a half-open trial
+    breaker_failures: int = 5  # consecutive failed backend calls that open a breaker
+    breaker_probe_s: float = 0.5  # how often the backends' health calls are probed
 
     @model_validator(mode="after")
     def _check(self) -> ServingSettings:

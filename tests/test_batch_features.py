@@ -11,12 +11,14 @@ import reference
 from conftest import (
     EDGE_MERCHANT,
     EDGE_USER,
+    ROOT,
     STALE_USER,
     VELOCITY_USER,
     Project,
     read_offline,
 )
 
+from pipelines.batch_features import BACKFILL_CREATED
 from pipelines.batch_job import check_contract, run_batch
 from pipelines.contract import entities, feature_views
 from pipelines.errors import HotpathError
@@ -116,8 +118,8 @@ def test_snapshot_closes_with_zero_row(batch_done: Project) -> None:
 )
 def test_per_event_features_match_pandas(batch_done: Project, table, keys, compute) -> None:
     actual = read_offline(batch_done, table)
-    if "created" in actual:  # the stream's tie-breaker: batch rows are created at event time
-        assert (actual.pop("created") == actual.event_timestamp).all()
+    if "created" in actual:  # backfilled rows supersede streamed ones for the same instant
+        assert (actual.pop("created") == pd.Timestamp(BACKFILL_CREATED)).all()
     expected = compute(batch_done.transactions)
     assert_frames_match(actual, expected, [*keys, "event_timestamp"])
 
@@ -185,3 +187,55 @@ def test_no_snapshot_from_the_future(batch_done: Project, spark) -> None:
     users = read_offline(batch_done, "user_spending_stats")
     assert users.event_timestamp.max() <= pd.Timestamp(datetime.now(UTC))
     assert users.event_timestamp.max() == pd.Timestamp(today, tz="UTC")
+
+
+# (user_id, merchant_id, amount, seconds ahead of now, the code every reader must give)
+JUDGED = [
+    (1, 2, 0.0, 0, None),  # a card verification
+    (1, 2, 1_000_000.0, 0, None),
+    (0, 2**63 - 1, 10.0, 0, None),
+    (1, 2, 10.0, 290, None),
+    (1, 2, -0.01, 0, "bad_amount"),
+    (1, 2, 1_000_000.01, 0, "bad_amount"),
+    (1, 2, float("nan"), 0, "bad_amount"),
+    (1, 2, float("inf"), 0, "bad_amount"),
+    (-1, 2, 10.0, 0, "bad_type"),
+    (1, -1, 10.0, 0, "bad_type"),
+    (1, 2, 10.0, 310, "future_timestamp"),
+]
+
+
+def test_batch_stream_and_serving_judge_events_alike(spark) -> None:
+    """One declaration (``feature_repo/transaction_event.py``) behind all three readers: the
+    Spark backfill's check, the stream's parser and the ``/predict`` request schema give the
+    verdicts written out above (serving has no event time to judge)."""
+    from pydantic import ValidationError
+
+    from pipelines.batch_job import judge
+    from pipelines.contract import event_rules
+    from pipelines.stream.events import Rejected, parse
+    from serving.schemas import Transaction
+
+    rules = event_rules(ROOT / "feature_repo")
+    now = datetime.now(UTC).replace(microsecond=0)
+    rows = [(i, u, m, a, now + timedelta(seconds=s)) for i, (u, m, a, s, _) in enumerate(JUDGED)]
+    df = spark.createDataFrame(
+        rows, "i long, user_id long, merchant_id long, amount double, event_timestamp timestamp"
+    )
+    batch = [r.code for r in judge(df, rules, now).orderBy("i").collect()]
+    stream = []
+    for _, u, m, a, t in rows:
+        event = {"user_id": u, "merchant_id": m, "amount": a, "event_timestamp": t.isoformat()}
+        out = parse(event, 0.0, rules, now=now.timestamp())
+        stream.append(out.code if isinstance(out, Rejected) else None)
+    serving = []
+    for _, u, m, a, _t in rows:
+        try:
+            Transaction.model_validate({"user_id": u, "merchant_id": m, "amount": a})
+            serving.append(True)
+        except ValidationError:
+            serving.append(False)
+    expected = [case[-1] for case in JUDGED]
+    assert batch == expected
+    assert stream == expected
+    assert serving == [c in (None, "future_timestamp") for c in expected]

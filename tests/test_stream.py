@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,12 +27,14 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 import reference
-from conftest import ROOT, Project, free_port
+from conftest import ROOT, Project, free_port, start_redis_server
 
 from pipelines import store
+from pipelines.contract import event_rules
 from pipelines.settings import Settings
 from pipelines.stream.aggregates import UserWindow, aggregate, apply
 from pipelines.stream.events import Event, Rejected, parse
+from pipelines.stream.sinks import DeadLetterSink
 
 FEATURES = [
     "user_txn_count_5m",
@@ -40,6 +46,7 @@ FEATURES = [
 AGGS = [aggregate(f) for f in FEATURES]
 FIRST_USER = 100_000  # stream-test users: none of the project's own
 LATENESS_S = 120
+RULES = event_rules(ROOT / "feature_repo")
 
 
 # ------------------------------------------------------------------ pure functions
@@ -60,8 +67,10 @@ def _event(**kw) -> dict:
         (_event(amount="ten"), "bad_type"),
         (_event(amount=None), "bad_type"),
         (_event(amount=-5.0), "bad_amount"),
-        (_event(amount=0), "bad_amount"),
+        (_event(amount=-0.01), "bad_amount"),
         (_event(amount=float("inf")), "bad_amount"),
+        (_event(amount=float("nan")), "bad_amount"),
+        (_event(amount=1_000_000.01), "bad_amount"),
         (_event(amount=1e9), "bad_amount"),
         (_event(event_timestamp="yesterday"), "bad_type"),
         (_event(event_timestamp="2026-01-01T00:00:00"), "bad_type"),  # no time zone
@@ -69,9 +78,23 @@ def _event(**kw) -> dict:
     ],
 )
 def test_bad_events_are_rejected_with_a_reason(raw, code: str) -> None:
-    out = parse(raw, 1.0, max_future_s=300)
+    out = parse(raw, 1.0, RULES)
     assert isinstance(out, Rejected), out
     assert out.code == code and out.reason
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"amount": 0.0},  # a card verification: a payment like any other
+        {"amount": 0},
+        {"amount": 1_000_000.0},
+        {"user_id": 0, "merchant_id": 2**63 - 1},
+        {"event_timestamp": int((time.time() + 290) * 1e6)},  # within the 5-minute skew
+    ],
+)
+def test_declared_bounds_are_inclusive(fields: dict) -> None:
+    assert isinstance(parse(_event(**fields), 1.0, RULES), Event)
 
 
 def test_event_forms_parse_to_the_same_event() -> None:
@@ -83,7 +106,7 @@ def test_event_forms_parse_to_the_same_event() -> None:
         json.dumps(_event(event_timestamp=t.isoformat())).encode(),
         _event(event_timestamp=micros, user_id="1"),
     ]
-    parsed = [parse(f, 7.0, max_future_s=300, now=t.timestamp()) for f in forms]
+    parsed = [parse(f, 7.0, RULES, now=t.timestamp()) for f in forms]
     assert all(p == Event(1, 2, 3.5, micros, 7.0) for p in parsed), parsed
 
 
@@ -130,10 +153,64 @@ def _late_copies(df: pd.DataFrame, n: int) -> pd.DataFrame:
     return late
 
 
+def _valid(events: pd.DataFrame) -> pd.DataFrame:
+    """The payments every reader must count, by the issue's rule written out here (not the
+    code under test): ids >= 0, 0 <= amount <= 1,000,000, at most 5 minutes ahead of now."""
+    ok = (
+        events.amount.between(0, 1_000_000)  # NaN: False
+        & (events.user_id >= 0)
+        & (events.merchant_id >= 0)
+        & (events.event_timestamp <= pd.Timestamp.now(tz="UTC") + pd.Timedelta(minutes=5))
+    )
+    return events[ok]
+
+
 def _latest_expected(events: pd.DataFrame) -> pd.DataFrame:
-    """Per user, the aggregates as of their newest event (pandas, independent)."""
-    ref = reference.user_velocity(events)
+    """Per user, the aggregates as of their newest valid event (pandas, independent)."""
+    ref = reference.user_velocity(_valid(events))
     return ref.sort_values("event_timestamp").groupby("user_id").tail(1).set_index("user_id")
+
+
+VIEW_TTL = {  # the views' declared TTLs and features, for the oracle
+    "user_velocity": (pd.Timedelta(hours=1), FEATURES[:4]),
+    "user_merchant_spread": (pd.Timedelta(hours=24), FEATURES[4:]),
+}
+
+
+def _online_expected(events: pd.DataFrame, now: pd.Timestamp) -> pd.DataFrame:
+    """What the online store may hold: the newest row per user, each view's values missing
+    (NaN) where that row was already older than the view's TTL."""
+    want = _latest_expected(events).astype({f: float for f in FEATURES})
+    for ttl, features in VIEW_TTL.values():
+        want.loc[now - want.event_timestamp > ttl, features] = np.nan
+    return want[FEATURES]
+
+
+def _edge_cases(end: datetime) -> pd.DataFrame:
+    """Users FIRST_USER+900..903: 0.00 payments (card verifications), same-instant ties, and
+    payments exactly on, 1 µs inside and 1 µs outside the 5-minute, 1-hour and 24-hour
+    windows, each user's newest within the hour before ``end``; then payments every reader
+    must refuse (negative, over the maximum, NaN, an hour ahead) on the same users."""
+    us, m5, h1, d1 = (timedelta(microseconds=1), timedelta(minutes=5), timedelta(hours=1),
+                      timedelta(days=1))  # fmt: skip
+    end = end.replace(microsecond=0)
+    a, b, c, d = (FIRST_USER + 900 + i for i in range(4))
+    t5, t1h, t24 = end - timedelta(minutes=50), end - timedelta(minutes=65), end - 10 * m5
+    rows = [
+        (a, 1, t5, 0.0), (a, 2, t5 + m5 - us, 2.0), (a, 3, t5 + m5, 0.0),
+        (a, 1, t5 + m5 + us, 4.0), (a, 2, t5 + 2 * m5, 0.0), (a, 4, t5 + 2 * m5, 8.0),
+        (b, 1, t1h, 1.0), (b, 2, t1h + h1 - us, 0.0), (b, 3, t1h + h1, 2.0),
+        (b, 3, t1h + h1 + us, 0.0),
+        (c, 1, t24 - d1 - us, 1.0), (c, 2, t24 - d1, 5.0), (c, 3, t24 - d1 + us, 0.0),
+        (c, 4, t24, 0.0), (c, 4, t24, 0.0),
+        (d, 1, end - 4 * m5, 0.0), (d, 2, end - 4 * m5 + us, 0.0),
+        # refused by every reader
+        (a, 5, t5 + m5 + 2 * us, -0.01), (b, 5, t1h + h1, 1_000_000.01),
+        (c, 5, t24, float("nan")), (d, 5, end + h1, 3.0),
+    ]  # fmt: skip
+    df = pd.DataFrame(rows, columns=["user_id", "merchant_id", "event_timestamp", "amount"])
+    df["event_timestamp"] = pd.to_datetime(df.event_timestamp, utc=True).dt.floor("us")
+    return df
 
 
 def _as_events(df: pd.DataFrame) -> list[Event]:
@@ -212,8 +289,10 @@ def _mismatches(fs, want: pd.DataFrame) -> list[str]:
     bad = []
     for u, row in want.iterrows():
         for f in FEATURES:
-            g = got.loc[u, f]
-            if pd.isna(g) or abs(float(g) - float(row[f])) > 1e-9 * max(1.0, abs(row[f])):
+            g, missing = got.loc[u, f], pd.isna(row[f])  # expected missing: past its TTL
+            if pd.isna(g) != missing or (
+                not missing and abs(float(g) - float(row[f])) > 1e-9 * max(1.0, abs(row[f]))
+            ):
                 bad.append(f"user {u} {f}: online {g} expected {row[f]}")
     return bad
 
@@ -363,6 +442,10 @@ def test_kill_9_and_recover_gives_exact_values(stream_root, redis_url, tmp_path)
 
 def _write_events(df: pd.DataFrame, path: Path) -> Path:
     table = pa.Table.from_pandas(df.reset_index(drop=True), preserve_index=False)
+    # a NaN amount stays NaN (pyarrow would write it as null)
+    table = table.set_column(
+        table.schema.get_field_index("amount"), "amount", pa.array(df.amount.to_numpy(float))
+    )
     path.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path / "events.parquet")
     return path
@@ -375,9 +458,11 @@ def _hashes(url: str) -> dict[bytes, dict[bytes, bytes]]:
 
 @pytest.fixture(scope="module")
 def file_runs(stream_root, redis_url, tmp_path_factory):
-    """The same events through the file source: once on one process, once on two."""
+    """The same events through the file source: once on one process, once on two. Hand-placed
+    edge cases among them: 0.00 amounts, ties, window edges, and refused payments."""
     tmp = tmp_path_factory.mktemp("file_runs")
-    events = _events(30, 40, seed=21, end=datetime.now(UTC))
+    now = datetime.now(UTC)
+    events = pd.concat([_events(30, 40, seed=21, end=now), _edge_cases(now)], ignore_index=True)
     path = _write_events(events, tmp / "events")
     one, two = _settings(stream_root, redis_url, 5), _settings(stream_root, redis_url, 6)
     fs_one, _ = _open(one), _open(two)
@@ -403,12 +488,15 @@ def test_two_processes_equal_one(file_runs) -> None:
 
 
 def test_spark_backfill_equals_the_stream(file_runs, spark) -> None:
-    """The Spark batch job's user_velocity over the same events equals the rows the stream
-    appended to the offline store, at every event time, and the online values."""
+    """The Spark batch job's user_velocity over the same events (judged valid by the batch
+    job's own check) equals the rows the stream appended to the offline store, at every
+    event time: 0.00 amounts counted by both, ties, window edges, refused events by neither."""
     from pipelines import batch_features
+    from pipelines.batch_job import judge
 
     events, one, _, _ = file_runs
-    tx = spark.createDataFrame(events)
+    judged = judge(spark.createDataFrame(events), RULES, datetime.now(UTC))
+    tx = judged.filter("code is null").drop("code", "reason")
     day = events.event_timestamp.dt.date
     spark_rows = (
         batch_features.user_velocity(tx, day.min(), day.max()).toPandas().drop(columns="date")
@@ -421,9 +509,106 @@ def test_spark_backfill_equals_the_stream(file_runs, spark) -> None:
     for df in (spark_rows, streamed):
         df["event_timestamp"] = df.event_timestamp.astype("datetime64[us, UTC]")
     merged = spark_rows.merge(streamed, on=key, suffixes=("_spark", "_stream"), how="outer")
-    assert len(merged) == len(spark_rows) == len(streamed) == len(reference.user_velocity(events))
+    want = reference.user_velocity(_valid(events))
+    assert len(merged) == len(spark_rows) == len(streamed) == len(want)
     for f in FEATURES:
         np.testing.assert_allclose(merged[f"{f}_stream"], merged[f"{f}_spark"], rtol=1e-12)
+    want["event_timestamp"] = want.event_timestamp.astype("datetime64[us, UTC]")
+    merged = merged.merge(want, on=key, validate="1:1")
+    for f in FEATURES:
+        np.testing.assert_allclose(merged[f"{f}_spark"], merged[f], rtol=1e-12, err_msg=f)
+
+
+def _unseen(events: pd.DataFrame) -> pd.DataFrame:
+    """Payments that reached the raw data but not the stream (late ones it dead-lettered):
+    one a second before the 5th payment of each of 6 users, so later rows differ."""
+    fifth = _valid(events).sort_values("event_timestamp").groupby("user_id").nth(4).head(6)
+    return fifth.assign(
+        event_timestamp=fifth.event_timestamp - pd.Timedelta(seconds=1), merchant_id=77, amount=77.0
+    )
+
+
+def _append_raw(raw_dir: Path, df: pd.DataFrame) -> None:
+    """``df`` as raw transactions (the generator's schema), NaN amounts kept as NaN."""
+    from pipelines.generate import TRANSACTION_SCHEMA
+
+    df = df.assign(
+        transaction_id=range(7 * 10**12, 7 * 10**12 + len(df)), device_id=1, country="US",
+        is_fraud=False, fraud_pattern="", label_ts=df.event_timestamp + pd.Timedelta(days=1),
+    )  # fmt: skip
+    for day, part in df.groupby(df.event_timestamp.dt.strftime("%Y-%m-%d")):
+        table = pa.Table.from_pandas(part[TRANSACTION_SCHEMA.names], TRANSACTION_SCHEMA, False)
+        i = TRANSACTION_SCHEMA.get_field_index("amount")
+        table = table.set_column(i, "amount", pa.array(part.amount.to_numpy(float)))
+        folder = raw_dir / "transactions" / f"date={day}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, folder / "part-stream-test.parquet")
+
+
+def _historical(fs, want: pd.DataFrame) -> pd.DataFrame:
+    """Feast's point-in-time answer at each (user, event time) of ``want``, merged onto it."""
+    got = fs.get_historical_features(
+        entity_df=want[["user_id", "event_timestamp"]],
+        features=[f"user_velocity:{f}" for f in FEATURES[:4]]
+        + ["user_merchant_spread:user_distinct_merchants_24h"],
+    ).to_df()
+    got["event_timestamp"] = pd.to_datetime(got.event_timestamp, utc=True).astype(
+        "datetime64[us, UTC]"
+    )
+    key = ["user_id", "event_timestamp"]
+    return want.merge(got, on=key, suffixes=("", "_feast"), how="left", validate="1:1")
+
+
+def test_offline_answer_does_not_depend_on_writer_order(file_runs, stream_root, spark, tmp_path):
+    """Spark, the stream and get_historical_features agree, whichever writer ran last: on a
+    copy holding the stream's offline rows, the backfill runs (stream, then backfill), then
+    the stream runs again (backfill, then stream). Both times Feast's point-in-time answer at
+    every event time equals pandas over every valid payment, including the ones the stream
+    never saw; the refused ones are counted, written with their code, and are exactly the
+    ones the stream dead-lettered."""
+    from bytewax.testing import run_main
+
+    from pipelines.batch_job import run_batch
+    from pipelines.stream.flow import StreamSettings, build_flow
+
+    events = file_runs[0]
+    late = _unseen(events)
+    root = tmp_path / "project"
+    shutil.copytree(
+        stream_root,
+        root,
+        ignore=shutil.ignore_patterns("registry*", "online*", "__pycache__", "stream"),
+    )
+    s = Settings(repo=root / "feature_repo")
+    assert list((s.offline_dir / "user_velocity").glob("date=*/stream-*.parquet"))  # streamed
+    _append_raw(s.raw_dir, pd.concat([events, late], ignore_index=True))
+    fs = store.open_store(s)
+    store.apply(fs)
+    want = reference.user_velocity(_valid(pd.concat([events, late], ignore_index=True)))
+    want["event_timestamp"] = want.event_timestamp.astype("datetime64[us, UTC]")
+    days = pd.concat([events, late]).event_timestamp.dt.date
+
+    refused = []
+    run_batch(spark, s.repo, s.raw_dir, s.offline_dir, days.min(), days.max(), ["user_velocity"],
+              on_refused=refused.append)  # fmt: skip
+    key = ["user_id", "event_timestamp"]
+    answers = {"stream, then backfill": _historical(fs, want)}
+    path = _write_events(events, tmp_path / "events")  # the stream never sees ``late``
+    run_main(build_flow(s, StreamSettings(source="file", file=path, offline=True)))
+    answers["backfill, then stream"] = _historical(fs, want)
+    for order, got in answers.items():
+        for f in FEATURES:
+            bad = got[~np.isclose(got[f"{f}_feast"], got[f], rtol=1e-12, atol=0)]
+            assert bad.empty, f"{order}: {f}\n{bad[[*key, f, f + '_feast']]}"
+
+    invalid = events.drop(_valid(events).index)
+    assert refused[0].by_code == {"bad_amount": 3, "future_timestamp": 1} and len(invalid) == 4
+    table = pd.read_parquet(s.data_dir / "rejected" / "transactions")
+    assert sorted(table.code) == ["bad_amount"] * 3 + ["future_timestamp"]
+    assert table.reason.str.len().min() > 0
+    assert sorted(table.user_id) == sorted(invalid.user_id)
+    dead = [json.loads(line) for line in (s.data_dir / "stream" / "dead_letter.jsonl").open()]
+    assert sorted(d["code"] for d in dead) == sorted(table.code)
 
 
 def test_kafka_unreachable_fails_fast(stream_root) -> None:
@@ -443,15 +628,327 @@ def test_kafka_unreachable_fails_fast(stream_root) -> None:
 
 def test_embedded_profile_writes_sqlite_through_feast(file_runs, stream_root) -> None:
     """The embedded default (SQLite online store, written through Feast's own
-    online_write_batch), run in this process by Bytewax's runtime."""
+    online_write_batch), run in this process by Bytewax's runtime. Two users last paid 2
+    hours and 5 days ago: a replay must not write a row already past a view's TTL (Feast's
+    SDK would serve it as current), so the one-hour view holds nothing for either."""
     from bytewax.testing import run_main
 
     from pipelines.stream.flow import StreamSettings, build_flow
 
-    events = file_runs[0]
+    now = pd.Timestamp.now(tz="UTC").floor("us")
+    old = pd.DataFrame(
+        {
+            "user_id": [FIRST_USER + 950] * 2 + [FIRST_USER + 951] * 2,
+            "merchant_id": [1, 2, 1, 2],
+            "event_timestamp": [now - pd.Timedelta(minutes=m) for m in (125, 120, 7205, 7200)],
+            "amount": [5.0, 0.0, 7.0, 1.0],
+        }
+    )
+    events = pd.concat([file_runs[0], old], ignore_index=True)
     path = _write_events(events, stream_root.parent / "embedded_events")
     s = Settings(repo=stream_root / "feature_repo")
     fs = store.open_store(s)
     store.apply(fs)
     run_main(build_flow(s, StreamSettings(source="file", file=path, offline=False)))
-    assert _mismatches(fs, _latest_expected(events)) == []
+    want = _online_expected(events, now)
+    assert want.loc[FIRST_USER + 950].isna().sum() == 4  # the 24-hour view's value stays
+    assert want.loc[FIRST_USER + 951].isna().all()
+    assert _mismatches(fs, want) == []
+
+
+@pytest.mark.parametrize("profile", ["embedded", "redis"])
+def test_rows_past_their_views_ttl_never_reach_the_online_store(
+    stream_root, redis_url, profile: str
+) -> None:
+    """The stream's writer at a fixed clock: a row older than a view's TTL is not written to
+    that view (the views on one push source have their own TTLs), a row exactly TTL old
+    still is, a later, newer row wins, and the skipped rows are counted. SQLite through
+    Feast's write, Redis by compare-and-set (the Redis Cluster: tests/test_tiers.py)."""
+    from pipelines.stream import metrics
+    from pipelines.stream.flow import stream_views
+    from pipelines.stream.sinks import OnlineWriter, Row
+
+    if profile == "redis":
+        fs = _open(_settings(stream_root, redis_url, 7))
+    else:
+        fs = store.open_store(Settings(repo=stream_root / "feature_repo"))
+        store.apply(fs)
+    now = time.time()
+    writer = OnlineWriter(fs, stream_views(fs, "user_velocity_push"), clock=lambda: now)
+    hour, u = 3600 * 1_000_000, FIRST_USER + 960
+
+    def row(user: int, age_us: int, n: int) -> Row:
+        values = {f: n if "sum" not in f else n * 1.5 for f in FEATURES}
+        return Row(user, int(now * 1e6) - age_us, values, 0.0)
+
+    def skipped() -> list[float]:
+        return [metrics.EXPIRED.labels(v)._value.get() for v in VIEW_TTL]
+
+    before = skipped()
+    writer.write([row(u, 120 * hour, 1), row(u + 1, 2 * hour, 2), row(u + 2, hour, 3),
+                  row(u + 3, hour + 1, 4)])  # fmt: skip
+    got = _online(fs, [u, u + 1, u + 2, u + 3])
+    assert got.user_amount_sum_5m.isna().tolist() == [True, True, False, True]
+    assert got.user_distinct_merchants_24h.fillna(-1).tolist() == [-1, 2, 3, 4]
+    assert [b - a for a, b in zip(before, skipped(), strict=True)] == [3, 1]
+    writer.write([row(u, 1_000_000, 5)])  # a later, newer row wins
+    assert _online(fs, [u]).loc[u, FEATURES].tolist() == [5, 7.5, 5, 7.5, 5]
+    if profile == "redis":  # an older row never overwrites (compare-and-set)
+        writer.write([row(u, 2 * hour, 6), row(u, 30 * 1_000_000, 7)])
+        assert _online(fs, [u]).loc[u, FEATURES].tolist() == [5, 7.5, 5, 7.5, 5]
+
+
+# ------------------------------------------------------------------ crashes and stop requests
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[str]:
+    """A redis-server of the test's own: its stream, group and online keys alone."""
+    (tmp_path / "redis").mkdir()
+    proc, url = start_redis_server(tmp_path / "redis")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _wait_for(condition, what: str, timeout: float = 30.0) -> None:
+    """Poll an observable condition (the group, the recovery tables), never a blind sleep."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _group(client: redis.Redis, stream: str = "tx") -> dict:
+    """The consumer group's pending count and last-delivered id ("0-0" before any read)."""
+    if not client.exists(stream):
+        return {"pending": 0, "last": "0-0"}
+    groups = client.xinfo_groups(stream)
+    if not groups:
+        return {"pending": 0, "last": "0-0"}
+    return {"pending": groups[0]["pending"], "last": groups[0]["last-delivered-id"].decode()}
+
+
+def _recovery(rec: Path) -> sqlite3.Connection:
+    """The flow's recovery partition, read (or locked) beside the running flow."""
+    _wait_for(lambda: (rec / "part-0.sqlite3").exists(), "the recovery store")
+    return sqlite3.connect(rec / "part-0.sqlite3", timeout=10, isolation_level=None)
+
+
+def _rows(db: sqlite3.Connection, table: str) -> list[tuple]:
+    try:
+        return db.execute(f"SELECT * FROM {table}").fetchall()  # noqa: S608 - fixed names
+    except sqlite3.OperationalError:  # the flow has not created its tables yet
+        return []
+
+
+def _commit(db: sqlite3.Connection) -> int | None:
+    """The recovery store's committed epoch (None: none yet)."""
+    try:
+        return db.execute("SELECT MAX(commit_epoch) FROM commits").fetchone()[0]
+    except sqlite3.OperationalError:  # the flow has not created its tables yet
+        return None
+
+
+def _push_ids(url: str, payloads: list) -> list[str]:
+    """XADD each payload to ``tx``; the source id of each (``tx:<entry id>``)."""
+    pipe = redis.Redis.from_url(url).pipeline(transaction=False)
+    for p in payloads:
+        pipe.xadd("tx", {"event": p if isinstance(p, bytes) else json.dumps(p)})
+    return [f"tx:{i.decode()}" for i in pipe.execute()]
+
+
+def _dead_letter_ids(client: redis.Redis) -> list[str]:
+    return [fields[b"id"].decode() for _, fields in client.xrange("tx:dead-letter")]
+
+
+def _with_bad(payloads: list[dict]) -> tuple[list, list[int]]:
+    """``payloads`` with the malformed events spread through; the positions of those."""
+    out = list(payloads)
+    for i, bad in enumerate(BAD):
+        out.insert(i * (len(payloads) // len(BAD)) + 1, bad)
+    return out, [i for i, p in enumerate(out) if any(p is b for b in BAD)]
+
+
+def _entry_key(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
+
+
+@pytest.mark.parametrize("point", ["before_first_commit", "mid_epoch", "after_commit"])
+def test_kill_9_at_each_point_gives_exact_values_and_dead_letters_once(
+    point: str, stream_root, own_redis, tmp_path
+) -> None:
+    """kill -9 at a point placed by watching the group and the recovery store, then a
+    restart with the same recovery folder: the online values equal pandas over every valid,
+    timely event, and each rejected or late event is in the dead-letter stream exactly once.
+
+    * before_first_commit: the flow has acknowledged its first epoch's entries and cannot
+      commit it (the test holds the recovery store's write lock), the case that lost state
+      when a restart trusted the acks;
+    * mid_epoch: after commits, with entries read and dead-lettered in an epoch not yet
+      snapshotted (still pending when the flow is dead);
+    * after_commit: the moment a commit covering everything read so far appears.
+    """
+    s = _settings(stream_root, own_redis, 0)
+    fs = _open(s)
+    client = redis.Redis.from_url(s.redis_url)
+    events = _events(30, 40, seed=31, end=datetime.now(UTC))
+    order = _delivery_order(events, seed=32, skew_s=30)
+    first, second = order.iloc[: len(order) // 2], order.iloc[len(order) // 2 :]
+    p1, bad1 = _with_bad(_payloads(first))
+    late = _payloads(_late_copies(first, 5))  # late behind the first half's newest
+    p2, bad2 = _with_bad(_payloads(second))
+    rec = tmp_path / "rec"
+    args = (
+        "--source", "redis", "--streams", "tx", "--lateness", str(LATENESS_S),
+        "--snapshot-interval", "2", "--no-offline", "--recovery-dir", str(rec),
+    )  # fmt: skip
+    log = tmp_path / "stream.log"
+    ids1 = _push_ids(s.redis_url, p1 + late)
+    rejected = {ids1[i] for i in bad1} | set(ids1[len(p1) :])
+    proc = _stream(s, *args, log=log)
+    db = _recovery(rec)
+    try:
+        if point == "before_first_commit":
+            _wait_for(lambda: _rows(db, "exs") and _group(client)["pending"] > 0, "a first read")
+            db.execute("BEGIN IMMEDIATE")  # no commit (no snapshot write) from here on
+            assert _rows(db, "commits") == []
+            read = _group(client)["pending"]
+            # the end of the first epoch: its entries acknowledged, its commit blocked
+            _wait_for(lambda: _group(client)["pending"] < read, "the first ack", timeout=4)
+            assert client.xlen("tx:dead-letter") > 0
+            proc.kill()
+            proc.wait(timeout=10)
+            db.execute("ROLLBACK")
+            assert _rows(db, "commits") == []  # killed between the first ack and commit
+        elif point == "mid_epoch":
+            _wait_for(lambda: _commit(db) is not None and _group(client)["last"] == ids1[-1][3:],
+                      "a commit and the first half read")  # fmt: skip
+            seen = _commit(db)
+            _wait_for(lambda: _commit(db) != seen, "a new epoch")  # read again right after
+            ids2 = _push_ids(s.redis_url, p2)
+            rejected |= {ids2[i] for i in bad2}
+            committed = _commit(db)
+
+            def read_not_snapshotted() -> bool:
+                if client.xlen("tx:dead-letter") < len(rejected):
+                    return False
+                assert _group(client)["pending"] > 0, "the epoch ended first: machine too slow?"
+                return True
+
+            _wait_for(read_not_snapshotted, "the second half read and dead-lettered")
+            proc.kill()
+            proc.wait(timeout=10)
+            assert _group(client)["pending"] > 0, "killed after the epoch's snapshot"
+            assert _commit(db) == committed  # the epoch that read the second half: uncommitted
+        else:
+            _wait_for(
+                lambda: _group(client)["last"] == ids1[-1][3:] and _group(client)["pending"] == 0,
+                "the first half read and acknowledged",
+            )
+            seen = _commit(db)
+            _wait_for(lambda: _commit(db) != seen, "the next commit")
+            proc.kill()
+            proc.wait(timeout=10)
+        if point != "mid_epoch":  # (mid-epoch, the second half may be online already)
+            assert _mismatches(fs, _latest_expected(events))  # not finished when killed
+            ids2 = _push_ids(s.redis_url, p2)
+            rejected |= {ids2[i] for i in bad2}
+        proc = _stream(s, *args, log=log)
+        _eventually_equal(fs, _latest_expected(events), timeout=60)
+        _wait_for(lambda: client.xlen("tx:dead-letter") >= len(rejected), "the dead letters")
+        assert sorted(_dead_letter_ids(client)) == sorted(rejected)  # each exactly once
+    finally:
+        db.close()
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_stop_signal_drains_commits_and_prints_the_summary(
+    sig: signal.Signals, stream_root, own_redis, tmp_path
+) -> None:
+    """SIGINT (Ctrl-C) or SIGTERM while events flow: the sources end at their next batch,
+    every event read is in the online store, its epoch committed and acknowledged, the
+    summary printed, exit 0, no panic."""
+    s = _settings(stream_root, own_redis, 0)
+    fs = _open(s)
+    client = redis.Redis.from_url(s.redis_url)
+    end = datetime.now(UTC)
+    events = _events(20, 30, seed=41, end=end)
+    # squeezed into the last 40 minutes: any prefix's newest rows are within the views' TTL
+    events["event_timestamp"] = (end - (end - events.event_timestamp) * (40 / 180)).dt.floor("us")
+    order = _delivery_order(events, seed=42, skew_s=30)
+    payloads = _payloads(order)
+    ids = _push_ids(s.redis_url, payloads[:200])
+    rec = tmp_path / "rec"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "stream", "--source", "redis", "--streams", "tx",
+         "--lateness", str(LATENESS_S), "--snapshot-interval", "0.5", "--no-offline",
+         "--recovery-dir", str(rec)],
+        env=_env(s), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: _group(client)["last"] != "0-0", "the first read", timeout=60)
+        ids += _push_ids(s.redis_url, payloads[200:])  # arriving while it stops
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "panic" not in err.lower() and "Traceback" not in err, err[-3000:]
+    assert "stopped on request" in out
+    summary = re.search(r"([\d,]+) events, ([\d,]+) online writes", out)
+    assert summary, out
+    group = _group(client)
+    read = [i for i in ids if _entry_key(i[3:]) <= _entry_key(group["last"])]
+    assert int(summary[1].replace(",", "")) == len(read)
+    assert group["pending"] == 0  # the last epoch was snapshotted (and acknowledged)
+    db = _recovery(rec)
+    try:
+        snap = db.execute(
+            "SELECT ser_change FROM snaps WHERE step_id LIKE '%events' "
+            "ORDER BY snap_epoch DESC LIMIT 1"
+        ).fetchone()
+        assert pickle.loads(snap[0]) == group["last"]  # the position, committed
+        assert _commit(db) is not None
+    finally:
+        db.close()
+    # nothing read is missing from the online store, with no time to catch up
+    assert _mismatches(fs, _latest_expected(order.iloc[: len(read)])) == []
+
+
+def _rejected(code: str = "malformed") -> Rejected:
+    return Rejected(b"{not json", "event is not valid JSON", 1.0, code)
+
+
+def test_dead_letter_file_writes_each_source_id_once(tmp_path) -> None:
+    """The JSON-lines dead-letter output after a crash: a restarted sink skips the ids
+    already in the file and drops a line the crash cut short (its event is replayed)."""
+    path = tmp_path / "stream" / "dead_letter.jsonl"
+    DeadLetterSink(str(path)).build("dead_letter", 0, 1).write_batch(
+        [("file:1", _rejected()), ("file:2", _rejected("late"))]
+    )
+    with path.open("a") as f:
+        f.write('{"id": "file:3", "rea')  # killed mid-line
+    again = DeadLetterSink(str(path)).build("dead_letter", 0, 1)  # the restart
+    again.write_batch([("file:1", _rejected()), ("file:3", _rejected()), ("file:3", _rejected())])
+    again.write_batch([("file:2", _rejected("late")), ("file:4", _rejected())])
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["id"] for r in records] == ["file:1", "file:2", "file:3", "file:4"]
+    assert all(r["reason"] and r["code"] and r["event"] for r in records)
+
+
+def test_dead_letter_stream_writes_each_source_id_once(own_redis) -> None:
+    """The Redis dead-letter stream: a replayed source id is not added again; the companion
+    hash maps each source id to its dead-letter entry."""
+    sink = DeadLetterSink("tx:dead-letter", own_redis)
+    sink.build("dead_letter", 0, 1).write_batch([("tx:1-0", _rejected()), ("tx:2-0", _rejected())])
+    sink.build("dead_letter", 0, 1).write_batch(
+        [("tx:2-0", _rejected()), ("tx:3-0", _rejected("late")), ("tx:3-0", _rejected("late"))]
+    )
+    client = redis.Redis.from_url(own_redis)
+    entries = client.xrange("tx:dead-letter")
+    assert [f[b"id"] for _, f in entries] == [b"tx:1-0", b"tx:2-0", b"tx:3-0"]
+    assert client.hgetall("tx:dead-letter:ids") == {f[b"id"]: e for e, f in entries}
+    assert all(f[b"reason"] and f[b"code"] and f[b"event"] for _, f in entries)

@@ -239,6 +239,25 @@ def test_stream_writes_reach_the_cluster_tier(stores, cluster) -> None:
     )
     longest = max(v.ttl.total_seconds() for v in views)
     assert abs(client.ttl(key) - longest) <= 3
+    # rows already past a view's TTL do not reach it: 2 hours old (the 1-hour view stays
+    # empty, the 24-hour one is written), 5 days old (nothing written, no key at all)
+    hour = 3600 * 1_000_000
+    values = row(0, 5).values
+    writer.write([Row(777_002, now_us - 2 * hour, values, 0.0)])
+    writer.write([Row(777_003, now_us - 120 * hour, values, 0.0)])
+    got = tiered.get_online_features(
+        features=[
+            "user_velocity:user_txn_count_5m",
+            "user_merchant_spread:user_distinct_merchants_24h",
+        ],
+        entity_rows=[{"user_id": 777_002}, {"user_id": 777_003}],
+    ).to_dict()
+    assert got["user_txn_count_5m"] == [None, None]
+    assert got["user_distinct_merchants_24h"] == [5, None]
+    five_days_old = EntityKeyProto(
+        join_keys=["user_id"], entity_values=[ValueProto(int64_val=777_003)]
+    )
+    assert not client.exists(serialize_entity_key(five_days_old, 3) + b"hotpath")
 
 
 def _env(**extra: str) -> dict[str, str]:

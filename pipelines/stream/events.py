@@ -1,6 +1,9 @@
 """Transaction events as they arrive on a stream: parsed, validated, or rejected with a reason.
 
-Rejected events go to the dead-letter output with the reason; nothing is dropped silently.
+What is valid is the feature repo's declaration (``transaction_event.py``, as
+:class:`~pipelines.contract.EventRules`), the same one the Spark backfill and serving's
+request schema use. Rejected events go to the dead-letter output with the reason; nothing is
+dropped silently.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-MAX_AMOUNT = 1_000_000.0
-FIELDS = ("user_id", "merchant_id", "amount", "event_timestamp")
+from pipelines.contract import EventRules, event_rules
+from pipelines.settings import DEFAULT_REPO
+
+FIELDS = event_rules(DEFAULT_REPO).fields  # the columns a file replay reads
 US = 1_000_000
 
 
@@ -41,7 +46,7 @@ class _Invalid(ValueError):
         self.code = code
 
 
-def _int(raw: dict[str, Any], name: str) -> int:
+def _int(raw: dict[str, Any], name: str, rules: EventRules) -> int:
     value = raw[name]
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise _Invalid("bad_type", f"{name} is not an integer")
@@ -49,12 +54,12 @@ def _int(raw: dict[str, Any], name: str) -> int:
         out = int(value)
     except ValueError:
         raise _Invalid("bad_type", f"{name} is not an integer") from None
-    if out < 0 or out >= 2**63:
-        raise _Invalid("bad_type", f"{name} is not an int64 id >= 0")
+    if not rules.id_min <= out <= rules.id_max:
+        raise _Invalid("bad_type", f"{name} outside [{rules.id_min}, {rules.id_max}]")
     return out
 
 
-def _amount(raw: dict[str, Any]) -> float:
+def _amount(raw: dict[str, Any], rules: EventRules) -> float:
     value = raw["amount"]
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise _Invalid("bad_type", "amount is not a number")
@@ -62,8 +67,10 @@ def _amount(raw: dict[str, Any]) -> float:
         out = float(value)
     except ValueError:
         raise _Invalid("bad_type", "amount is not a number") from None
-    if not math.isfinite(out) or out <= 0 or out > MAX_AMOUNT:
-        raise _Invalid("bad_amount", f"amount {out} outside (0, {MAX_AMOUNT:g}]")
+    if not (math.isfinite(out) and rules.amount_min <= out <= rules.amount_max):
+        raise _Invalid(
+            "bad_amount", f"amount {out} outside [{rules.amount_min:g}, {rules.amount_max:g}]"
+        )
     return out
 
 
@@ -88,10 +95,11 @@ def _timestamp_us(value: Any) -> int:
 
 
 def parse(
-    raw: Any, ingest_s: float, max_future_s: float, now: float | None = None
+    raw: Any, ingest_s: float, rules: EventRules, now: float | None = None
 ) -> Event | Rejected:
     """An :class:`Event`, or a :class:`Rejected` saying why not (missing field, wrong type,
-    non-positive or absurd amount, timestamp more than ``max_future_s`` ahead)."""
+    id or amount outside the declared bounds, timestamp more than the declared skew ahead
+    of ``now``)."""
     try:
         if isinstance(raw, bytes | str):
             try:
@@ -100,16 +108,17 @@ def parse(
                 raise _Invalid("malformed", "event is not valid JSON") from None
         if not isinstance(raw, dict):
             raise _Invalid("malformed", "event is not a JSON object")
-        missing = [k for k in FIELDS if k not in raw]
+        missing = [k for k in rules.fields if k not in raw]
         if missing:
             raise _Invalid("missing_field", f"missing {', '.join(missing)}")
         ts = _timestamp_us(raw["event_timestamp"])
         now = time.time() if now is None else now
-        if ts > (now + max_future_s) * US:
+        if ts > (now + rules.max_future_s) * US:
             raise _Invalid(
                 "future_timestamp",
-                f"event_timestamp {ts / US:.0f} is more than {max_future_s:g}s ahead",
+                f"event_timestamp {ts / US:.0f} is more than {rules.max_future_s:g}s ahead",
             )
-        return Event(_int(raw, "user_id"), _int(raw, "merchant_id"), _amount(raw), ts, ingest_s)
+        ids = _int(raw, "user_id", rules), _int(raw, "merchant_id", rules)
+        return Event(*ids, _amount(raw, rules), ts, ingest_s)
     except _Invalid as e:
         return Rejected(raw, str(e), ingest_s, e.code)

@@ -19,6 +19,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulBatchLogic
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipelines.contract import event_rules
 from pipelines.errors import HotpathError
 from pipelines.settings import Settings
 from pipelines.stream import metrics
@@ -32,7 +33,13 @@ from pipelines.stream.sinks import (
     Row,
     offline_schema,
 )
-from pipelines.stream.sources import FileReplaySource, RedisStreamSource, kafka_source
+from pipelines.stream.sources import (
+    FileReplaySource,
+    RedisStreamSource,
+    StoppableSource,
+    kafka_source,
+    stop_on_signals,
+)
 
 
 class StreamSettings(BaseSettings):
@@ -51,7 +58,6 @@ class StreamSettings(BaseSettings):
     kafka_brokers: list[str] = ["127.0.0.1:9092"]
     kafka_topics: list[str] = ["transactions"]
     lateness_s: float = 300  # out-of-order tolerance, per user
-    max_future_s: float = 300  # event times further ahead are rejected
     dead_letter: str | None = None  # Redis stream (redis source) or file; default derived
     offline: bool = True
     metrics_port: int | None = None
@@ -79,30 +85,35 @@ def stream_views(store: Any, push_source: str) -> list[Any]:
     return views
 
 
-class _Windows(StatefulBatchLogic[Event, Any, UserWindow]):
+class _Windows(StatefulBatchLogic[tuple[str, Event], Any, UserWindow]):
     def __init__(self, aggs: list[Aggregate], lateness_us: int, state: UserWindow | None):
         self.aggs, self.lateness_us = aggs, lateness_us
         self.state = state or UserWindow()
 
-    def on_batch(self, values: list[Event]) -> tuple[list[Any], bool]:
-        u = apply(self.state, values, self.aggs, self.lateness_us)
-        user = values[0].user_id
+    def on_batch(self, values: list[tuple[str, Event]]) -> tuple[list[Any], bool]:
+        events = [e for _, e in values]  # values: (source id, event)
+        u = apply(self.state, events, self.aggs, self.lateness_us)
+        user = events[0].user_id
         out: list[Any] = [Row(user, t, row, u.ingest_s[t]) for t, row in sorted(u.rows.items())]
+        source_ids = {id(e): sid for sid, e in values} if u.late else {}  # late: same objects
         for e in u.late:
             metrics.LATE.inc()
             late_by = (self.state.newest - e.ts_us) / 1e6
             out.append(
-                Rejected(
-                    {
-                        "user_id": e.user_id,
-                        "merchant_id": e.merchant_id,
-                        "amount": e.amount,
-                        "event_timestamp": e.ts_us,
-                    },
-                    f"late: {late_by:.0f}s behind the user's newest event "
-                    f"(allowed {self.lateness_us / 1e6:g}s)",
-                    e.ingest_s,
-                    "late",
+                (
+                    source_ids[id(e)],
+                    Rejected(
+                        {
+                            "user_id": e.user_id,
+                            "merchant_id": e.merchant_id,
+                            "amount": e.amount,
+                            "event_timestamp": e.ts_us,
+                        },
+                        f"late: {late_by:.0f}s behind the user's newest event "
+                        f"(allowed {self.lateness_us / 1e6:g}s)",
+                        e.ingest_s,
+                        "late",
+                    ),
                 )
             )
         return out, StatefulBatchLogic.RETAIN
@@ -143,15 +154,20 @@ def build_flow(settings: Settings, stream: StreamSettings) -> Dataflow:
     def open_writer() -> OnlineWriter:
         return OnlineWriter(feast_store.open_store(settings), views)
 
-    max_future_s = stream.max_future_s
+    rules = event_rules(settings.repo)  # what a valid event is: the repo's declaration
     flow = Dataflow("hotpath_stream")
-    raw = op.input("events", flow, source)
+    raw = op.input("events", flow, StoppableSource(source))  # ends cleanly on request_stop
     if stream.source == "kafka":
-        raw = op.map("kafka_message", raw, lambda m: (m.value, m.timestamp[1] / 1000))
-    parsed = op.map("parse", raw, lambda r: parse(r[0], r[1], max_future_s))
-    checked = op.branch("valid", parsed, lambda x: isinstance(x, Event))
+        raw = op.map(
+            "kafka_message",
+            raw,
+            lambda m: (m.value, m.timestamp[1] / 1000, f"{m.topic}:{m.partition}:{m.offset}"),
+        )
+    # (source id, Event | Rejected): the id keys the dead-letter output (idempotent on replay)
+    parsed = op.map("parse", raw, lambda r: (r[2], parse(r[0], r[1], rules)))
+    checked = op.branch("valid", parsed, lambda x: isinstance(x[1], Event))
     valid = op.inspect("count_in", checked.trues, lambda _s, _e: metrics.EVENTS_IN.inc())
-    keyed = op.key_on("by_user", valid, lambda e: str(e.user_id))
+    keyed = op.key_on("by_user", valid, lambda x: str(x[1].user_id))
     out = op.stateful_batch("windows", keyed, lambda state: _Windows(aggs, lateness_us, state))
     split = op.branch("rows_or_late", out, lambda kv: isinstance(kv[1], Row))
     rows = split.trues
@@ -167,5 +183,7 @@ def build_flow(settings: Settings, stream: StreamSettings) -> Dataflow:
 
 
 def get_flow() -> Dataflow:
-    """For ``python -m bytewax.run``: stores from ``HOTPATH_*``, the rest ``HOTPATH_STREAM_*``."""
+    """For ``python -m bytewax.run``: stores from ``HOTPATH_*``, the rest ``HOTPATH_STREAM_*``.
+    SIGINT/SIGTERM stop it cleanly, as under ``hotpath stream``."""
+    stop_on_signals()
     return build_flow(Settings(), StreamSettings())

@@ -10,6 +10,11 @@ DEAD_LETTERS = Counter(
     "hotpath_stream_dead_letters_total", "Events sent to the dead-letter output", ["reason"]
 )
 WRITES = Counter("hotpath_stream_writes_total", "Rows written", ["store"])
+EXPIRED = Counter(
+    "hotpath_stream_expired_rows_total",
+    "Rows not written online: already older than the view's TTL",
+    ["view"],
+)
 LAG = Histogram(
     "hotpath_stream_lag_seconds",
     "From an event entering the stream to its row in the online store",

@@ -4,7 +4,9 @@ and the dead-letter output (rejected and late events, with the reason).
 Writes are idempotent, because recovery replays at-least-once: online, a row overwrites
 the stored one when its event time is the same or newer (never an increment); offline,
 each (user, event time) row carries a ``created`` time and Feast's point-in-time join
-keeps the newest, so a replayed or corrected row supersedes, never adds.
+keeps the newest, so a replayed or corrected row supersedes, never adds (a backfilled row,
+``created`` fixed above any of these, supersedes them all). Online, a row already past a
+view's TTL is not written to that view.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -99,11 +101,18 @@ def _encoder(dtype: Any) -> Any:
 class OnlineWriter:
     """Writes rows into the profile's online store in Feast's layout: Redis by
     compare-and-set (above), any other store through Feast's own ``online_write_batch``
-    (SQLite upserts, which with one writer per user in event order is the same)."""
+    (SQLite upserts, which with one writer per user in event order is the same).
 
-    def __init__(self, store: FeatureStore, views: list[FeatureView]) -> None:
-        self.store, self.views = store, views
+    A row older than a view's TTL at write time (``clock``) is not written to that view: a
+    replay of old events must not leave values the store would serve as current (Feast's
+    SDK returns whatever is stored); the views of one push source have their own TTLs."""
+
+    def __init__(
+        self, store: FeatureStore, views: list[FeatureView], clock: Callable[[], float] = time.time
+    ) -> None:
+        self.store, self.views, self.clock = store, views, clock
         self.project = store.project
+        self.ttl_us = [int(v.ttl.total_seconds() * 1e6) if v.ttl else None for v in views]
         cfg, self.ttl_s = _stream_tier(store, views)
         self.redis: Any = None
         if cfg.type == "redis":  # standalone or cluster: one key per call, routed by key
@@ -132,17 +141,28 @@ class OnlineWriter:
                 newest[r.user_id] = r
         if not newest:
             return
+        # per row, the views it is still within the TTL of (age == TTL is still served)
+        now_us = int(self.clock() * 1e6)
+        live: dict[int, list[int]] = {}
+        for u, r in newest.items():
+            live[u] = [i for i, t in enumerate(self.ttl_us) if t is None or now_us - r.ts_us <= t]
+        for i, view in enumerate(self.views):
+            expired = sum(i not in views for views in live.values())
+            if expired:
+                metrics.EXPIRED.labels(view.name).inc(expired)
+        written = [r for u, r in newest.items() if live[u]]
         if self.redis is not None:
             # redis-py refuses scripts in a cluster pipeline: one call per row there
             cluster = isinstance(self.redis, redis.RedisCluster)
             pipe = None if cluster else self.redis.pipeline(transaction=False)
             project = self.project.encode()
-            for r in newest.values():
+            for r in written:
                 key = self.user_key.encode_values((r.user_id,)) + project
                 ts = Timestamp(seconds=r.ts_us // 1_000_000, nanos=(r.ts_us % 1_000_000) * 1000)
                 expire_at = int(r.ts_us / 1e6 + self.ttl_s) + 1 if self.ttl_s else 0
                 args: list[Any] = [r.ts_us, ts.SerializeToString(), expire_at]
-                for ts_field, fields in self.layout:
+                for i in live[r.user_id]:
+                    ts_field, fields = self.layout[i]
                     args += [ts_field, len(fields)]
                     for name, field, encode in fields:
                         args += [field, encode(r.values[name]).SerializeToString()]
@@ -151,7 +171,7 @@ class OnlineWriter:
                 pipe.execute()
         else:
             provider = self.store._get_provider()
-            for view in self.views:
+            for i, view in enumerate(self.views):
                 data = [
                     (
                         self._key(r.user_id),
@@ -159,12 +179,14 @@ class OnlineWriter:
                         datetime.fromtimestamp(r.ts_us / 1e6, UTC),
                         None,
                     )
-                    for r in newest.values()
+                    for r in written
+                    if i in live[r.user_id]
                 ]
-                provider.online_write_batch(self.store.config, view, data, progress=None)
+                if data:
+                    provider.online_write_batch(self.store.config, view, data, progress=None)
         now = time.time()
-        metrics.WRITES.labels("online").inc(len(newest))
-        for r in newest.values():
+        metrics.WRITES.labels("online").inc(len(written))
+        for r in written:
             metrics.LAG.observe(max(0.0, now - r.ingest_s))
 
 
@@ -273,33 +295,81 @@ def offline_schema(views: list[FeatureView]) -> pa.Schema:
     return pa.schema(fields)
 
 
-class _DeadLetterPartition(StatelessSinkPartition[Rejected]):
-    def __init__(self, target: str, redis_url: str | None) -> None:
-        self.client = redis.Redis.from_url(redis_url) if redis_url else None
-        self.target = target
+# Write a dead letter once per source id (KEYS: the dead-letter stream, its companion hash
+# source id -> dead-letter entry id; ARGV: the source id, then the entry's field/value pairs).
+_DEAD_LETTER_ONCE = """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
+local entry = redis.call('XADD', KEYS[1], '*', 'id', ARGV[1], unpack(ARGV, 2))
+redis.call('HSET', KEYS[2], ARGV[1], entry)
+return 1
+"""
 
-    def write_batch(self, items: list[Rejected]) -> None:
-        records = [
-            {"reason": r.reason, "code": r.code, "event": _jsonable(r.raw), "ingest_s": r.ingest_s}
-            for r in items
-        ]
-        for r in items:
-            metrics.DEAD_LETTERS.labels(r.code).inc()
+
+class _DeadLetterPartition(StatelessSinkPartition[tuple[str, Rejected]]):
+    """Writes each source id at most once, because a recovered run replays whatever its
+    last commit had not covered: in Redis by the script above (the id hash is
+    ``<stream>:ids``), in a file by skipping the ids already in it (and its sibling
+    workers' files) at start-up."""
+
+    def __init__(self, target: str, redis_url: str | None, base: str) -> None:
+        self.target = target
+        self.client = redis.Redis.from_url(redis_url) if redis_url else None
+        if self.client is not None:
+            self.once = self.client.register_script(_DEAD_LETTER_ONCE)
+            self.ids_key = f"{target}:ids"
+        else:
+            self.seen = _ids_in_files(Path(target), Path(base))
+
+    def write_batch(self, items: list[tuple[str, Rejected]]) -> None:
         if self.client is not None:
             pipe = self.client.pipeline(transaction=False)
-            for rec in records:
-                fields = {"reason": rec["reason"], "code": rec["code"]}
-                pipe.xadd(self.target, fields | {"event": json.dumps(rec["event"])})
-            pipe.execute()
+            for sid, r in items:
+                fields = ["reason", r.reason, "code", r.code, "event", json.dumps(_jsonable(r.raw))]
+                self.once(keys=[self.target, self.ids_key], args=[sid, *fields], client=pipe)
+            written = [r for (_, r), new in zip(items, pipe.execute(), strict=True) if new]
         else:
-            path = Path(self.target)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as f:
-                f.writelines(json.dumps(rec) + "\n" for rec in records)
+            written, lines = [], []
+            for sid, r in items:
+                if sid in self.seen:
+                    continue
+                self.seen.add(sid)
+                written.append(r)
+                rec = {"id": sid, "reason": r.reason, "code": r.code}
+                rec |= {"event": _jsonable(r.raw), "ingest_s": r.ingest_s}
+                lines.append(json.dumps(rec) + "\n")
+            if lines:
+                path = Path(self.target)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with path.open("a") as f:
+                    f.writelines(lines)
+        for r in written:
+            metrics.DEAD_LETTERS.labels(r.code).inc()
 
 
-class DeadLetterSink(DynamicSink[Rejected]):
-    """A Redis stream (``redis_url`` given) or a JSON-lines file: reason + original event."""
+def _ids_in_files(own: Path, base: Path) -> set[str]:
+    """The ids already in the dead-letter file ``base`` and its per-worker files
+    (``base.N``); a line of ``own`` cut short by a crash is dropped (its event is replayed)."""
+    if own.exists():
+        data = own.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with own.open("r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+    ids: set[str] = set()
+    files = [base, *base.parent.glob(f"{base.name}.*")] if base.parent.exists() else []
+    for f in files:
+        if not (f == base or f.suffix[1:].isdigit()) or not f.exists():
+            continue
+        for line in f.read_text(errors="replace").splitlines():
+            try:
+                ids.add(json.loads(line)["id"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a sibling's line being written, or a record from before ids
+    return ids
+
+
+class DeadLetterSink(DynamicSink[tuple[str, Rejected]]):
+    """A Redis stream (``redis_url`` given) or a JSON-lines file: the source id (``id``),
+    the reason, its code and the original event; once per source id."""
 
     def __init__(self, target: str, redis_url: str | None = None) -> None:
         self.target, self.redis_url = target, redis_url
@@ -308,7 +378,7 @@ class DeadLetterSink(DynamicSink[Rejected]):
         target = self.target
         if self.redis_url is None and worker_count > 1:
             target = f"{target}.{worker_index}"  # one file per worker: no interleaved lines
-        return _DeadLetterPartition(target, self.redis_url)
+        return _DeadLetterPartition(target, self.redis_url, self.target)
 
 
 def _jsonable(raw: Any) -> Any:

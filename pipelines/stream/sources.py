@@ -1,20 +1,35 @@
-"""Where events come from, behind one shape: a Bytewax source of ``(raw event, ingest time)``.
+"""Where events come from, behind one shape: a Bytewax source of
+``(raw event, ingest time, source id)``.
+
+The Bytewax recovery store is the only record of a source's position. A partition resumes
+from the position in its snapshot; with none (a first start, a crash before the first commit,
+a run without ``--recovery-dir``) it reads its stream from the start, which rebuilds the
+window state exactly. Nothing done before a durable commit (a Redis ack, a Kafka offset
+commit) decides where a run resumes, so a crash between the two loses nothing. Replay is
+at-least-once; the sinks are idempotent (online compare-and-set by event time, dead letters
+keyed by the source id).
 
 * :class:`RedisStreamSource`: Redis Streams with a consumer group, one partition per stream
-  key. Reads block at most ``block_ms`` (an idle stream never freezes the flow), entries
-  are acknowledged when Bytewax snapshots the partition, and the snapshot is the last
-  entry id: a recovered run re-reads exactly what came after it (``XRANGE``), a plain
-  restart re-reads what was delivered but never acknowledged (the group's pending list).
+  key. Reads block at most ``block_ms`` (an idle stream never freezes the flow). Entries
+  are acknowledged at each snapshot only to keep the group's pending list short.
 * :class:`FileReplaySource`: the generated parquet, in event-time order, at a chosen rate
   (0: as fast as possible); resumable by row offset. The embedded default.
-* :func:`kafka_source`: ``bytewax.connectors.kafka``; fails fast when no broker answers
-  (the connector itself retries forever). Untested here: no broker runs on these machines.
+* :func:`kafka_source`: ``bytewax.connectors.kafka``, which follows the same rule (offsets
+  live in its snapshots, never committed to the broker; no snapshot: the topic's beginning);
+  fails fast when no broker answers (the connector itself retries forever).
+
+Every source stops at its next batch once :func:`request_stop` is called (a signal handler
+does), so the dataflow ends normally: sinks flush, the last epoch is committed.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,11 +42,104 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from pipelines.errors import HotpathError
 from pipelines.stream.events import FIELDS
 
-Raw = tuple[Any, float]  # (event payload, ingest time in epoch seconds)
+# (event payload, ingest time in epoch seconds, source id: "stream:entry-id", "file:row",
+# "topic:partition:offset"; the dead-letter output is keyed by it)
+Raw = tuple[Any, float, str]
 EVENT_FIELD = b"event"  # each stream entry carries one JSON event in this field
+
+_STOP = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask every source to end at its next batch (safe from a signal handler)."""
+    _STOP.set()
+
+
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
+
+def reset_stop() -> None:
+    _STOP.clear()
+
+
+def stop_on_signals() -> Callable[[], None]:
+    """Make the first SIGINT or SIGTERM a clean stop (:func:`request_stop`) instead of
+    Bytewax's panic; a second one exits at once with 130, as a crash would (a recovered run
+    resumes from the last commit). Returns a function that restores the previous handlers.
+    Off the main thread (where Python allows no handlers) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    reset_stop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def handler(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if _STOP.is_set():
+            sys.stderr.write(f"\n{name} again: exiting now, without draining\n")
+            sys.stderr.flush()
+            os._exit(130)
+        _STOP.set()
+        sys.stderr.write(f"\n{name}: stopping after the current batch (again: exit now)\n")
+        sys.stderr.flush()
+
+    for s in signals:
+        signal.signal(s, handler)
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        reset_stop()
+
+    return restore
+
+
+class _Stoppable(StatefulSourcePartition[Any, Any]):
+    """A partition that reports end of input once a stop is requested: Bytewax then
+    snapshots it, lets the sinks flush and commits, as at the end of a finite source."""
+
+    def __init__(self, part: StatefulSourcePartition[Any, Any]) -> None:
+        self.part = part
+
+    def next_batch(self) -> Iterable[Any]:
+        if _STOP.is_set():
+            raise StopIteration
+        return self.part.next_batch()
+
+    def next_awake(self) -> datetime | None:
+        return self.part.next_awake()
+
+    def snapshot(self) -> Any:
+        return self.part.snapshot()
+
+    def close(self) -> None:
+        self.part.close()
+
+
+class StoppableSource(FixedPartitionedSource[Any, Any]):
+    """Wraps any partitioned source (ours or Bytewax's Kafka source) so that
+    :func:`request_stop` ends it cleanly; partition keys and snapshots are the inner ones."""
+
+    def __init__(self, inner: FixedPartitionedSource[Any, Any]) -> None:
+        self.inner = inner
+
+    def list_parts(self) -> list[str]:
+        return self.inner.list_parts()
+
+    def build_part(self, step_id: str, for_part: str, resume_state: Any) -> _Stoppable:
+        return _Stoppable(self.inner.build_part(step_id, for_part, resume_state))
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 class _RedisStreamPartition(StatefulSourcePartition[Raw, str | None]):
+    """Replays by id (``XRANGE``) from the snapshot's entry, or from the stream's start
+    without one, up to what the group last delivered, then reads new entries (``>``)."""
+
     def __init__(
         self,
         client: redis.Redis,
@@ -42,49 +150,41 @@ class _RedisStreamPartition(StatefulSourcePartition[Raw, str | None]):
         block_ms: int,
     ) -> None:
         self.client, self.stream, self.group = client, stream, group
-        self.consumer = f"{group}:{stream}"  # stable: a restart sees its own pending entries
+        self.consumer = f"{group}:{stream}"  # stable: a restart owns its old pending entries
         self.count, self.block_ms = count, block_ms
         try:
             client.xgroup_create(stream, group, id="0", mkstream=True)
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
-        self.last: str | None = resume_from
+        self.last: str | None = resume_from  # the newest entry read (None: none yet)
         self.unacked: list[bytes] = []
-        if resume_from is not None:  # recovered: replay by id up to what the group delivered
-            info = {g["name"].decode(): g for g in client.xinfo_groups(stream)}
-            self.replay_until: str | None = info[group]["last-delivered-id"].decode()
-            self.mode = "replay"
-        else:  # fresh or plain restart: first what was delivered but never acknowledged
-            self.replay_until = None
-            self.mode = "pending"
-            self.last = "0"
+        info = {g["name"].decode(): g for g in client.xinfo_groups(stream)}
+        self.replay_until: str = info[group]["last-delivered-id"].decode()
+        self.live = False
+        # a group reset behind the snapshot would deliver entries the state already holds
+        behind = resume_from is not None and _id_key(self.replay_until) < _id_key(resume_from)
+        self.floor = _id_key(resume_from) if behind and resume_from is not None else None
 
     def _entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Raw]:
         out = []
+        prefix = self.stream + ":"
         for entry_id, fields in entries:
-            ms = int(entry_id.split(b"-")[0])
-            out.append((fields.get(EVENT_FIELD, fields), ms / 1000))
             self.unacked.append(entry_id)
-            self.last = entry_id.decode()
+            eid = entry_id.decode()
+            if self.floor is not None and _id_key(eid) <= self.floor:
+                continue
+            ms = int(eid.split("-")[0])
+            out.append((fields.get(EVENT_FIELD, fields), ms / 1000, prefix + eid))
+            self.last = eid
         return out
 
     def next_batch(self) -> Iterable[Raw]:
-        if self.mode == "replay":
-            assert self.replay_until is not None
-            entries = self.client.xrange(
-                self.stream, f"({self.last}", self.replay_until, count=self.count
-            )
-            if not entries:
-                self.mode = "live"
-            return self._entries(entries)
-        if self.mode == "pending":
-            reply = self.client.xreadgroup(
-                self.group, self.consumer, {self.stream: self.last}, count=self.count
-            )
-            entries = reply[0][1] if reply else []
-            if not entries:
-                self.mode = "live"
+        if not self.live:
+            start = "-" if self.last is None else f"({self.last}"
+            entries = self.client.xrange(self.stream, start, self.replay_until, count=self.count)
+            if len(entries) < self.count:
+                self.live = True
             return self._entries(entries)
         reply = self.client.xreadgroup(
             self.group, self.consumer, {self.stream: ">"}, count=self.count, block=self.block_ms
@@ -92,13 +192,16 @@ class _RedisStreamPartition(StatefulSourcePartition[Raw, str | None]):
         return self._entries(reply[0][1]) if reply else []
 
     def snapshot(self) -> str | None:
+        # The position is the snapshot itself. The ack only trims the group's pending list:
+        # a restart never reads it, so acking before Bytewax commits the epoch is harmless.
         if self.unacked:
             self.client.xack(self.stream, self.group, *self.unacked)
             self.unacked = []
-        return None if self.last == "0" else self.last
+        return self.last
 
     def close(self) -> None:
-        self.snapshot()
+        if self.unacked:
+            self.client.xack(self.stream, self.group, *self.unacked)
         self.client.close()
 
 
@@ -117,7 +220,9 @@ class RedisStreamSource(FixedPartitionedSource[Raw, str | None]):
     def list_parts(self) -> list[str]:
         return list(self.streams)
 
-    def build_part(self, step_id: str, for_part: str, resume_state: str | None):
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: str | None
+    ) -> _RedisStreamPartition:
         client = redis.Redis.from_url(self.url, socket_timeout=max(5.0, self.block_ms / 500))
         return _RedisStreamPartition(
             client, for_part, self.group, resume_state, self.count, self.block_ms
@@ -160,6 +265,7 @@ class _FilePartition(StatefulSourcePartition[Raw, int]):
                     "event_timestamp": c["event_timestamp"][i],
                 },
                 now,
+                f"file:{i}",
             )
             for i in range(self.offset, stop)
         ]
@@ -186,14 +292,19 @@ class FileReplaySource(FixedPartitionedSource[Raw, int]):
     def list_parts(self) -> list[str]:
         return ["transactions"]
 
-    def build_part(self, step_id: str, for_part: str, resume_state: int | None):
+    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _FilePartition:
         return _FilePartition(self.path, resume_state or 0, self.rate, self.batch)
 
 
 def kafka_source(brokers: list[str], topics: list[str], timeout_s: float = 5.0) -> Any:
     """Bytewax's Kafka source, after checking that a broker answers (else a clear error
-    now, not a connector retrying forever). Messages' values are the JSON events."""
+    now, not a connector retrying forever). Messages' values are the JSON events.
+
+    Its position is the offset in its snapshot only: it assigns partitions without a
+    consumer group and never commits offsets to the broker, and without a snapshot it
+    starts at the beginning (stated here, not left to a default)."""
     from bytewax.connectors.kafka import KafkaSource
+    from confluent_kafka import OFFSET_BEGINNING
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient({"bootstrap.servers": ",".join(brokers), "socket.timeout.ms": 2000})
@@ -204,4 +315,4 @@ def kafka_source(brokers: list[str], topics: list[str], timeout_s: float = 5.0) 
     absent = [t for t in topics if t not in meta.topics]
     if absent:
         raise HotpathError(f"Kafka topics not found on {','.join(brokers)}: {absent}")
-    return KafkaSource(brokers, topics, tail=True)
+    return KafkaSource(brokers, topics, tail=True, starting_offset=OFFSET_BEGINNING)

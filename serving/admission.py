@@ -1,0 +1,91 @@
+"""Admission control before the work, in uvicorn's HTTP protocol.
+
+Under overload the queue does not build in the route handler, where a counter could see
+it, but in front of it: uvicorn parses every readable connection and starts one task per
+request, and those tasks wait their turn on the event loop. So the bound sits where
+requests arrive: :class:`AdmissionProtocol` (uvicorn's httptools protocol, passed as
+``http=``) stamps each request's arrival as it is parsed and, when this worker already
+holds ``HOTPATH_SERVING_MAX_IN_FLIGHT`` unanswered requests (waiting or running), or when
+the oldest request already queued for scoring has waited half its queue budget (the
+bound that adapts to how fast this machine is right now), answers the new one at once
+with 503 + ``Retry-After`` (a ``Problem`` body) instead of queueing it. Probes
+(``/health``, ``/ready``, ``/metrics``) are never refused. Deadlines count from the stamp
+(:func:`arrival`). uvicorn's own ``limit_concurrency`` counts open connections too, so
+it would refuse every request of a client pool larger than the limit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+ARRIVAL = "hotpath.arrival"  # scope key: time.perf_counter() when the request was parsed
+EXEMPT = frozenset({"/health", "/ready", "/metrics"})
+RETRY_AFTER_S = 1
+OVERLOADED = json.dumps(
+    {"detail": "overloaded: too many requests waiting, retry shortly", "field": None}
+).encode()
+
+# set by the service: counts a refusal; says whether the work already queued is late
+on_refuse: Callable[[], None] = lambda: None  # noqa: E731
+backlogged: Callable[[], bool] = lambda: False  # noqa: E731
+_limit: int | None = None
+
+
+def max_in_flight() -> int:
+    """The bound, read once per process (uvicorn workers are separate processes)."""
+    global _limit
+    if _limit is None:
+        _limit = int(os.environ.get("HOTPATH_SERVING_MAX_IN_FLIGHT", "64"))
+    return _limit
+
+
+def arrival(scope: dict[str, Any]) -> float:
+    """When the request was parsed (now, when served without the protocol)."""
+    return scope.get(ARRIVAL) or time.perf_counter()
+
+
+def _response(keep_alive: bool) -> bytes:
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        b"retry-after: %d\r\ncontent-length: %d\r\n%s\r\n%s"
+        % (
+            RETRY_AFTER_S,
+            len(OVERLOADED),
+            b"" if keep_alive else b"connection: close\r\n",
+            OVERLOADED,
+        )
+    )
+
+
+_KEEP_ALIVE, _CLOSE = _response(True), _response(False)
+
+
+class AdmissionProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with an arrival stamp and a bound on what waits."""
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope[ARRIVAL] = time.perf_counter()  # type: ignore[literal-required]
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        if cycle.scope.get("path") in EXEMPT or (
+            len(self.tasks) < max_in_flight() and not backlogged()
+        ):
+            super()._start_asgi_task(cycle, app)
+            return
+        # Refused where it was parsed: no task, no routing, no body parsing; a refusal
+        # storm (clients that ignore Retry-After) costs one write per request, so the
+        # admitted requests keep the CPU.
+        on_refuse()
+        cycle.response_complete = True  # the rest of its body, if any, is skipped
+        self.transport.write(_KEEP_ALIVE if cycle.keep_alive else _CLOSE)
+        if not cycle.keep_alive:
+            self.transport.close()
+            return
+        self.on_response_complete()

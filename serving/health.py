@@ -1,0 +1,103 @@
+"""What the service knows about its backends, kept current off the request path.
+
+A monitor task asks every ``breaker_probe_s``: does the model backend answer its own
+health call and a one-row inference within the model budget? Does every online-store
+tier answer, and does it hold materialized data for the views the model reads? A failed
+check opens that breaker (requests fall back at once instead of each waiting for a
+timeout); a passed one closes it. ``/ready`` reports these, so it is 503 when the model
+backend is down, when the store is unreachable, and when the store is reachable but
+empty (a Redis that restarted without its data), not only after requests failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import numpy as np
+
+from serving.scoring import Scorer
+
+log = logging.getLogger("hotpath.serving")
+
+
+class Health:
+    def __init__(self, scorer: Scorer) -> None:
+        self.scorer = scorer
+        self.warmed_up = False
+        self.model_ok = True
+        self.store_ok = True
+        meta = scorer.meta
+        self._probe_x = np.array([[f.default for f in meta.features]], dtype=np.float32)
+
+    def reasons(self) -> list[str]:
+        """Why this worker should not get traffic now (empty: ready)."""
+        s = self.scorer
+        out = []
+        if not self.warmed_up:
+            out.append("not warmed up")
+        if s.model_breaker.is_open:
+            out.append(f"model backend unavailable ({s.model_breaker.last_error or 'failing'})")
+        if s.store_breaker.is_open:
+            out.append(f"online store unreachable ({s.store_breaker.last_error or 'failing'})")
+        if s.store_empty:
+            out.append(f"online store holds no materialized data for {', '.join(s.store_empty)}")
+        return out
+
+    async def check_model(self) -> None:
+        s = self.scorer
+        budget = s.settings.model_budget_ms / 1000
+        try:
+            ok = await asyncio.wait_for(s.backend.ready(), max(budget, 1.0))
+            if ok:
+                await s.call_model(self._probe_x)
+            error = "" if ok else "not ready"
+        except TimeoutError:
+            ok, error = False, "health check past its budget"
+        except Exception as e:
+            ok, error = False, type(e).__name__
+        self._judge(s.model_breaker, ok, error)
+        self.model_ok = ok
+
+    def check_store(self) -> None:
+        s = self.scorer
+        try:
+            s.features.ping()
+            empty = s.features.unmaterialized()
+            ok, error = True, ""
+        except Exception as e:  # unreachable, wrong password, timeout
+            ok, error, empty = False, type(e).__name__, s.store_empty
+        self._judge(s.store_breaker, ok, error)
+        if empty != s.store_empty:
+            log.warning("online store materialized data missing for: %s", empty or "none")
+        s.store_empty = empty
+        self.store_ok = ok
+
+    def _judge(self, breaker, ok: bool, error: str) -> None:  # type: ignore[no-untyped-def]
+        if ok and breaker.is_open:
+            log.warning("%s healthy again: breaker closed", breaker.name)
+            breaker.success()
+        elif not ok and not breaker.is_open:
+            log.warning("%s failed its health check (%s): breaker open", breaker.name, error)
+            breaker.trip(error)
+        elif not ok:
+            breaker.last_error = error
+
+    def publish(self) -> None:
+        m, s = self.scorer.metrics, self.scorer
+        m.breakers(s.store_breaker, s.model_breaker)
+        reasons = self.reasons()
+        m.ready.set(0 if reasons else 1)
+        m.unready.labels("model").set(int(s.model_breaker.is_open))
+        m.unready.labels("online_store").set(int(s.store_breaker.is_open))
+        m.unready.labels("not_materialized").set(int(bool(s.store_empty)))
+
+    async def run(self) -> None:
+        """Forever: check both backends every probe interval (cancelled at shutdown)."""
+        while True:
+            with contextlib.suppress(Exception):  # a check must never kill the monitor
+                await self.check_model()
+                self.check_store()
+                self.publish()
+            await asyncio.sleep(self.scorer.settings.breaker_probe_s)
