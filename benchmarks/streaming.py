@@ -50,6 +50,7 @@ from bytewax.testing import run_main
 
 from benchmarks.feature_retrieval import backfilled_project, start_redis
 from pipelines import store
+from pipelines.contract import event_rules
 from pipelines.generate import GenerateConfig, generate
 from pipelines.settings import DEFAULT_REPO, PROJECT_ROOT, Settings
 from pipelines.stream import metrics
@@ -95,8 +96,9 @@ def naive_throughput(events: Path, redis_url: str) -> tuple[int, float]:
     source = FileReplaySource(events)
     flow = Dataflow("naive_windows")
     raw = op.input("events", flow, source)
+    rules = event_rules(DEFAULT_REPO)
     parsed = op.filter_map(
-        "parse", raw, lambda r: e if isinstance(e := parse(r[0], r[1], 300), Event) else None
+        "parse", raw, lambda r: e if isinstance(e := parse(r[0], r[1], rules), Event) else None
     )
     keyed = op.key_on("by_user", parsed, lambda e: str(e.user_id))
     clock = win.EventClock(

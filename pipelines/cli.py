@@ -481,15 +481,15 @@ def _run_flow(s: Settings, cfg: Any, **run: Any) -> None:
     from pipelines.stream.flow import build_flow
     from pipelines.stream.sources import stop_on_signals, stop_requested
 
-    flow = build_flow(s, cfg)
-    restore = stop_on_signals()
+    restore = stop_on_signals()  # before the build: a stop during start-up is clean too
     try:
-        cli_main(flow, **run)
+        cli_main(build_flow(s, cfg), **run)
         stopped = stop_requested()
     finally:
         restore()
     if stopped:
-        typer.echo("    stopped on request: all events read were written (and committed)")
+        committed = " and committed" if run.get("recovery_config") else ""
+        typer.echo(f"    stopped on request: every event read was written{committed}")
     dead = sum(
         x.value
         for m in metrics.DEAD_LETTERS.collect()

@@ -417,7 +417,7 @@ def test_overload_sheds_fast_and_keeps_predicting(served_project, tmp_path) -> N
 
     from serving.settings import ServingSettings
 
-    proc, url = start(served_project[0], HOTPATH_SERVING_MAX_IN_FLIGHT="16")
+    proc, url = start(served_project[0], HOTPATH_SERVING_MAX_IN_FLIGHT="8")
     try:
         project = served_project[0]
         tx = project.transactions.tail(500)
@@ -434,7 +434,7 @@ def test_overload_sheds_fast_and_keeps_predicting(served_project, tmp_path) -> N
                 str(ROOT / "tests" / "load_client.py"),
                 "127.0.0.1",
                 port,
-                "128",
+                "64",  # 8x the in-flight bound: most of them are refused at any moment
                 "20",
                 str(path),
                 KEY,

@@ -926,12 +926,12 @@ def test_dead_letter_file_writes_each_source_id_once(tmp_path) -> None:
     """The JSON-lines dead-letter output after a crash: a restarted sink skips the ids
     already in the file and drops a line the crash cut short (its event is replayed)."""
     path = tmp_path / "stream" / "dead_letter.jsonl"
-    DeadLetterSink(str(path)).build("dead_letter", 0, 1).write_batch(
+    DeadLetterSink(str(path)).build_part("dead_letter", "dead-letter", None).write_batch(
         [("file:1", _rejected()), ("file:2", _rejected("late"))]
     )
     with path.open("a") as f:
         f.write('{"id": "file:3", "rea')  # killed mid-line
-    again = DeadLetterSink(str(path)).build("dead_letter", 0, 1)  # the restart
+    again = DeadLetterSink(str(path)).build_part("dead_letter", "dead-letter", None)  # the restart
     again.write_batch([("file:1", _rejected()), ("file:3", _rejected()), ("file:3", _rejected())])
     again.write_batch([("file:2", _rejected("late")), ("file:4", _rejected())])
     records = [json.loads(line) for line in path.read_text().splitlines()]
@@ -943,8 +943,10 @@ def test_dead_letter_stream_writes_each_source_id_once(own_redis) -> None:
     """The Redis dead-letter stream: a replayed source id is not added again; the companion
     hash maps each source id to its dead-letter entry."""
     sink = DeadLetterSink("tx:dead-letter", own_redis)
-    sink.build("dead_letter", 0, 1).write_batch([("tx:1-0", _rejected()), ("tx:2-0", _rejected())])
-    sink.build("dead_letter", 0, 1).write_batch(
+    sink.build_part("dead_letter", "dead-letter", None).write_batch(
+        [("tx:1-0", _rejected()), ("tx:2-0", _rejected())]
+    )
+    sink.build_part("dead_letter", "dead-letter", None).write_batch(
         [("tx:2-0", _rejected()), ("tx:3-0", _rejected("late")), ("tx:3-0", _rejected("late"))]
     )
     client = redis.Redis.from_url(own_redis)

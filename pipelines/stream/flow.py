@@ -178,7 +178,8 @@ def build_flow(settings: Settings, stream: StreamSettings) -> Dataflow:
         op.output("offline", rows, OfflineSink(path, offline_schema(views), features))
     late = op.map("late", split.falses, lambda kv: kv[1])
     dead = op.merge("dead", checked.falses, late)
-    op.output("dead_letter", dead, DeadLetterSink(dead_letter, dlq_redis))
+    to_writer = op.key_on("dead_letter_part", dead, lambda _: "dead-letter")  # one partition
+    op.output("dead_letter", to_writer, DeadLetterSink(dead_letter, dlq_redis))
     return flow
 
 

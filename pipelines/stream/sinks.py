@@ -6,7 +6,7 @@ the stored one when its event time is the same or newer (never an increment); of
 each (user, event time) row carries a ``created`` time and Feast's point-in-time join
 keeps the newest, so a replayed or corrected row supersedes, never adds (a backfilled row,
 ``created`` fixed above any of these, supersedes them all). Online, a row already past a
-view's TTL is not written to that view.
+view's TTL is not written to that view. Dead letters are written once per source id.
 """
 
 from __future__ import annotations
@@ -226,7 +226,8 @@ class OnlineSink(DynamicSink[Row]):
 
 class _OfflinePartition(StatefulSinkPartition[Row, None]):
     """Buffers rows and writes one parquet file per ``date=`` partition at each epoch's
-    snapshot, so a committed epoch's rows are on disk before its input is acknowledged."""
+    snapshot, so a committed epoch's rows are on disk (Bytewax commits an epoch only after
+    every snapshotted step has written it)."""
 
     def __init__(self, path: Path, schema: pa.Schema, features: list[str]) -> None:
         self.path, self.schema, self.features = path, schema, features
@@ -305,20 +306,19 @@ return 1
 """
 
 
-class _DeadLetterPartition(StatelessSinkPartition[tuple[str, Rejected]]):
+class _DeadLetterPartition(StatefulSinkPartition[tuple[str, Rejected], None]):
     """Writes each source id at most once, because a recovered run replays whatever its
     last commit had not covered: in Redis by the script above (the id hash is
-    ``<stream>:ids``), in a file by skipping the ids already in it (and its sibling
-    workers' files) at start-up."""
+    ``<stream>:ids``), in a file by skipping the ids already in it at start-up."""
 
-    def __init__(self, target: str, redis_url: str | None, base: str) -> None:
+    def __init__(self, target: str, redis_url: str | None) -> None:
         self.target = target
         self.client = redis.Redis.from_url(redis_url) if redis_url else None
         if self.client is not None:
             self.once = self.client.register_script(_DEAD_LETTER_ONCE)
             self.ids_key = f"{target}:ids"
         else:
-            self.seen = _ids_in_files(Path(target), Path(base))
+            self.seen = _ids_in_file(Path(target))
 
     def write_batch(self, items: list[tuple[str, Rejected]]) -> None:
         if self.client is not None:
@@ -345,40 +345,48 @@ class _DeadLetterPartition(StatelessSinkPartition[tuple[str, Rejected]]):
         for r in written:
             metrics.DEAD_LETTERS.labels(r.code).inc()
 
+    def snapshot(self) -> None:
+        return None  # nothing to restore: the written ids are the store's own state
 
-def _ids_in_files(own: Path, base: Path) -> set[str]:
-    """The ids already in the dead-letter file ``base`` and its per-worker files
-    (``base.N``); a line of ``own`` cut short by a crash is dropped (its event is replayed)."""
-    if own.exists():
-        data = own.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with own.open("r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
+
+def _ids_in_file(path: Path) -> set[str]:
+    """The ids already in a dead-letter file; a last line cut short by a crash is dropped
+    (its event is replayed, the epoch that read it was never committed)."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        with path.open("r+b") as f:
+            f.truncate(len(data))
     ids: set[str] = set()
-    files = [base, *base.parent.glob(f"{base.name}.*")] if base.parent.exists() else []
-    for f in files:
-        if not (f == base or f.suffix[1:].isdigit()) or not f.exists():
-            continue
-        for line in f.read_text(errors="replace").splitlines():
-            try:
-                ids.add(json.loads(line)["id"])
-            except (ValueError, KeyError, TypeError):
-                continue  # a sibling's line being written, or a record from before ids
+    for line in data.decode(errors="replace").splitlines():
+        try:
+            ids.add(json.loads(line)["id"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a record written before dead letters carried ids
     return ids
 
 
-class DeadLetterSink(DynamicSink[tuple[str, Rejected]]):
+class DeadLetterSink(FixedPartitionedSink[tuple[str, Rejected], None]):
     """A Redis stream (``redis_url`` given) or a JSON-lines file: the source id (``id``),
-    the reason, its code and the original event; once per source id."""
+    the reason, its code and the original event; once per source id.
+
+    One partition: one writer (one file, however many workers). A partitioned sink is
+    snapshotted at each epoch's end, after that epoch's writes, so Bytewax commits an epoch
+    only once its dead letters are written (a dynamic sink's writes are not waited for)."""
 
     def __init__(self, target: str, redis_url: str | None = None) -> None:
         self.target, self.redis_url = target, redis_url
 
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _DeadLetterPartition:
-        target = self.target
-        if self.redis_url is None and worker_count > 1:
-            target = f"{target}.{worker_index}"  # one file per worker: no interleaved lines
-        return _DeadLetterPartition(target, self.redis_url, self.target)
+    def list_parts(self) -> list[str]:
+        return ["dead-letter"]
+
+    def part_fn(self, item_key: str) -> int:
+        return 0
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _DeadLetterPartition:
+        return _DeadLetterPartition(self.target, self.redis_url)
 
 
 def _jsonable(raw: Any) -> Any:
