@@ -93,10 +93,10 @@ class _RedisHashSink(DynamicSink):
 
 def naive_throughput(events: Path, redis_url: str) -> tuple[int, float]:
     """Bytewax windowing: every event folds into 1 + 12 + 24 windows."""
-    source = FileReplaySource(events)
+    rules = event_rules(DEFAULT_REPO)
+    source = FileReplaySource(events, rules.fields)
     flow = Dataflow("naive_windows")
     raw = op.input("events", flow, source)
-    rules = event_rules(DEFAULT_REPO)
     parsed = op.filter_map(
         "parse", raw, lambda r: e if isinstance(e := parse(r[0], r[1], rules), Event) else None
     )

@@ -24,8 +24,9 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from pipelines import batch_features
-from pipelines.contract import EventRules, entities, event_rules, feature_views
+from pipelines.contract import entities, event_rules, feature_views
 from pipelines.errors import HotpathError
+from serving.event_rules import EventRules
 
 RAW_COLUMNS = {
     "transaction_id": T.LongType(),

@@ -10,16 +10,14 @@ even when another repo was imported earlier in the same process.
 from __future__ import annotations
 
 import importlib
-import math
-import runpy
 import sys
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 from feast import Entity, FeatureView
 
 from pipelines.errors import HotpathError
+from serving.event_rules import EventRules, load_event_rules
 
 
 def feature_views(repo: Path) -> dict[str, FeatureView]:
@@ -60,46 +58,10 @@ def _objects(repo: Path) -> dict[str, FeatureView | Entity]:
     return found
 
 
-EVENT_DECLARATION = "transaction_event.py"
-
-
-@dataclass(frozen=True)
-class EventRules:
-    """What counts as a valid transaction event (the repo's ``transaction_event.py``):
-    the batch job and the stream judge events by these, and serving's request schema
-    reads the same file."""
-
-    fields: tuple[str, ...]
-    id_min: int
-    id_max: int
-    amount_min: float
-    amount_max: float
-    max_future_s: float
-
-
-@cache
 def event_rules(repo: Path) -> EventRules:
-    """The event declaration of ``repo``, read by path (plain names, no Feast objects)."""
-    path = repo.resolve() / EVENT_DECLARATION
-    if not path.exists():
-        raise HotpathError(f"no transaction event declaration at {path}")
+    """The repo's transaction event declaration (see ``serving.event_rules``, its one
+    reader); a missing or malformed file is a one-line error."""
     try:
-        ns = runpy.run_path(str(path))
-        rules = EventRules(
-            fields=tuple(ns["FIELDS"]),
-            id_min=int(ns["ID_MIN"]),
-            id_max=int(ns["ID_MAX"]),
-            amount_min=float(ns["AMOUNT_MIN"]),
-            amount_max=float(ns["AMOUNT_MAX"]),
-            max_future_s=ns["MAX_FUTURE_SKEW"].total_seconds(),
-        )
-    except Exception as e:  # a missing name, a wrong type: say which file
-        raise HotpathError(f"{path}: {type(e).__name__}: {e}") from None
-    if not (
-        math.isfinite(rules.amount_min)
-        and math.isfinite(rules.amount_max)
-        and rules.amount_min <= rules.amount_max
-        and rules.id_min <= rules.id_max
-    ):
-        raise HotpathError(f"{path}: bounds must be finite with MIN <= MAX")
-    return rules
+        return load_event_rules(repo)
+    except ValueError as e:
+        raise HotpathError(str(e)) from None

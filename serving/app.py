@@ -128,10 +128,6 @@ def _authorize(request: Request, key: Any) -> None:
         raise Unauthorized
 
 
-def _row(tx: Transaction) -> dict[str, Any]:
-    return {"user_id": tx.user_id, "merchant_id": tx.merchant_id, "amount": tx.amount}
-
-
 def create_app(settings: ServingSettings | None = None) -> FastAPI:
     settings = settings or ServingSettings()
 
@@ -198,7 +194,7 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
         rt: Runtime = request.app.state.runtime
         _authorize(request, settings.api_key)
         tx = Transaction.model_validate_json(await request.body())
-        (p,) = await rt.scorer.predict([_row(tx)], admission.arrival(request.scope))
+        (p,) = await rt.scorer.predict([tx.model_dump()], admission.arrival(request.scope))
         return _json(p)
 
     @app.post(
@@ -213,7 +209,7 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
         body = BatchRequest.model_validate_json(await request.body())
         if len(body.transactions) > settings.max_batch:
             raise TooLarge
-        rows = [_row(tx) for tx in body.transactions]
+        rows = [tx.model_dump() for tx in body.transactions]
         answers = await rt.scorer.predict(rows, admission.arrival(request.scope))
         return _json({"predictions": answers})
 

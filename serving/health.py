@@ -17,6 +17,7 @@ import logging
 
 import numpy as np
 
+from serving.resilience import CircuitBreaker
 from serving.scoring import Scorer
 
 log = logging.getLogger("hotpath.serving")
@@ -74,7 +75,7 @@ class Health:
         s.store_empty = empty
         self.store_ok = ok
 
-    def _judge(self, breaker, ok: bool, error: str) -> None:  # type: ignore[no-untyped-def]
+    def _judge(self, breaker: CircuitBreaker, ok: bool, error: str) -> None:
         if ok and breaker.is_open:
             log.warning("%s healthy again: breaker closed", breaker.name)
             breaker.success()

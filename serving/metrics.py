@@ -48,7 +48,7 @@ class Metrics:
         self._fallbacks = Counter(
             "hotpath_fallbacks_total", "Fallback decisions", ["cause"], registry=r
         )
-        self.fallback_of: dict[str, object] = {}
+        self.fallback_of: dict[str, Counter] = {}
         missing = Counter(
             "hotpath_missing_features_total", "Features served as defaults", ["feature"], registry=r
         )
@@ -100,11 +100,10 @@ class Metrics:
         """One answered row."""
         self.decisions[verdict, fallback].inc()
         if fallback:
-            child = self.fallback_of.get(cause or "unknown")
+            cause = cause or "unknown"
+            child = self.fallback_of.get(cause)
             if child is None:
-                child = self.fallback_of[cause or "unknown"] = self._fallbacks.labels(
-                    cause or "unknown"
-                )
-            child.inc()  # type: ignore[attr-defined]
+                child = self.fallback_of[cause] = self._fallbacks.labels(cause)
+            child.inc()
         for name in missing:
             self.missing_of[name].inc()

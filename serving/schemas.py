@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import runpy
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from serving.event_rules import load_event_rules
 from serving.settings import ServingSettings
 
 # What a valid transaction is: the feature repo's declaration, which the batch job and the
-# stream judge events by too (read by path: serving never imports pipelines).
-_EVENT: dict[str, Any] = runpy.run_path(
-    str(ServingSettings.model_fields["repo"].default / "transaction_event.py")
-)
+# stream judge events by too.
+_EVENT = load_event_rules(ServingSettings.model_fields["repo"].default)
 
 
 def _integral(value: Any) -> Any:
@@ -33,9 +31,9 @@ class Transaction(BaseModel):
     # strict: JSON types as declared (no bool or string as a number); ints are numbers
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    user_id: Id = Field(ge=_EVENT["ID_MIN"], le=_EVENT["ID_MAX"])
-    merchant_id: Id = Field(ge=_EVENT["ID_MIN"], le=_EVENT["ID_MAX"])
-    amount: float = Field(ge=_EVENT["AMOUNT_MIN"], le=_EVENT["AMOUNT_MAX"], allow_inf_nan=False)
+    user_id: Id = Field(ge=_EVENT.id_min, le=_EVENT.id_max)
+    merchant_id: Id = Field(ge=_EVENT.id_min, le=_EVENT.id_max)
+    amount: float = Field(ge=_EVENT.amount_min, le=_EVENT.amount_max, allow_inf_nan=False)
 
 
 class BatchRequest(BaseModel):

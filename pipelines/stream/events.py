@@ -1,7 +1,7 @@
 """Transaction events as they arrive on a stream: parsed, validated, or rejected with a reason.
 
 What is valid is the feature repo's declaration (``transaction_event.py``, as
-:class:`~pipelines.contract.EventRules`), the same one the Spark backfill and serving's
+:class:`~serving.event_rules.EventRules`), the same one the Spark backfill and serving's
 request schema use. Rejected events go to the dead-letter output with the reason; nothing is
 dropped silently.
 """
@@ -15,10 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pipelines.contract import EventRules, event_rules
-from pipelines.settings import DEFAULT_REPO
+from serving.event_rules import EventRules
 
-FIELDS = event_rules(DEFAULT_REPO).fields  # the columns a file replay reads
 US = 1_000_000
 
 

@@ -127,9 +127,10 @@ def build_flow(settings: Settings, stream: StreamSettings) -> Dataflow:
     from pipelines import store as feast_store
 
     redis_url = stream.source_redis_url or settings.redis_url
+    rules = event_rules(settings.repo)  # what a valid event is: the repo's declaration
     if stream.source == "file":
         source: Any = FileReplaySource(
-            stream.file or settings.raw_dir / "transactions", stream.rate
+            stream.file or settings.raw_dir / "transactions", rules.fields, stream.rate
         )
     elif stream.source == "redis":
         feast_store.check_redis(redis_url)
@@ -154,7 +155,6 @@ def build_flow(settings: Settings, stream: StreamSettings) -> Dataflow:
     def open_writer() -> OnlineWriter:
         return OnlineWriter(feast_store.open_store(settings), views)
 
-    rules = event_rules(settings.repo)  # what a valid event is: the repo's declaration
     flow = Dataflow("hotpath_stream")
     raw = op.input("events", flow, StoppableSource(source))  # ends cleanly on request_stop
     if stream.source == "kafka":

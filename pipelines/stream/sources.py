@@ -40,7 +40,6 @@ import redis
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from pipelines.errors import HotpathError
-from pipelines.stream.events import FIELDS
 
 # (event payload, ingest time in epoch seconds, source id: "stream:entry-id", "file:row",
 # "topic:partition:offset"; the dead-letter output is keyed by it)
@@ -230,17 +229,14 @@ class RedisStreamSource(FixedPartitionedSource[Raw, str | None]):
 
 
 class _FilePartition(StatefulSourcePartition[Raw, int]):
-    def __init__(self, path: Path, offset: int, rate: float, batch: int) -> None:
+    def __init__(
+        self, path: Path, fields: tuple[str, ...], offset: int, rate: float, batch: int
+    ) -> None:
         dataset = ds.dataset(path, format="parquet", partitioning="hive")
-        table = dataset.to_table(columns=list(FIELDS)).sort_by("event_timestamp")
-        self.columns = {
-            "user_id": table["user_id"].to_pylist(),
-            "merchant_id": table["merchant_id"].to_pylist(),
-            "amount": table["amount"].to_pylist(),
-            "event_timestamp": table["event_timestamp"]
-            .cast(pa.timestamp("us", tz="UTC"))
-            .cast(pa.int64())
-            .to_pylist(),  # µs
+        table = dataset.to_table(columns=list(fields)).sort_by("event_timestamp")
+        micros = table["event_timestamp"].cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+        self.columns = {f: table[f].to_pylist() for f in fields} | {
+            "event_timestamp": micros.to_pylist()
         }
         self.n = table.num_rows
         self.offset = offset
@@ -256,19 +252,7 @@ class _FilePartition(StatefulSourcePartition[Raw, int]):
             stop = min(stop, max(due, self.offset))
         now = time.time()
         c = self.columns
-        out = [
-            (
-                {
-                    "user_id": c["user_id"][i],
-                    "merchant_id": c["merchant_id"][i],
-                    "amount": c["amount"][i],
-                    "event_timestamp": c["event_timestamp"][i],
-                },
-                now,
-                f"file:{i}",
-            )
-            for i in range(self.offset, stop)
-        ]
+        out = [({f: c[f][i] for f in c}, now, f"file:{i}") for i in range(self.offset, stop)]
         self.offset = stop
         return out
 
@@ -282,18 +266,21 @@ class _FilePartition(StatefulSourcePartition[Raw, int]):
 
 
 class FileReplaySource(FixedPartitionedSource[Raw, int]):
-    """Generated transactions (parquet, ``date=`` partitions) replayed in event-time order."""
+    """Generated transactions (parquet, ``date=`` partitions) replayed in event-time order;
+    each event has the declared ``fields`` (``EventRules.fields``)."""
 
-    def __init__(self, path: Path, rate: float = 0, batch: int = 2000) -> None:
+    def __init__(
+        self, path: Path, fields: tuple[str, ...], rate: float = 0, batch: int = 2000
+    ) -> None:
         if not path.exists():
             raise HotpathError(f"no transactions at {path} (run `hotpath generate` first)")
-        self.path, self.rate, self.batch = path, rate, batch
+        self.path, self.fields, self.rate, self.batch = path, fields, rate, batch
 
     def list_parts(self) -> list[str]:
         return ["transactions"]
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _FilePartition:
-        return _FilePartition(self.path, resume_state or 0, self.rate, self.batch)
+        return _FilePartition(self.path, self.fields, resume_state or 0, self.rate, self.batch)
 
 
 def kafka_source(brokers: list[str], topics: list[str], timeout_s: float = 5.0) -> Any:
