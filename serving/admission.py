@@ -31,9 +31,18 @@ OVERLOADED = json.dumps(
     {"detail": "overloaded: too many requests waiting, retry shortly", "field": None}
 ).encode()
 
-# set by the service: counts a refusal; says whether the work already queued is late
-on_refuse: Callable[[], None] = lambda: None  # noqa: E731
+# set by the service: says whether the work already queued is late
 backlogged: Callable[[], bool] = lambda: False  # noqa: E731
+_refused = 0  # since the last take_refused(): a plain count, cheaper than a metric per 503
+
+
+def take_refused() -> int:
+    """Refusals since the last call (the service's monitor adds them to its metric)."""
+    global _refused
+    n, _refused = _refused, 0
+    return n
+
+
 _limit: int | None = None
 
 
@@ -79,13 +88,21 @@ class AdmissionProtocol(HttpToolsProtocol):
         ):
             super()._start_asgi_task(cycle, app)
             return
-        # Refused where it was parsed: no task, no routing, no body parsing; a refusal
-        # storm (clients that ignore Retry-After) costs one write per request, so the
-        # admitted requests keep the CPU.
-        on_refuse()
+        # Refused where it was parsed: no task, no routing, no body parsing, no metric
+        # write; a refusal storm (clients that ignore Retry-After) costs one write per
+        # request, so the admitted requests keep the CPU.
+        global _refused
+        _refused += 1
         cycle.response_complete = True  # the rest of its body, if any, is skipped
         self.transport.write(_KEEP_ALIVE if cycle.keep_alive else _CLOSE)
         if not cycle.keep_alive:
             self.transport.close()
             return
-        self.on_response_complete()
+        # uvicorn's on_response_complete, less arming the idle timer (a timer per 503 was
+        # a tenth of a refusal's cost): the client is busy sending; the timer is armed
+        # again after its next admitted answer
+        self.server_state.total_requests += 1
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)

@@ -94,7 +94,6 @@ def build_runtime(settings: ServingSettings) -> Runtime:
     else:
         backend = OnnxBackend(onnx_path(settings.repository, meta.model_name, meta.version))
     metrics = Metrics(meta.feature_names, reader.view_names)
-    admission.on_refuse = metrics.shed_of["in_flight"].inc
     scorer = Scorer(settings, reader, meta, backend, metrics)
     admission.backlogged = scorer.backlogged
     return Runtime(settings, scorer, Health(scorer), metrics)

@@ -17,6 +17,7 @@ import logging
 
 import numpy as np
 
+from serving import admission
 from serving.resilience import CircuitBreaker
 from serving.scoring import Scorer
 
@@ -87,6 +88,7 @@ class Health:
 
     def publish(self) -> None:
         m, s = self.scorer.metrics, self.scorer
+        m.shed_of["in_flight"].inc(admission.take_refused())
         m.breakers(s.store_breaker, s.model_breaker)
         reasons = self.reasons()
         m.ready.set(0 if reasons else 1)

@@ -29,7 +29,7 @@ class ServingSettings(BaseSettings):
     # Read by serving.admission from the environment, where uvicorn's protocol runs.
     max_in_flight: int = 64
     max_batch: int = 256  # rows per /predict/batch request; also the largest coalesced batch
-    queue_budget_ms: float = 50.0  # not started this long after arrival: 503, not a fallback
+    queue_budget_ms: float = 100.0  # not started this long after arrival: 503, not a fallback
     features_budget_ms: float = 50.0  # store read past it: fallback decision
     model_budget_ms: float = 50.0  # model call past it: fallback decision
     review_threshold: float = 0.3
