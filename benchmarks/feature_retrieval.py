@@ -3,7 +3,7 @@
 One run, same data, same FeatureService (``fraud_detection_v1``, on-demand features
 included), single-row calls from one client, on SQLite and on a real redis-server:
 
-    .venv/bin/python benchmarks/feature_retrieval.py [--rows 30000] [--calls 2000]
+    .venv/bin/python -m benchmarks.feature_retrieval [--rows 30000] [--calls 2000]
 
 It builds its own project in a temporary folder (generate, Spark backfill, apply,
 materialize) and starts redis-server on a free loopback port when one is installed.
@@ -17,29 +17,19 @@ pinning removes that noise from both peers alike.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a script, this folder comes first on sys.path and benchmarks/serving.py would
-# shadow the `serving` package: put the project root there instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
 import argparse
 import gc
 import os
 import shutil
-import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import redis
 
 from pipelines import store
 from pipelines.batch_job import run_batch
@@ -47,6 +37,7 @@ from pipelines.generate import GenerateConfig, GenerateResult, generate
 from pipelines.settings import DEFAULT_REPO, Settings
 from pipelines.spark import spark_session
 from serving.online_features import OnlineFeatures
+from tests.helpers import ServerError, start_redis_server, stop
 
 SERVICE = "fraud_detection_v1"
 
@@ -109,28 +100,6 @@ def report(name: str, ms: np.ndarray) -> tuple[float, float]:
     return p50, p99
 
 
-def start_redis() -> tuple[subprocess.Popen | None, str | None]:
-    binary = shutil.which("redis-server")
-    if not binary:
-        return None, None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    for _ in range(100):
-        try:
-            redis.Redis.from_url(url).ping()
-            return proc, url
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    proc.kill()
-    return None, None
-
-
 def backfilled_project(
     settings: Settings, rows: int, calls: int
 ) -> tuple[GenerateResult, list[dict]]:
@@ -180,7 +149,10 @@ def main() -> None:
     shutil.copytree(
         DEFAULT_REPO, root / "feature_repo", ignore=shutil.ignore_patterns("__pycache__")
     )
-    redis_proc, url = start_redis()
+    try:
+        redis_proc, url = start_redis_server(root)
+    except ServerError:
+        redis_proc, url = None, None
     try:
         base = Settings(repo=root / "feature_repo")
         gen, rows = backfilled_project(base, args.rows, args.calls)
@@ -198,7 +170,7 @@ def main() -> None:
             measure(settings, rows, pid)
     finally:
         if redis_proc:
-            redis_proc.terminate()
+            stop(redis_proc)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -1,32 +1,29 @@
 """What the HTTP benchmarks share: a Redis-backed project in a temporary folder, servers
 on free loopback ports, and wrk runs over real request bodies.
 
-Import it after the sys.path fix at the top of each script (see ``serving.py``).
+Servers, ports and HTTP waits come from ``tests.helpers``, which the tests use too.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
 from feast import FeatureStore
 
-from benchmarks.feature_retrieval import backfilled_project, start_redis
+from benchmarks.feature_retrieval import backfilled_project
 from pipelines import store
 from pipelines.generate import GenerateResult
-from pipelines.settings import DEFAULT_REPO, PROJECT_ROOT, Settings, feast_redis_connection
+from pipelines.settings import DEFAULT_REPO, Settings, feast_redis_connection
 from pipelines.training import train
-from serving.triton_local import free_port
+from tests.helpers import ServerError, start_redis_server, stop
 
 
 @dataclass(frozen=True)
@@ -53,9 +50,10 @@ def redis_project(rows: int, bodies: int) -> Iterator[Project]:
         shutil.copytree(
             DEFAULT_REPO, root / "feature_repo", ignore=shutil.ignore_patterns("__pycache__")
         )
-        redis_proc, redis_url = start_redis()
-        if redis_proc is None or redis_url is None:
-            sys.exit("redis-server is required (apt-get install redis-server)")
+        try:
+            redis_proc, redis_url = start_redis_server(root)
+        except ServerError as e:
+            sys.exit(str(e))
         s = Settings(repo=root / "feature_repo", profile="redis", redis_url=redis_url)
         try:
             gen, drawn = backfilled_project(s, rows, bodies)
@@ -99,65 +97,6 @@ def stop_spark() -> None:
             proc.wait()
     SparkContext._gateway = None
     SparkContext._jvm = None
-
-
-def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def wait_http(url: str, timeout: float = 90, proc: subprocess.Popen | None = None) -> None:
-    """Until ``url`` answers below 500 (or ``proc`` exits, or ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server for {url} exited with {proc.returncode}")
-        try:
-            if requests.get(url, timeout=1).status_code < 500:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up")
-
-
-def start_http(
-    argv: Sequence[str],
-    ready_path: str,
-    env: dict[str, str] | None = None,
-    settle_s: float = 0,
-) -> tuple[subprocess.Popen, str]:
-    """``python <argv> --port <free port>`` from the project root, once ``ready_path``
-    answers; ``settle_s`` more for the other workers of a multi-worker server (one
-    worker's answer says nothing of the others)."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, *argv, "--port", str(port)],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}{ready_path}", proc=proc)
-        time.sleep(settle_s)
-    except BaseException:
-        stop(proc)
-        raise
-    return proc, url
-
-
-def serve(repo: Path, env: dict[str, str], workers: int = 1) -> tuple[subprocess.Popen, str]:
-    """``hotpath serve`` on ``repo``, once ``/ready`` (5 s more per extra worker)."""
-    argv = ["-m", "pipelines.cli", "--repo", str(repo), "serve", "--workers", str(workers)]
-    return start_http(argv, "/ready", env, settle_s=5 * (workers - 1))
 
 
 @dataclass(frozen=True)

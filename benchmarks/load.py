@@ -1,6 +1,6 @@
 """Load test: ``/predict`` against the ceiling of its HTTP stack, then under overload.
 
-    .venv/bin/python benchmarks/load.py [--rows 30000] [--seconds 10] [--connections 8]
+    .venv/bin/python -m benchmarks.load [--rows 30000] [--seconds 10] [--connections 8]
         [--overload-connections 512 --overload-seconds 60] [--pairs 2] [--bodies 2000]
 
 Builds a project on the redis profile in a temporary folder (generate ``--rows`` payments,
@@ -52,20 +52,13 @@ set are printed in the header.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a script, this folder comes first on sys.path and benchmarks/serving.py would
-# shadow the `serving` package: put the project root there instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
 import argparse
 import os
 import resource
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,7 +67,8 @@ from statistics import mean
 
 import requests
 
-from benchmarks.harness import Project, WrkResult, redis_project, run_wrk, serve, start_http, stop
+from benchmarks.harness import Project, WrkResult, redis_project, run_wrk
+from tests.helpers import serve, start_http, stop
 
 WARM_UP_S = 2
 READY_POLL_S = 0.05

@@ -1,6 +1,6 @@
 """Materialization throughput into Redis: Feast's default engine vs hotpath's, one run.
 
-    .venv/bin/python benchmarks/online_store.py [--rows 1000000]
+    .venv/bin/python -m benchmarks.online_store [--rows 1000000]
 
 Builds a project in a temporary folder, adds one day of ``user_spending_stats`` for
 ``--rows`` users to its offline store, and materializes that view (rows/s, wall clock
@@ -15,21 +15,14 @@ Needs redis-server and redis-cli (Debian's redis-server package).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a script, this folder comes first on sys.path and benchmarks/serving.py would
-# shadow the `serving` package: put the project root there instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
 import argparse
 import os
 import shutil
-import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -37,46 +30,14 @@ import pyarrow.parquet as pq
 import redis
 from feast import FeatureStore
 
-from benchmarks.feature_retrieval import backfilled_project, start_redis
+from benchmarks.feature_retrieval import backfilled_project
 from pipelines import store
 from pipelines.materialize import load_view
 from pipelines.settings import DEFAULT_REPO, Settings
-from serving.triton_local import cluster_port
+from tests.helpers import ServerError, start_redis_cluster, start_redis_server, stop
 
 VIEW = "user_spending_stats"
 FIRST_USER = 10_000_000
-
-
-def start_cluster(workdir: Path) -> tuple[list[subprocess.Popen], str]:
-    """Three redis-server masters in cluster mode, slots assigned by redis-cli."""
-    ports = [cluster_port() for _ in range(3)]
-    procs = []
-    for port in ports:
-        node = workdir / str(port)
-        node.mkdir(parents=True)
-        procs.append(
-            subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                 "--cluster-enabled", "yes", "--cluster-config-file", str(node / "nodes.conf"),
-                 "--save", "", "--appendonly", "no", "--dir", str(node)],
-                stdout=subprocess.DEVNULL,
-            )
-        )  # fmt: skip
-    for port in ports:
-        for _ in range(200):
-            try:
-                redis.Redis(port=port).ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-    subprocess.run(
-        ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
-         "--cluster-replicas", "0", "--cluster-yes"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    while any(redis.Redis(port=p).cluster("info").get("cluster_state") != "ok" for p in ports):
-        time.sleep(0.1)
-    return procs, ",".join(f"127.0.0.1:{p}" for p in ports)
 
 
 def add_day(s: Settings, rows: int, day: datetime) -> None:
@@ -130,10 +91,12 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="hotpath-store-bench-"))
     repo = root / "feature_repo"
     shutil.copytree(DEFAULT_REPO, repo, ignore=shutil.ignore_patterns("__pycache__"))
-    redis_proc, url = start_redis()
-    if not url:
-        sys.exit("redis-server is required (apt-get install redis-server)")
-    cluster_procs, nodes = start_cluster(root / "cluster")
+    try:
+        redis_proc, url = start_redis_server(root)
+        cluster = start_redis_cluster(root / "cluster", password=None)
+    except ServerError as e:
+        sys.exit(str(e))
+    nodes = cluster.nodes
     try:
         s = Settings(repo=repo)
         backfilled_project(s, 30_000, 1)  # the repo's other sources must exist for apply
@@ -171,9 +134,8 @@ def main() -> None:
             f"  hotpath vs Feast default: {ours / feast:.1f}x (Redis), {cl / feast:.1f}x (cluster)"
         )
     finally:
-        for p in [redis_proc, *cluster_procs]:
-            if p is not None:
-                p.terminate()
+        stop(redis_proc)
+        cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -1,6 +1,6 @@
 """Serving latency and throughput, every peer in one run, on the same Redis and repo.
 
-    .venv/bin/python benchmarks/serving.py [--rows 30000] [--calls 2000] [--clients 8]
+    .venv/bin/python -m benchmarks.serving [--rows 30000] [--calls 2000] [--clients 8]
 
 Builds a project in a temporary folder (generate, Spark backfill, apply, materialize into
 a redis-server it starts on a free loopback port, train), then measures single-client
@@ -21,30 +21,24 @@ connections when installed, else Python client threads (which compete for the 2 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a script, this file's folder comes first on sys.path and its name would shadow
-# the `serving` package: put the project root there instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
 import argparse
 import gc
 import os
 import shutil
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import requests
 
 from benchmarks.feature_retrieval import compare, report, timed
-from benchmarks.harness import Project, redis_project, serve, stop, wait_http, with_wrk
-from pipelines.settings import PROJECT_ROOT
+from benchmarks.harness import Project, redis_project, with_wrk
 from serving.online_features import OnlineFeatures
-from serving.triton_local import LocalTriton, free_port
+from serving.triton_local import LocalTriton
+from tests.helpers import free_port, local_triton, serve, stop, wait_http
 
 SERVICE = "fraud_detection_v1"
 
@@ -78,7 +72,7 @@ def main() -> None:
 
     with redis_project(args.rows, args.calls) as p:
         procs: list[subprocess.Popen] = []
-        triton = LocalTriton(PROJECT_ROOT / ".venv-triton", p.root / "triton")
+        triton = local_triton(p.root / "triton")
         try:
             measure(p, triton, procs, args.clients)
         finally:

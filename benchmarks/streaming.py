@@ -1,6 +1,6 @@
 """Streaming throughput and freshness: the hotpath flow vs Bytewax's built-in windowing.
 
-    .venv/bin/python benchmarks/streaming.py [--events 600000] [--rate 5000] [--seconds 20]
+    .venv/bin/python -m benchmarks.streaming [--events 600000] [--rate 5000] [--seconds 20]
 
 Against a real redis-server it starts on a free loopback port (the redis profile), with
 the full streaming feature set (``user_velocity`` + ``user_merchant_spread``: counts and
@@ -22,21 +22,14 @@ i.e. up to the hop (5 min for the 1-h window) after the event, by construction.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Run as a script, this folder comes first on sys.path and benchmarks/serving.py would
-# shadow the `serving` package: put the project root there instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
 import argparse
-import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import bytewax.operators as op
 import bytewax.operators.windowing as win
@@ -48,16 +41,16 @@ from bytewax.dataflow import Dataflow
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from bytewax.testing import run_main
 
-from benchmarks.feature_retrieval import backfilled_project, start_redis
+from benchmarks.feature_retrieval import backfilled_project
 from pipelines import store
 from pipelines.contract import event_rules
 from pipelines.generate import GenerateConfig, generate
-from pipelines.settings import DEFAULT_REPO, PROJECT_ROOT, Settings
+from pipelines.settings import DEFAULT_REPO, Settings
 from pipelines.stream import metrics
 from pipelines.stream.events import Event, parse
 from pipelines.stream.flow import StreamSettings, build_flow
 from pipelines.stream.sources import FileReplaySource
-from serving.triton_local import free_port
+from tests.helpers import ServerError, free_port, hotpath, hotpath_popen, start_redis_server, stop
 
 
 def _events_in() -> float:
@@ -169,17 +162,15 @@ def scrape_lag(port: int) -> tuple[list[tuple[float, float]], float]:
 
 def freshness(s: Settings, events: Path, rate: float, seconds: float) -> None:
     env = {
-        **os.environ,
         "HOTPATH_REPO": str(s.repo),
         "HOTPATH_PROFILE": "redis",
         "HOTPATH_REDIS_URL": s.redis_url,
     }
     port = free_port()
-    cli = [sys.executable, "-m", "pipelines.cli"]
-    flow = subprocess.Popen(
-        [*cli, "stream", "--source", "redis", "--streams", "bench", "--no-offline",
-         "--metrics-port", str(port)],
-        env=env, cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    flow = hotpath_popen(
+        "stream", "--source", "redis", "--streams", "bench", "--no-offline",
+        "--metrics-port", str(port),
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
@@ -192,11 +183,12 @@ def freshness(s: Settings, events: Path, rate: float, seconds: float) -> None:
                     raise RuntimeError("the stream flow did not start") from None
                 time.sleep(0.2)
         n = int(rate * seconds)
-        subprocess.run(
-            [*cli, "replay", "--rate", str(rate), "--stream", "bench", "--limit", str(n),
-             "--file", str(events)],
-            env=env, cwd=PROJECT_ROOT, check=True, stdout=subprocess.DEVNULL,
+        replay = hotpath(
+            "replay", "--rate", str(rate), "--stream", "bench", "--limit", str(n),
+            "--file", str(events), env=env,
         )  # fmt: skip
+        if replay.returncode != 0:
+            raise RuntimeError(f"hotpath replay failed: {replay.stderr[-2000:]}")
         client = redis.Redis.from_url(s.redis_url)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -235,9 +227,10 @@ def main() -> None:
     shutil.copytree(
         DEFAULT_REPO, root / "feature_repo", ignore=shutil.ignore_patterns("__pycache__")
     )
-    redis_proc, url = start_redis()
-    if not url:
-        sys.exit("redis-server is required (apt-get install redis-server)")
+    try:
+        redis_proc, url = start_redis_server(root)
+    except ServerError as e:
+        sys.exit(str(e))
     try:
         s = Settings(repo=root / "feature_repo", profile="redis", redis_url=url)
         backfilled_project(s, 30_000, 1)  # the registry's offline sources must exist
@@ -258,7 +251,7 @@ def main() -> None:
         print(f"  hotpath vs naive throughput: {ours / naive:.1f}x")
         freshness(s, events, args.rate, args.seconds)
     finally:
-        redis_proc.terminate()
+        stop(redis_proc)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -25,7 +25,9 @@ from pyspark.sql import types as T
 
 from pipelines import batch_features
 from pipelines.contract import entities, event_rules, feature_views
-from pipelines.errors import HotpathError
+from pipelines.errors import HotpathError, check_order, first_line
+from pipelines.settings import Settings
+from pipelines.spark import configure
 from serving.event_rules import EventRules
 
 RAW_COLUMNS = {
@@ -159,8 +161,7 @@ def read_transactions(spark: SparkSession, raw_dir: Path) -> DataFrame:
         tx = spark.read.parquet(str(path))
         schema = {f.name: f.dataType for f in tx.schema.fields}
     except Exception as e:  # Spark raises several Java-backed types for unreadable files
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise HotpathError(f"cannot read raw transactions at {path}: {first_line}") from None
+        raise HotpathError(f"cannot read raw transactions at {path}: {first_line(e)}") from None
     missing = [c for c in RAW_COLUMNS if c not in schema]
     if missing:
         raise HotpathError(f"raw transactions at {path} lack columns: {', '.join(missing)}")
@@ -247,8 +248,7 @@ def run_batch(
     Only events valid by the repo's declaration are counted; the refused ones of the run's
     days replace their ``date=`` partitions of ``rejected_dir/transactions`` (default
     ``data/rejected``) with their code and reason, and are reported to ``on_refused``."""
-    if end < start:
-        raise HotpathError(f"end date {end} is before start date {start}")
+    check_order(start, end)
     unknown = sorted(set(views or []) - set(VIEW_NAMES))
     if unknown:
         raise HotpathError(f"unknown view(s) {unknown}; batch views are {VIEW_NAMES}")
@@ -302,15 +302,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repo", type=Path, default=Path("feature_repo"))
     parser.add_argument("--view", action="append", dest="views")
     args = parser.parse_args(argv)
-    data = args.repo.resolve().parent / "data"
-    spark = SparkSession.builder.appName("hotpath-batch").getOrCreate()
-    spark.conf.set("spark.sql.session.timeZone", "UTC")
-    spark.conf.set("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+    settings = Settings(repo=args.repo)
+    spark = configure(SparkSession.builder.appName("hotpath-batch").getOrCreate())
     for r in run_batch(
         spark,
         args.repo,
-        data / "raw",
-        data / "offline",
+        settings.raw_dir,
+        settings.offline_dir,
         args.start,
         args.end,
         args.views,

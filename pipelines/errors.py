@@ -1,5 +1,5 @@
-"""The one error type the CLI turns into a one-line message and a non-zero exit."""
+"""The error hierarchy, re-exported for the pipelines (it lives in ``serving.errors``)."""
 
+from serving.errors import HotpathError, check_order, first_line
 
-class HotpathError(Exception):
-    """A problem the user can fix (bad input, missing data, unreachable service)."""
+__all__ = ["HotpathError", "check_order", "first_line"]

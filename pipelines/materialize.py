@@ -15,8 +15,7 @@ other store (SQLite, ScyllaDB tiers) go through Feast's own engine.
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,13 +26,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from feast import FeatureStore, FeatureView
-from feast.infra.online_stores.helpers import _mmh3
-from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-from feast.types import Float32, Float64, Int32, Int64, String
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from serving.online_features import KeyEncoder
-from serving.resp import RespClient
+from online_store import layout
+from online_store.connect import NodeClients, redis_client
+from online_store.tiers import placement
 
 CHUNK = 5_000  # rows per pipelined batch
 
@@ -48,30 +44,6 @@ class ViewLoad:
     rows: int  # entity rows read (newest per entity in the window)
     written: int  # rows newer than what the store held
     seconds: float
-
-
-def _value_encoder(dtype: Any) -> Callable[[Any], bytes]:
-    """Python value -> serialized ValueProto, as Feast writes it (empty for nulls)."""
-    if dtype == Float64:
-        pack = struct.Struct("<d").pack
-        return lambda v: b"" if v is None or v != v else b")" + pack(v)  # field 5, fixed64
-    cache: dict[Any, bytes] = {}
-    field = {Int64: "int64_val", Int32: "int32_val", String: "string_val", Float32: "float_val"}
-    name = field.get(dtype)
-    if name is None:
-        raise UnsupportedView(f"fast materialization does not encode {dtype}")
-
-    def encode(v: Any) -> bytes:
-        if v is None or v != v:
-            return b""
-        out = cache.get(v)
-        if out is None:
-            out = ValueProto(**{name: v}).SerializeToString()
-            if len(cache) < 100_000:
-                cache[v] = out
-        return out
-
-    return encode
 
 
 def newest_rows(
@@ -112,54 +84,6 @@ def _shifted(column: pa.Array) -> pa.Array:
     return pa.concat_arrays([pa.nulls(1, column.type), column.slice(0, len(column) - 1)])
 
 
-class _Nodes:
-    """Where each key goes: one raw connection per Redis node (one for standalone)."""
-
-    def __init__(self, config: Any) -> None:
-        from feast.infra.online_stores.redis import RedisOnlineStore
-
-        self.cluster = config.redis_type == "redis_cluster"
-        nodes, params = RedisOnlineStore._parse_connection_string(config.connection_string)
-        auth = {
-            "username": None if params.get("username") is None else str(params["username"]),
-            "password": None if params.get("password") is None else str(params["password"]),
-            "use_ssl": bool(params.get("ssl", False)),
-            "timeout_s": 30.0,
-        }
-        if not self.cluster:
-            self.clients = [
-                RespClient(
-                    nodes[0]["host"], int(nodes[0]["port"]), int(params.get("db", 0)), **auth
-                )
-            ]
-            return
-        import redis
-
-        rc = redis.RedisCluster(
-            startup_nodes=[redis.cluster.ClusterNode(n["host"], int(n["port"])) for n in nodes],
-            username=auth["username"],
-            password=auth["password"],
-            ssl=auth["use_ssl"],
-        )
-        self.slot_node: list[int] = [0] * 16384
-        names: dict[str, int] = {}
-        self.clients = []
-        for slot, holders in rc.nodes_manager.slots_cache.items():
-            primary = holders[0]
-            if primary.name not in names:
-                names[primary.name] = len(self.clients)
-                self.clients.append(RespClient(primary.host, int(primary.port), 0, **auth))
-            self.slot_node[slot] = names[primary.name]
-        rc.close()
-
-    def node_of(self, key: bytes) -> int:
-        if not self.cluster:
-            return 0
-        from redis.crc import key_slot
-
-        return self.slot_node[key_slot(key)]
-
-
 def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
     for i in range(0, n, size):
         yield i, min(n, i + size)
@@ -180,24 +104,24 @@ def load_view(
     t0 = time.perf_counter()
     features = [f.name for f in view.features]
     try:
-        encoder = KeyEncoder.for_view(store, view)
+        encoder = layout.KeyEncoder.for_view(store, view)
+        encoders = [layout.value_bytes(f.dtype) for f in view.features]  # fail before I/O
     except ValueError as e:
         raise UnsupportedView(f"{view.name}: {e}") from None
     key_names = list(encoder.join_keys)
-    encoders = [_value_encoder(f.dtype) for f in view.features]  # unsupported: fail before I/O
     table = newest_rows(view, start, end, key_names, features)
     n = table.num_rows
     if n == 0:
         return ViewLoad(view.name, 0, 0, time.perf_counter() - t0)
     project = store.project.encode()
-    ts_field = f"_ts:{view.name}".encode()
-    fields = [_mmh3(f"{view.name}:{f}") for f in features]
+    ts_field = layout.ts_field(view.name)
+    fields = [layout.feature_field(view.name, f) for f in features]
     columns = [table[c].to_pylist() for c in features]
     key_columns = [table[c].to_pylist() for c in key_names]
     stamps = pc.cast(table[view.batch_source.timestamp_field], pa.timestamp("us", "UTC"))
     micros = pc.cast(stamps, pa.int64()).to_pylist()
     ttl = view.ttl.total_seconds() if view.ttl else 0
-    nodes = _Nodes(redis_config)
+    nodes = NodeClients(redis_config)
     written = 0
     for lo, hi in _chunks(n, CHUNK):
         keys = [
@@ -222,45 +146,29 @@ def load_view(
                 row = lo + i
                 us = micros[row]
                 old = stored[i]
-                if old:
-                    prev = Timestamp()
-                    prev.ParseFromString(old)
-                    if prev.seconds * 1_000_000 + prev.nanos // 1000 >= us:
-                        continue  # Feast's rule: skip older or same-instant rows
-                stamp = Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1000)
-                args: list[bytes] = [b"HSET", keys[i], ts_field, stamp.SerializeToString()]
+                if old and layout.stamp_micros(old) >= us:
+                    continue  # Feast's rule: skip older or same-instant rows
+                args: list[bytes] = [b"HSET", keys[i], ts_field, layout.encode_stamp(us)]
                 for field, encode, col in zip(fields, encoders, columns, strict=True):
                     args += [field, encode(col[row])]
                 commands.append(hiredis.pack_command(tuple(args)))
                 if expire and ttl:
-                    at = str(int(us / 1e6 + ttl) + 1).encode()
-                    commands.append(hiredis.pack_command((b"EXPIREAT", keys[i], at, b"NX")))
-                    commands.append(hiredis.pack_command((b"EXPIREAT", keys[i], at, b"GT")))
+                    at = layout.expire_at(us / 1e6, ttl)
+                    commands += map(hiredis.pack_command, layout.expire_commands(keys[i], at))
             if commands:
                 client = nodes.clients[node]
                 client.send(b"".join(commands))
                 client.receive(len(commands))
                 written += len(commands) // (3 if expire and ttl else 1)
-    for c in nodes.clients:
-        c.close()
+    nodes.close()
     return ViewLoad(view.name, n, written, time.perf_counter() - t0)
 
 
 def redis_tier(store: FeatureStore, view: FeatureView) -> tuple[Any, bool] | None:
     """The Redis store config ``view`` lives in, and whether keys get expiry (tiered
     stores set it); None when the view is not in Redis."""
-    from feast.repo_config import get_online_config_from_type
-
-    from serving.tiered_store import TYPE, tier_of
-
-    cfg = store.config.online_store
-    if cfg.type == "redis":
-        return cfg, False
-    if cfg.type == TYPE:
-        conf = dict(cfg.tiers.get(tier_of(view, cfg.routing_tag) or "", {}))
-        if conf.get("type") == "redis":
-            return get_online_config_from_type("redis")(**conf), True
-    return None
+    where = placement(store, view)
+    return (where.config, where.expires) if where.kind == "redis" else None
 
 
 def materialize(
@@ -297,12 +205,8 @@ def materialize(
 def mark_materialized(store: FeatureStore, view: FeatureView, end: datetime) -> None:
     """Record in the view's Redis tier that it holds materialized data (serving's
     readiness looks for it: a Redis that restarted empty has no record)."""
-    from feast.infra.online_stores.redis import RedisOnlineStore
-
-    from serving.online_features import materialized_key
-
     target = redis_tier(store, view)
     if target is None:
         return
-    client = RedisOnlineStore()._get_client(target[0])
-    client.hset(materialized_key(store.project), view.name, end.isoformat())
+    client = redis_client(target[0])
+    client.hset(layout.materialized_key(store.project), view.name, end.isoformat())

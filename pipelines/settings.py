@@ -1,16 +1,32 @@
-"""One settings object for the CLI and the pipelines, read from flags and ``HOTPATH_*`` env."""
+"""hotpath's one settings tree, read from flags and ``HOTPATH_*`` in the environment.
+
+The root (:class:`Settings`) holds what every command needs (repo, profile, the online
+store's endpoints) and nests one section per component: ``spark`` (``HOTPATH_SPARK_*``),
+``stream`` (``HOTPATH_STREAM_*``) and ``serving`` (``HOTPATH_SERVING_*``; its class lives
+in ``serving.settings`` because serving never imports ``pipelines/``). Each default is
+declared once, here; the CLI's options default to None and fall back to it, and the tree
+is passed explicitly (the server gets its section as an object, not through the
+environment).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 from urllib.parse import unquote, urlparse
 
+from pydantic import Field
+from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipelines.errors import HotpathError
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_REPO = PROJECT_ROOT / "feature_repo"
+from serving.settings import (
+    DEFAULT_REPO,
+    PROJECT_ROOT,
+    ServingSettings,
+    data_dir,
+    default_model_repository,
+)
 
 # profile name -> Feast config file inside the feature repo
 PROFILES = {
@@ -21,8 +37,39 @@ PROFILES = {
 }
 
 
+class SparkSettings(BaseSettings):
+    """``HOTPATH_SPARK_MASTER`` (``local[*]`` or a cluster URL), ``HOTPATH_SPARK_DRIVER_MEMORY``.
+    The session configuration every job relies on is ``pipelines.spark.SESSION_CONF``."""
+
+    model_config = SettingsConfigDict(env_prefix="HOTPATH_SPARK_", extra="ignore")
+
+    master: str = "local[*]"
+    driver_memory: str = "2g"
+
+
+class StreamSettings(BaseSettings):
+    """What the streaming flow reads and how (``HOTPATH_STREAM_*``); stores come from the root."""
+
+    model_config = SettingsConfigDict(env_prefix="HOTPATH_STREAM_", extra="ignore")
+
+    source: Literal["file", "redis", "kafka"] = "file"
+    push_source: str = "user_velocity_push"  # the stream views are the views on it
+    file: Path | None = None  # default: the raw transactions
+    rate: float = 0  # file replay, events/s (0: as fast as possible)
+    source_redis_url: str | None = None  # default: the profile's Redis URL
+    streams: list[str] = ["transactions"]
+    group: str = "hotpath"
+    block_ms: int = 100
+    kafka_brokers: list[str] = ["127.0.0.1:9092"]
+    kafka_topics: list[str] = ["transactions"]
+    lateness_s: float = 300  # out-of-order tolerance, per user
+    dead_letter: str | None = None  # Redis stream (redis source) or file; default derived
+    offline: bool = True
+    metrics_port: int | None = None
+
+
 class Settings(BaseSettings):
-    """``HOTPATH_REPO``, ``HOTPATH_PROFILE``, ``HOTPATH_REDIS_URL``, ``HOTPATH_SPARK_MASTER``..."""
+    """``HOTPATH_REPO``, ``HOTPATH_PROFILE``, ``HOTPATH_REDIS_URL``... plus the nested sections."""
 
     model_config = SettingsConfigDict(env_prefix="HOTPATH_", extra="ignore")
 
@@ -36,10 +83,19 @@ class Settings(BaseSettings):
     scylla_host: str = "127.0.0.1"  # production profile: HOTPATH_SCYLLA_HOST...
     scylla_keyspace: str = "hotpath"
     scylla_local_dc: str = "datacenter1"
-    spark_master: str = "local[*]"
-    spark_driver_memory: str = "2g"
-    model_repository_path: Path | None = None  # HOTPATH_MODEL_REPOSITORY_PATH; default data/
+    feature_service: str = "fraud_detection_v1"  # what train, features and the demo use
     triton_venv: Path = PROJECT_ROOT / ".venv-triton"
+    spark: SparkSettings = Field(default_factory=SparkSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+
+    @property
+    def model_name(self) -> str:
+        return self.serving.model_name
+
+    @property
+    def data_dir(self) -> Path:
+        return data_dir(self.repo)
 
     @property
     def validation_dir(self) -> Path:
@@ -51,12 +107,8 @@ class Settings(BaseSettings):
 
     @property
     def model_repository(self) -> Path:
-        return self.model_repository_path or self.data_dir / "model_repository"
-
-    @property
-    def data_dir(self) -> Path:
-        """Generated data lives beside the feature repo, where its YAML points."""
-        return self.repo.resolve().parent / "data"
+        """``HOTPATH_SERVING_MODEL_REPOSITORY``; default ``data/model_repository``."""
+        return self.serving.model_repository or default_model_repository(self.repo)
 
     @property
     def raw_dir(self) -> Path:
@@ -72,6 +124,46 @@ class Settings(BaseSettings):
             known = ", ".join(PROFILES)
             raise HotpathError(f"unknown profile {self.profile!r} (known: {known})")
         return self.repo.resolve() / PROFILES[self.profile]
+
+    def with_model_repository(self, path: Path | None) -> Settings:
+        """These settings with another model repository (``None``: unchanged)."""
+        if path is None:
+            return self
+        return self.model_copy(
+            update={"serving": self.serving.model_copy(update={"model_repository": path})}
+        )
+
+    def serving_settings(self, **overrides: object) -> ServingSettings:
+        """The serving section bound to this repo, profile and model repository, with
+        ``overrides`` (None: keep) applied and checked: what ``hotpath serve`` hands the
+        server."""
+        values = self.serving.model_dump() | {
+            "repo": self.repo.resolve(),
+            "feature_store_yaml": self.feature_store_yaml,
+            "model_repository": self.model_repository,
+        }
+        values |= {k: v for k, v in overrides.items() if v is not None}
+        try:
+            return ServingSettings.model_validate(values)  # validated; env is not read again
+        except PydanticValidationError as e:
+            raise invalid(e, "serving.") from None
+
+
+def load_settings(**overrides: object) -> Settings:
+    """The settings tree from the environment and ``overrides`` (None: not given); a bad
+    value is one ``HotpathError`` naming the setting."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except PydanticValidationError as e:
+        raise invalid(e) from None
+
+
+def invalid(e: PydanticValidationError, section: str = "") -> HotpathError:
+    err = e.errors()[0]
+    where = ".".join(str(x) for x in err["loc"])
+    title = e.title.removesuffix("Settings").lower()  # the section that refused it
+    prefix = section or ("" if title in ("", "root") else f"{title}.")
+    return HotpathError(f"setting {prefix}{where}: {err['msg']}")
 
 
 def feast_cluster_connection(nodes: str, password: str | None, ssl: bool) -> str:

@@ -19,7 +19,9 @@ from typing import Any
 import redis
 from feast import FeatureStore
 
-from pipelines.errors import HotpathError
+from online_store import connect
+from online_store.tiers import UnknownTierError, is_tiered, tier_configs, tier_name
+from pipelines.errors import HotpathError, first_line
 from pipelines.settings import Settings, feast_cluster_connection, feast_redis_connection
 
 REDIS_ENV = "HOTPATH_REDIS_CONNECTION"
@@ -38,9 +40,9 @@ def open_store(settings: Settings) -> FeatureStore:
         fs = FeatureStore(repo_path=str(settings.repo.resolve()), fs_yaml_file=yaml_path)
         config = fs.config.online_store  # parses the online store section now
     except Exception as e:
-        raise HotpathError(f"cannot load {yaml_path}: {_first_line(e)}") from None
+        raise HotpathError(f"cannot load {yaml_path}: {first_line(e)}") from None
     if settings.profile != "redis":
-        for tier, cfg in online_tiers(config).items():
+        for tier, cfg in tier_configs(config).items():
             check_tier(tier, cfg)
     return fs
 
@@ -57,20 +59,6 @@ def open_store_env(settings: Settings) -> None:
     os.environ["HOTPATH_SCYLLA_LOCAL_DC"] = settings.scylla_local_dc
 
 
-def online_tiers(config: Any) -> dict[str, Any]:
-    """The online store's tiers by name (one, ``online``, unless the store is tiered)."""
-    from feast.repo_config import get_online_config_from_type
-
-    from serving.tiered_store import TYPE
-
-    if config.type != TYPE:
-        return {"online": config}
-    return {
-        name: get_online_config_from_type(conf["type"])(**conf)
-        for name, conf in config.tiers.items()
-    }
-
-
 def check_tier(name: str, cfg: Any, timeout_s: float = 3.0) -> str:
     """Reach one online store tier now (not at the first request): its server version and
     round trip, or a one-line error naming the endpoint."""
@@ -78,32 +66,9 @@ def check_tier(name: str, cfg: Any, timeout_s: float = 3.0) -> str:
     if kind == "sqlite":
         return "sqlite (a local file)"
     if kind == "redis":
-        from feast.infra.online_stores.redis import RedisOnlineStore
-
-        nodes, params = RedisOnlineStore._parse_connection_string(cfg.connection_string)
-        where = ",".join(f"{n['host']}:{n['port']}" for n in nodes)
-        kw = {
-            "password": params.get("password"),
-            "username": params.get("username"),
-            "ssl": bool(params.get("ssl", False)),
-            "socket_connect_timeout": timeout_s,
-            "socket_timeout": timeout_s,
-        }
+        endpoints = connect.where(cfg)
         try:
-            if cfg.redis_type == "redis_cluster":
-                client: Any = redis.RedisCluster(
-                    startup_nodes=[
-                        redis.cluster.ClusterNode(n["host"], int(n["port"])) for n in nodes
-                    ],
-                    **kw,
-                )
-            else:
-                client = redis.Redis(
-                    host=nodes[0]["host"],
-                    port=int(nodes[0]["port"]),
-                    db=int(params.get("db", 0)),
-                    **kw,
-                )
+            client = connect.redis_client(cfg, timeout_s)
             t0 = time.perf_counter()
             client.ping()
             ms = (time.perf_counter() - t0) * 1000
@@ -114,18 +79,18 @@ def check_tier(name: str, cfg: Any, timeout_s: float = 3.0) -> str:
             client.close()
         except redis.AuthenticationError as e:
             raise HotpathError(
-                f"{name} tier: Redis at {where} refused the credentials: {e}"
+                f"{name} tier: Redis at {endpoints} refused the credentials: {e}"
             ) from None
         except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as e:
             if "username-password" in str(e) or "WRONGPASS" in str(e):  # cluster wraps auth
                 raise HotpathError(
-                    f"{name} tier: Redis at {where} refused the credentials: {_first_line(e)}"
+                    f"{name} tier: Redis at {endpoints} refused the credentials: {first_line(e)}"
                 ) from None
             raise HotpathError(
-                f"{name} tier: Redis unreachable at {where}: {_first_line(e)}"
+                f"{name} tier: Redis unreachable at {endpoints}: {first_line(e)}"
             ) from None
         shape = "Redis Cluster" if cfg.redis_type == "redis_cluster" else "Redis"
-        return f"{shape} {version} at {where}, round trip {ms:.2f} ms"
+        return f"{shape} {version} at {endpoints}, round trip {ms:.2f} ms"
     if kind in ("scylladb", "cassandra"):
         from cassandra.auth import PlainTextAuthProvider
         from cassandra.cluster import Cluster
@@ -143,7 +108,7 @@ def check_tier(name: str, cfg: Any, timeout_s: float = 3.0) -> str:
             ms = (time.perf_counter() - t0) * 1000
         except Exception as e:  # NoHostAvailable, AuthenticationFailed...
             raise HotpathError(
-                f"{name} tier: {kind} unreachable at {where}: {_first_line(e)}"
+                f"{name} tier: {kind} unreachable at {where}: {first_line(e)}"
             ) from None
         finally:
             cluster.shutdown()
@@ -165,7 +130,7 @@ def check_redis(url: str, timeout_s: float = 2.0) -> float:
     except redis.AuthenticationError as e:
         raise HotpathError(f"Redis at {_safe(url)} refused the credentials: {e}") from None
     except redis.RedisError as e:
-        raise HotpathError(f"Redis unreachable at {_safe(url)}: {_first_line(e)}") from None
+        raise HotpathError(f"Redis unreachable at {_safe(url)}: {first_line(e)}") from None
 
 
 def _safe(url: str) -> str:
@@ -174,11 +139,6 @@ def _safe(url: str) -> str:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
     return url
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 @contextlib.contextmanager
@@ -193,20 +153,17 @@ def _restoring_cwd() -> Iterator[None]:
 def check_tiers(store: FeatureStore, repo: Path) -> None:
     """On a tiered online store, every feature view's tag must name a configured tier."""
     from pipelines.contract import feature_views
-    from serving.tiered_store import TYPE, tier_of
 
     cfg = store.config.online_store
-    if cfg.type != TYPE:
+    if not is_tiered(cfg):
         return
     for view in feature_views(repo).values():
         if not view.online:
             continue
-        tier = tier_of(view, cfg.routing_tag)
-        if tier not in cfg.tiers:
-            raise HotpathError(
-                f"feature view {view.name}: {cfg.routing_tag} tag {tier!r} names no tier of "
-                f"this profile's online store (tiers: {', '.join(sorted(cfg.tiers))})"
-            )
+        try:
+            tier_name(cfg, view)
+        except UnknownTierError as e:
+            raise HotpathError(str(e)) from None
 
 
 def apply(store: FeatureStore) -> None:
@@ -222,7 +179,7 @@ def apply(store: FeatureStore) -> None:
         try:
             apply_total(store.config, repo, skip_source_validation=False)
         except Exception as e:
-            raise HotpathError(f"feast apply failed: {_first_line(e)}") from None
+            raise HotpathError(f"feast apply failed: {first_line(e)}") from None
 
 
 def materialize(store: FeatureStore, end: datetime | None = None) -> datetime:
@@ -239,7 +196,7 @@ def materialize(store: FeatureStore, end: datetime | None = None) -> datetime:
             for view in others:
                 fast.mark_materialized(store, view, end)
     except Exception as e:
-        raise HotpathError(f"materialization failed: {_first_line(e)}") from None
+        raise HotpathError(f"materialization failed: {first_line(e)}") from None
     return end
 
 
@@ -267,7 +224,7 @@ def read_vector(
         reader = OnlineFeatures(store, service)
         (vector,) = reader.read([entity])
     except Exception as e:
-        raise HotpathError(f"online read failed: {_first_line(e)}") from None
+        raise HotpathError(f"online read failed: {first_line(e)}") from None
     now_s = (now or datetime.now(UTC)).timestamp()
     served(vector, reader.ttl_of(), now_s)
     out = []

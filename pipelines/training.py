@@ -23,7 +23,8 @@ import pandas as pd
 import pyarrow.dataset as ds
 from feast import FeatureStore
 
-from pipelines.errors import HotpathError
+from pipelines.errors import HotpathError, first_line
+from pipelines.settings import Settings
 from serving.model_repository import (
     INPUT_NAME,
     OUTPUT_PROBABILITIES,
@@ -36,8 +37,11 @@ from serving.model_repository import (
     feature_profile,
     publish,
 )
+from serving.settings import ServingSettings
 
-MODEL_NAME = "fraud_detection"
+# the defaults of the one settings tree (pipelines.settings)
+MODEL_NAME = ServingSettings.model_fields["model_name"].default
+FEATURE_SERVICE = Settings.model_fields["feature_service"].default
 LOOKUP_OFFSET = pd.Timedelta(microseconds=1)
 LABEL_COLUMNS = [
     "transaction_id",
@@ -123,10 +127,7 @@ def training_set(store: FeatureStore, labels: pd.DataFrame, service: str) -> pd.
             entity_df=entity_df, features=store.get_feature_service(service)
         ).to_df()
     except Exception as e:
-        text = str(e).strip().splitlines()
-        raise HotpathError(
-            f"building the training set failed: {text[0] if text else e!r}"
-        ) from None
+        raise HotpathError(f"building the training set failed: {first_line(e)}") from None
     for col in ("event_timestamp", "payment_ts"):  # Spark hands naive UTC back
         df[col] = pd.to_datetime(df[col], utc=True)
     return df.sort_values(["payment_ts", "transaction_id"]).reset_index(drop=True)
@@ -244,7 +245,7 @@ class Dataset:
 def build_dataset(
     store: FeatureStore,
     raw_dir: Path,
-    service: str = "fraud_detection_v1",
+    service: str = FEATURE_SERVICE,
     start: date | None = None,
     end: date | None = None,
     labels_known_by: datetime | None = None,
@@ -326,7 +327,7 @@ def train(
     store: FeatureStore,
     raw_dir: Path,
     model_repository: Path,
-    service: str = "fraud_detection_v1",
+    service: str = FEATURE_SERVICE,
     start: date | None = None,
     end: date | None = None,
     labels_known_by: datetime | None = None,

@@ -5,7 +5,7 @@ it, but in front of it: uvicorn parses every readable connection and starts one 
 request, and those tasks wait their turn on the event loop. So the bound sits where
 requests arrive: :class:`AdmissionProtocol` (uvicorn's httptools protocol, passed as
 ``http=``) stamps each request's arrival as it is parsed and, when this worker already
-holds ``HOTPATH_SERVING_MAX_IN_FLIGHT`` unanswered requests (waiting or running), or when
+holds ``max_in_flight`` unanswered requests (waiting or running), or when
 the oldest request already queued for scoring has waited half its queue budget (the
 bound that adapts to how fast this machine is right now), answers the new one at once
 with 503 + ``Retry-After`` (a ``Problem`` body) instead of queueing it. Probes
@@ -17,7 +17,6 @@ it would refuse every request of a client pool larger than the limit.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,8 +30,9 @@ OVERLOADED = json.dumps(
     {"detail": "overloaded: too many requests waiting, retry shortly", "field": None}
 ).encode()
 
-# set by the service: says whether the work already queued is late
-backlogged: Callable[[], bool] = lambda: False  # noqa: E731
+# set by the service at start-up (:func:`configure`), before uvicorn accepts connections
+_limit = 64
+_backlogged: Callable[[], bool] = lambda: False  # noqa: E731
 _refused = 0  # since the last take_refused(): a plain count, cheaper than a metric per 503
 
 
@@ -43,15 +43,11 @@ def take_refused() -> int:
     return n
 
 
-_limit: int | None = None
-
-
-def max_in_flight() -> int:
-    """The bound, read once per process (uvicorn workers are separate processes)."""
-    global _limit
-    if _limit is None:
-        _limit = int(os.environ.get("HOTPATH_SERVING_MAX_IN_FLIGHT", "64"))
-    return _limit
+def configure(max_in_flight: int, backlogged: Callable[[], bool]) -> None:
+    """This worker's bound and its scorer's backlog test (each uvicorn worker is its own
+    process and configures its own)."""
+    global _limit, _backlogged
+    _limit, _backlogged = max_in_flight, backlogged
 
 
 def arrival(scope: dict[str, Any]) -> float:
@@ -83,9 +79,7 @@ class AdmissionProtocol(HttpToolsProtocol):
         self.scope[ARRIVAL] = time.perf_counter()  # type: ignore[literal-required]
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        if cycle.scope.get("path") in EXEMPT or (
-            len(self.tasks) < max_in_flight() and not backlogged()
-        ):
+        if cycle.scope.get("path") in EXEMPT or (len(self.tasks) < _limit and not _backlogged()):
             super()._start_asgi_task(cycle, app)
             return
         # Refused where it was parsed: no task, no routing, no body parsing, no metric

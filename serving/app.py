@@ -7,18 +7,17 @@ health monitor, warm-up before ``/ready``, and Prometheus metrics. Admission con
 runs before any of this, in uvicorn's protocol (``serving.admission``). Errors are
 mapped once, to one ``Problem`` shape.
 
-The predict routes parse their body themselves (``model_validate_json``: parsing and
-strict validation in one pass) and write their JSON directly: FastAPI's generic body and
-response handling cost more than the rest of the request. The OpenAPI document still
-declares every body and answer (see :func:`_openapi`).
+The two predict routes are served in front of FastAPI (``serving.predict_routes``):
+its generic request handling costs as much as the prediction. The OpenAPI document
+still declares every route, body and answer (see :func:`_openapi`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import json
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,19 +25,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
-from pydantic import ValidationError
-from starlette.exceptions import HTTPException
 
-from serving import admission
+from serving import admission, problems
+from serving.errors import HotpathError, first_line
 from serving.health import Health
+from serving.logs import Throttled, event, setup
 from serving.metrics import Metrics
 from serving.model_backend import ModelBackend, OnnxBackend, TritonBackend
 from serving.model_repository import load_metadata, onnx_path
 from serving.online_features import OnlineFeatures
+from serving.predict_routes import PredictRoutes
 from serving.schemas import (
     BatchRequest,
     BatchResponse,
@@ -47,20 +46,15 @@ from serving.schemas import (
     Readiness,
     Transaction,
 )
-from serving.scoring import Scorer, Shed
+from serving.scoring import Scorer
 from serving.settings import ServingSettings
 
 
-class StartupError(Exception):
+class StartupError(HotpathError):
     """The service cannot serve this model with this feature repo."""
 
 
-class Unauthorized(Exception):
-    pass
-
-
-class TooLarge(Exception):
-    pass
+_throttled = Throttled()  # warm-up is retried on every /ready poll: a line per interval
 
 
 @dataclass
@@ -95,7 +89,7 @@ def build_runtime(settings: ServingSettings) -> Runtime:
         backend = OnnxBackend(onnx_path(settings.repository, meta.model_name, meta.version))
     metrics = Metrics(meta.feature_names, reader.view_names)
     scorer = Scorer(settings, reader, meta, backend, metrics)
-    admission.backlogged = scorer.backlogged
+    admission.configure(settings.max_in_flight, scorer.backlogged)
     return Runtime(settings, scorer, Health(scorer), metrics)
 
 
@@ -124,17 +118,24 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 def _authorize(request: Request, key: Any) -> None:
     if key is not None and request.headers.get("x-api-key") != key.get_secret_value():
-        raise Unauthorized
+        raise problems.Unauthorized
 
 
-def create_app(settings: ServingSettings | None = None) -> FastAPI:
+def create_app(settings: ServingSettings | None = None) -> PredictRoutes:
     settings = settings or ServingSettings()
+    setup(settings.log_level)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        rt = app.state.runtime = build_runtime(settings)
-        with contextlib.suppress(Exception):  # not ready: /ready says so, /predict falls back
+        try:
+            rt = app.state.runtime = build_runtime(settings)
+        except Exception as e:
+            event(logging.ERROR, "startup_refused", error=first_line(e))
+            raise
+        try:
             await warm_up(rt)
+        except Exception as e:  # not ready: /ready says so, /predict falls back
+            event(logging.WARNING, "warm_up_failed", error=first_line(e), retry="on /ready")
         # Feast, protobuf and ONNX Runtime leave ~10^6 long-lived objects; a full
         # collection walking them stalls every in-flight request for tens of ms. Move
         # them out of the collector's sight once they're loaded.
@@ -147,70 +148,13 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="hotpath", version="0.2.0", lifespan=lifespan)
 
-    # ---- errors, mapped once: every error answer is a Problem
-    def problem(status: int, detail: str, field: str | None = None, **headers: str) -> Response:
-        return _json({"detail": detail, "field": field}, status, headers or None)
+    # ---- errors, mapped once (serving.problems): every error answer is a Problem
+    async def _problem(_: Request, exc: Exception) -> Response:
+        status, body, headers = problems.problem_of(exc)
+        return Response(body, status, headers or None, media_type="application/json")
 
-    def invalid(errors: list[Any]) -> Response:
-        first = errors[0] if errors else {}
-        if first.get("type") == "json_invalid":
-            return problem(422, "request body is not valid JSON (UTF-8)")
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        msg = first.get("msg", "invalid request")
-        return problem(422, f"{where}: {msg}" if where else msg, where)
-
-    @app.exception_handler(ValidationError)
-    async def _invalid_body(_: Request, exc: ValidationError) -> Response:
-        return invalid(exc.errors(include_url=False))
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid_request(_: Request, exc: RequestValidationError) -> Response:
-        return invalid(list(exc.errors()))
-
-    @app.exception_handler(Unauthorized)
-    async def _unauthorized(_: Request, __: Unauthorized) -> Response:
-        return problem(401, "missing or wrong X-API-Key", "X-API-Key")
-
-    @app.exception_handler(TooLarge)
-    async def _too_large(_: Request, __: TooLarge) -> Response:
-        n = settings.max_batch
-        return problem(413, f"at most {n} transactions per batch", "transactions")
-
-    @app.exception_handler(Shed)
-    async def _shed(request: Request, _: Shed) -> Response:
-        request.app.state.runtime.metrics.shed_of["queue_budget"].inc()
-        return problem(
-            503, "overloaded: waited past its queue budget, retry shortly", None, **_RETRY
-        )
-
-    @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException) -> Response:
-        return problem(exc.status_code, str(exc.detail), None, **(exc.headers or {}))
-
-    # ---- routes
-    @app.post("/predict", response_model=Prediction, openapi_extra=_body("Transaction"))
-    async def predict(request: Request) -> Response:
-        rt: Runtime = request.app.state.runtime
-        _authorize(request, settings.api_key)
-        tx = Transaction.model_validate_json(await request.body())
-        (p,) = await rt.scorer.predict([tx.model_dump()], admission.arrival(request.scope))
-        return _json(p)
-
-    @app.post(
-        "/predict/batch",
-        response_model=BatchResponse,
-        openapi_extra=_body("BatchRequest"),
-        responses={413: {"model": Problem, "description": "more rows than max_batch"}},
-    )
-    async def predict_batch(request: Request) -> Response:
-        rt: Runtime = request.app.state.runtime
-        _authorize(request, settings.api_key)
-        body = BatchRequest.model_validate_json(await request.body())
-        if len(body.transactions) > settings.max_batch:
-            raise TooLarge
-        rows = [tx.model_dump() for tx in body.transactions]
-        answers = await rt.scorer.predict(rows, admission.arrival(request.scope))
-        return _json({"predictions": answers})
+    for exc in problems.HANDLED:
+        app.add_exception_handler(exc, _problem)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -224,8 +168,10 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
     async def ready(request: Request) -> Response:
         rt: Runtime = request.app.state.runtime
         if not rt.health.warmed_up:  # e.g. the model backend was down at start: try again
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(warm_up(rt), timeout=2)
+            except Exception as e:
+                _throttled(logging.WARNING, "warm_up_failed", error=first_line(e))
         h, s = rt.health, rt.scorer
         reasons = h.reasons()
         body = Readiness(
@@ -255,48 +201,65 @@ def create_app(settings: ServingSettings | None = None) -> FastAPI:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
-    return app
-
-
-_RETRY = {"Retry-After": str(admission.RETRY_AFTER_S)}
-
-
-def _body(model: str) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}},
-        }
-    }
+    key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+    return PredictRoutes(app, key, settings.max_batch)
 
 
 def _openapi(app: FastAPI, settings: ServingSettings) -> dict[str, Any]:
-    """FastAPI's document plus what the hand-parsed routes need: their request bodies,
-    the Problem answers (401 with a key, 422, 503 with Retry-After) and the key scheme."""
+    """FastAPI's document plus the two predict routes (served by ``PredictRoutes``, so
+    FastAPI doesn't see them): their bodies and answers — the Problem answers (401 with a
+    key, 413, 422, 503 with Retry-After) — and the key scheme."""
     if app.openapi_schema:
         return app.openapi_schema
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    for model in (Transaction, BatchRequest, Problem):
+    for model in (Transaction, BatchRequest, Prediction, BatchResponse, Problem):
         js = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(js.pop("$defs", {}))
         schemas[model.__name__] = js
-    problem = {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+
+    def content(model: str) -> dict[str, Any]:
+        return {"application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}}
+
     retry = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
-    for path in ("/predict", "/predict/batch"):
-        op = doc["paths"][path]["post"]
-        op["responses"]["422"] = {"description": "invalid request", "content": problem}
-        op["responses"]["503"] = {
-            "description": "overloaded: retry after the given seconds",
-            "content": problem,
-            "headers": retry,
+    routes = {
+        "/predict": ("Predict", "Score one transaction", "Transaction", "Prediction"),
+        "/predict/batch": ("Predict Batch", "Score many", "BatchRequest", "BatchResponse"),
+    }
+    for path, (summary, description, request, answer) in routes.items():
+        op: dict[str, Any] = {
+            "summary": summary,
+            "description": description,
+            "operationId": summary.lower().replace(" ", "_"),
+            "requestBody": {"required": True, "content": content(request)},
+            "responses": {
+                "200": {"description": "the prediction(s)", "content": content(answer)},
+                "422": {"description": "invalid request", "content": content("Problem")},
+                "503": {
+                    "description": "overloaded: retry after the given seconds",
+                    "content": content("Problem"),
+                    "headers": retry,
+                },
+            },
         }
+        if path == "/predict/batch":
+            op["responses"]["413"] = {
+                "description": "more rows than max_batch",
+                "content": content("Problem"),
+            }
         if settings.api_key is not None:
-            op["responses"]["401"] = {"description": "missing or wrong key", "content": problem}
+            op["responses"]["401"] = {
+                "description": "missing or wrong key",
+                "content": content("Problem"),
+            }
             op["security"] = [{"ApiKey": []}]
+        doc["paths"][path] = {"post": op}
     if settings.metrics_key is not None:
         op = doc["paths"]["/metrics"]["get"]
-        op["responses"]["401"] = {"description": "missing or wrong key", "content": problem}
+        op["responses"]["401"] = {
+            "description": "missing or wrong key",
+            "content": content("Problem"),
+        }
         op["security"] = [{"ApiKey": []}]
     if settings.api_key is not None or settings.metrics_key is not None:
         doc["components"]["securitySchemes"] = {

@@ -12,16 +12,15 @@ empty (a Redis that restarted without its data), not only after requests failed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import numpy as np
 
 from serving import admission
+from serving.errors import first_line
+from serving.logs import Throttled, event
 from serving.resilience import CircuitBreaker
 from serving.scoring import Scorer
-
-log = logging.getLogger("hotpath.serving")
 
 
 class Health:
@@ -31,6 +30,7 @@ class Health:
         self.model_ok = True
         self.store_ok = True
         meta = scorer.meta
+        self._log = Throttled()
         self._probe_x = np.array([[f.default for f in meta.features]], dtype=np.float32)
 
     def reasons(self) -> list[str]:
@@ -58,7 +58,7 @@ class Health:
         except TimeoutError:
             ok, error = False, "health check past its budget"
         except Exception as e:
-            ok, error = False, type(e).__name__
+            ok, error = False, first_line(e)
         self._judge(s.model_breaker, ok, error)
         self.model_ok = ok
 
@@ -69,22 +69,18 @@ class Health:
             empty = s.features.unmaterialized()
             ok, error = True, ""
         except Exception as e:  # unreachable, wrong password, timeout
-            ok, error, empty = False, type(e).__name__, s.store_empty
+            ok, error, empty = False, first_line(e), s.store_empty
         self._judge(s.store_breaker, ok, error)
         if empty != s.store_empty:
-            log.warning("online store materialized data missing for: %s", empty or "none")
+            event(logging.WARNING, "store_materialized_data", missing=",".join(empty) or "none")
         s.store_empty = empty
         self.store_ok = ok
 
     def _judge(self, breaker: CircuitBreaker, ok: bool, error: str) -> None:
         if ok and breaker.is_open:
-            log.warning("%s healthy again: breaker closed", breaker.name)
-            breaker.success()
-        elif not ok and not breaker.is_open:
-            log.warning("%s failed its health check (%s): breaker open", breaker.name, error)
-            breaker.trip(error)
+            breaker.success()  # the breaker logs its transitions
         elif not ok:
-            breaker.last_error = error
+            breaker.trip(error)
 
     def publish(self) -> None:
         m, s = self.scorer.metrics, self.scorer
@@ -99,8 +95,10 @@ class Health:
     async def run(self) -> None:
         """Forever: check both backends every probe interval (cancelled at shutdown)."""
         while True:
-            with contextlib.suppress(Exception):  # a check must never kill the monitor
+            try:
                 await self.check_model()
                 self.check_store()
                 self.publish()
+            except Exception as e:  # a check must never kill the monitor
+                self._log(logging.ERROR, "monitor_error", type(e).__name__, error=first_line(e))
             await asyncio.sleep(self.scorer.settings.breaker_probe_s)

@@ -27,12 +27,14 @@ from typing import Any
 import numpy as np
 from pandas import NA as pd_NA
 
+from serving.errors import HotpathError
+
 INPUT_NAME = "features"
 OUTPUT_PROBABILITIES = "probabilities"  # [batch, 2]: P(legitimate), P(fraud)
 LOCAL_CONFIG_NAME = "local"
 
 
-class ModelRepositoryError(Exception):
+class ModelRepositoryError(HotpathError):
     """The repository is missing, unwritable, or holds something inconsistent."""
 
 

@@ -10,8 +10,11 @@ recovery after a backend returns takes one probe interval, whatever the load.
 
 from __future__ import annotations
 
+import logging
 import time
 from enum import Enum
+
+from serving.logs import event
 
 
 class State(Enum):
@@ -41,6 +44,9 @@ class CircuitBreaker:
 
     def success(self) -> None:
         self._count = 0
+        if self.state is State.OPEN:
+            open_s = round(time.monotonic() - self.opened_at, 3)
+            event(logging.WARNING, "breaker_closed", breaker=self.name, open_s=open_s)
         self.state = State.CLOSED
         self.last_error = ""
 
@@ -48,12 +54,15 @@ class CircuitBreaker:
         self._count += 1
         self.last_error = error or self.last_error
         if self.state is State.CLOSED and self._count >= self.failures:
-            self.state = State.OPEN
-            self.opened_at = time.monotonic()
+            self._open(f"{self._count} consecutive failed calls")
 
     def trip(self, error: str) -> None:
         """Open now: the backend failed its own health check."""
         self.last_error = error
         if self.state is State.CLOSED:
-            self.state = State.OPEN
-            self.opened_at = time.monotonic()
+            self._open("failed health check")
+
+    def _open(self, why: str) -> None:
+        self.state = State.OPEN
+        self.opened_at = time.monotonic()
+        event(logging.WARNING, "breaker_open", breaker=self.name, why=why, error=self.last_error)

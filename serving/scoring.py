@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from serving import decision
+from serving.errors import first_line
+from serving.logs import Throttled
 from serving.metrics import Metrics
 from serving.model_backend import ModelBackend
 from serving.model_repository import ModelMetadata
@@ -70,6 +73,7 @@ class Scorer:
         self._max_rows = settings.max_batch
         self._features_s = settings.features_budget_ms / 1000
         self._model_s = settings.model_budget_ms / 1000
+        self._log = Throttled()  # request-path events: a line per kind per interval
 
     def backlogged(self) -> bool:
         """Has the oldest queued request waited half its queue budget? (Then new arrivals
@@ -112,6 +116,7 @@ class Scorer:
                 try:
                     await self._run(jobs)
                 except Exception as e:  # a bug must fail these requests, not hang them
+                    self._log(logging.ERROR, "scoring_bug", type(e).__name__, error=repr(e))
                     for job in jobs:
                         if not job.future.done():
                             job.future.set_exception(e)
@@ -125,6 +130,7 @@ class Scorer:
             if t0 - job.arrival > self._queue_s:
                 if not job.future.done():
                     job.future.set_exception(Shed())
+                    self.metrics.shed_of["queue_budget"].inc()
             else:
                 live.append(job)
         if not live:
@@ -181,6 +187,7 @@ class Scorer:
             return None, ages, "online_store_deadline"
         except Exception as e:  # a store outage must not fail the request
             self.store_breaker.failure(type(e).__name__)
+            self._log(logging.WARNING, "store_error", type(e).__name__, error=first_line(e))
             return None, ages, "online_store_error"
         if time.perf_counter() - t0 > self._features_s:
             self.store_breaker.failure("slow")
@@ -220,6 +227,7 @@ class Scorer:
             return None, "model_deadline"
         except Exception as e:
             self.model_breaker.failure(type(e).__name__)
+            self._log(logging.WARNING, "model_error", type(e).__name__, error=first_line(e))
             return None, "model_error"
         self.model_breaker.success()
         return scores, None
@@ -246,6 +254,8 @@ class Scorer:
     ) -> list[dict[str, Any]]:
         s, m, record = self.settings, self.metrics, self.recording
         name, version = self.meta.model_name, self.meta.version
+        if cause is not None and record:
+            self._log(logging.WARNING, "fallback", cause, cause=cause, rows=len(rows))
         out = []
         for i, row in enumerate(rows):
             vals = values[i] if values is not None else {}

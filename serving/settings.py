@@ -1,4 +1,11 @@
-"""Serving configuration: one pydantic-settings class, ``HOTPATH_SERVING_*`` in the env."""
+"""Serving configuration: the ``serving`` section of hotpath's one settings tree.
+
+``HOTPATH_SERVING_*`` in the environment. The ``hotpath`` CLI nests this class in its
+root settings (``pipelines.settings.Settings.serving``), binds it to the chosen repo,
+profile and model repository, and hands it to the server explicitly; it lives here
+because serving never imports ``pipelines/``. Also the one definition of where generated
+data lives (:func:`data_dir`).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +15,23 @@ from typing import Literal
 from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REPO = PROJECT_ROOT / "feature_repo"
+
+
+def data_dir(repo: Path) -> Path:
+    """Generated data lives beside the feature repo, where its YAML files point (``../data``)."""
+    return repo.resolve().parent / "data"
+
+
+def default_model_repository(repo: Path) -> Path:
+    return data_dir(repo) / "model_repository"
 
 
 class ServingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HOTPATH_SERVING_", extra="ignore")
 
-    repo: Path = _ROOT / "feature_repo"
+    repo: Path = DEFAULT_REPO
     feature_store_yaml: Path | None = None  # default: the repo's feature_store.yaml
     model_repository: Path | None = None  # default: ../data/model_repository beside the repo
     model_name: str = "fraud_detection"
@@ -23,10 +40,11 @@ class ServingSettings(BaseSettings):
     triton_url: str = "127.0.0.1:8001"
     api_key: SecretStr | None = None  # required on /predict when set
     metrics_key: SecretStr | None = None  # required (as X-API-Key) on /metrics when set
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # loopback unless told
     port: int = 8080
-    # admitted, unanswered requests per worker (waiting or running); past it 503 at once.
-    # Read by serving.admission from the environment, where uvicorn's protocol runs.
+    workers: int = 1  # uvicorn worker processes
+    log_level: str = "warning"
+    # admitted, unanswered requests per worker (waiting or running); past it 503 at once
     max_in_flight: int = 64
     max_batch: int = 256  # rows per /predict/batch request; also the largest coalesced batch
     queue_budget_ms: float = 100.0  # not started this long after arrival: 503, not a fallback
@@ -45,4 +63,4 @@ class ServingSettings(BaseSettings):
 
     @property
     def repository(self) -> Path:
-        return self.model_repository or self.repo.resolve().parent / "data" / "model_repository"
+        return self.model_repository or default_model_repository(self.repo)

@@ -26,13 +26,15 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+from serving.errors import HotpathError
 from serving.model_repository import LOCAL_CONFIG_NAME
 
 SHM_PREFIX = "triton_python_backend_shm_region"
 
 
-class TritonError(Exception):
+class TritonError(HotpathError):
     """Triton could not be found, started, reached or stopped."""
 
 
@@ -161,6 +163,22 @@ class LocalTriton:
             return TritonState(**json.loads(self.state_file.read_text()))
         except (FileNotFoundError, json.JSONDecodeError, TypeError):
             return None
+
+    def running(self) -> TritonState | None:
+        """The recorded server, if its process is alive (not exited, not a zombie)."""
+        st = self.state()
+        return st if st is not None and _alive(st.pid) else None
+
+    def models(self, state: TritonState, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The repository index: each model's name, version and state, as Triton says."""
+        url = f"http://{state.http_url}/v2/repository/index"
+        try:
+            with urllib.request.urlopen(
+                urllib.request.Request(url, data=b"{}"), timeout=timeout
+            ) as r:
+                return list(json.loads(r.read()))
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise TritonError(f"cannot read Triton's repository index at {url}: {e}") from None
 
     def ready(self, state: TritonState, timeout: float = 1.0) -> bool:
         url = f"http://{state.http_url}/v2/health/ready"

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real redis-server, Spark in local mode, and one generated project.
+"""Shared fixtures: a real redis-server, a Redis Cluster and a CQL stand-in for ScyllaDB (the
+production profile's two tiers), Spark in local mode, and one generated project.
 
 The project is a copy of ``feature_repo/`` in a temporary folder, so its ``../data``
 is private to the test session. Its raw data is the generator's output plus a few
@@ -8,8 +9,6 @@ hand-placed payments exactly on window edges.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,56 +18,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import redis
+from cql_stand_in import CqlStandIn, start_on_loopback
+from helpers import ROOT, RedisCluster, start_redis_cluster, start_redis_server
 
 from pipelines.generate import TRANSACTION_SCHEMA, GenerateConfig, GenerateResult, generate
-from pipelines.settings import Settings
-from serving.triton_local import cluster_port, free_port
+from pipelines.settings import Settings, SparkSettings
 
-ROOT = Path(__file__).resolve().parent.parent
 EDGE_USER, VELOCITY_USER, STALE_USER, FRESH_USER = 900_001, 900_002, 900_003, 900_004
 EDGE_MERCHANT = 900
-
-
-def start_redis_server(
-    workdir: Path, *extra: str, password: str | None = None, port: int | None = None
-) -> tuple[subprocess.Popen, str]:
-    """A real redis-server on a free loopback port, answering PING; the caller stops it."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server not found: run scripts/setup.sh (apt-get install redis-server)")
-    port = port or free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-            *(["--requirepass", password] if password else []),
-            *extra,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            return proc, url
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                pytest.fail(f"redis-server did not start on port {port}")
-            time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +35,35 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield url
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A real 3-master Redis Cluster for the session."""
+    cluster = start_redis_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def scylla() -> Iterator[CqlStandIn]:
+    """The CQL stand-in for the production profile's ScyllaDB tier, on the port and in the
+    datacenter the profile names (``feature_store.production.yaml``, ``Settings``)."""
+    stand_in = start_on_loopback(9042, Settings.model_fields["scylla_local_dc"].default)
+    yield stand_in
+    stand_in.stop()
+
+
+def production_settings(settings: Settings, cluster: RedisCluster, scylla: CqlStandIn) -> Settings:
+    """``settings`` on the production profile: Redis Cluster + (the stand-in for) ScyllaDB."""
+    return settings.model_copy(
+        update={
+            "profile": "production",
+            "redis_cluster_nodes": cluster.nodes,
+            "redis_password": cluster.password,
+            "scylla_host": scylla.host,
+        }
+    )
 
 
 @pytest.fixture(scope="session")
@@ -160,7 +146,7 @@ def make_project(
     hand-placed edge payments unless ``edges`` is false (they need ``days`` >= 37)."""
     repo = root / "feature_repo"
     shutil.copytree(ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("__pycache__"))
-    settings = Settings(repo=repo, spark_master="local[2]")
+    settings = Settings(repo=repo, spark=SparkSettings(master="local[2]"))
     now = datetime.now(UTC).replace(microsecond=0)
     result = generate(
         GenerateConfig(rows=rows, days=days, end=now, seed=11, users=users, merchants=merchants),
@@ -225,91 +211,3 @@ def trained(tmp_path_factory: pytest.TempPathFactory):
 def read_offline(project: Project, table: str) -> pd.DataFrame:
     df = pd.read_parquet(project.settings.offline_dir / table)
     return df.drop(columns="date").reset_index(drop=True)
-
-
-@dataclass
-class RedisCluster:
-    """A real 3-master Redis Cluster on loopback (redis-server in cluster mode)."""
-
-    procs: list[subprocess.Popen]
-    ports: list[int]
-    password: str
-
-    @property
-    def nodes(self) -> str:
-        return ",".join(f"127.0.0.1:{p}" for p in self.ports)
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            p.wait(timeout=10)
-
-
-def start_redis_cluster(workdir: Path, password: str = "cluster-secret") -> RedisCluster:
-    binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
-    if binary is None or cli is None:
-        pytest.fail("redis-server/redis-cli not found: run scripts/setup.sh")
-    ports = [cluster_port() for _ in range(3)]
-    procs = []
-    for port in ports:
-        node = workdir / str(port)
-        node.mkdir(parents=True, exist_ok=True)
-        procs.append(
-            subprocess.Popen(
-                [
-                    binary,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    str(node / "nodes.conf"),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(node),
-                    "--requirepass",
-                    password,
-                    "--masterauth",
-                    password,
-                ],  # fmt: skip
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.STDOUT,
-            )
-        )
-    cluster = RedisCluster(procs, ports, password)
-    deadline = time.monotonic() + 30
-    for port in ports:
-        while True:
-            try:
-                redis.Redis(port=port, password=password).ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                    cluster.stop()
-                    pytest.fail(f"redis-server (cluster mode) did not start on {port}")
-                time.sleep(0.05)
-    created = subprocess.run(
-        [cli, "-a", password, "--no-auth-warning", "--cluster", "create",
-         *[f"127.0.0.1:{p}" for p in ports], "--cluster-replicas", "0", "--cluster-yes"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    if created.returncode != 0:
-        cluster.stop()
-        pytest.fail(f"redis-cli --cluster create failed: {created.stdout[-500:]}")
-    deadline = time.monotonic() + 30
-    while any(
-        redis.Redis(port=p, password=password).cluster("info").get("cluster_state") != "ok"
-        for p in ports
-    ):
-        if time.monotonic() > deadline:
-            cluster.stop()
-            pytest.fail("the Redis Cluster did not reach cluster_state:ok")
-        time.sleep(0.1)
-    return cluster

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, Project, free_port
+import requests
+from conftest import Project
+from helpers import ROOT, free_port
 
 from pipelines.generate import TRANSACTION_SCHEMA
+from serving.model_repository import versions
 
 HOTPATH = [sys.executable, "-m", "pipelines.cli"]
 
@@ -158,31 +164,6 @@ def test_spark_submit_runs_the_same_job(batch_done: Project, tmp_path: Path) -> 
         )
 
 
-def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    """The README's main job, on a fresh copy of the repo."""
-    repo = tmp_path / "feature_repo"
-    shutil.copytree(ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("__pycache__"))
-    proc = run("--repo", str(repo), "demo", "--rows", "5000", "--days", "35", timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
-    steps = (
-        "generate",
-        "spark batch backfill",
-        "feast apply",
-        "materialize",
-        "train on",
-        "published version 1",
-        "demo finished",
-    )
-    for step in steps:
-        assert step in out, out
-    assert "user_txn_count_30d" in out and "request-time" in out
-    assert (tmp_path / "data" / "online_store.db").exists()
-    assert (
-        tmp_path / "data" / "model_repository" / "fraud_detection" / "1" / "model.onnx"
-    ).exists()
-
-
 def test_train_into_unwritable_repository(applied, batch_done: Project, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
@@ -202,3 +183,68 @@ def test_triton_binary_missing(batch_done: Project, tmp_path: Path) -> None:
         env={**os.environ, "HOTPATH_TRITON_VENV": str(env_venv)},
     )
     assert_one_line_error(proc, "tritonserver not found", str(env_venv))
+
+
+def test_unknown_backend_is_refused_before_any_work(empty_repo: Path) -> None:
+    proc = run("--repo", str(empty_repo), "serve", "--backend", "nope")
+    assert_one_line_error(proc, "backend", "'onnx' or 'triton'")
+
+
+def test_options_fall_back_to_the_settings_tree(empty_repo: Path) -> None:
+    """An option left out takes the settings' value, environment included: here the serving
+    section's backend, refused by name before anything starts."""
+    proc = subprocess.run(
+        [*HOTPATH, "--repo", str(empty_repo), "serve"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, "HOTPATH_SERVING_BACKEND": "nope"},
+    )
+    assert_one_line_error(proc, "backend")
+
+
+def test_two_workers_get_their_settings_and_clean_up(trained, tmp_path: Path) -> None:
+    """``serve --workers 2``: the settings reach the spawned workers as an object (the
+    repo, model repository and API key are nowhere in their environment), /predict answers
+    with the model, and SIGTERM stops the supervisor with exit 0 and removes the metrics
+    folder."""
+    from pipelines import store
+
+    project, fs, _ = trained
+    store.materialize(fs, datetime.now(UTC))  # /ready also wants a materialized store
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOTPATH_")}
+    proc = subprocess.Popen(
+        [*HOTPATH, "--repo", str(project.settings.repo), "serve", "--workers", "2"]
+        + ["--port", str(port)],
+        cwd=ROOT,
+        env={**env, "TMPDIR": str(tmp_path), "HOTPATH_SERVING_API_KEY": "k2"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stderr.read()[-2000:] if proc.stderr else ""
+            try:
+                if requests.get(f"{url}/ready", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, "not ready in 120 s"
+            time.sleep(0.2)
+        body = {"user_id": 1, "merchant_id": 1, "amount": 12.5}
+        assert requests.post(f"{url}/predict", json=body, timeout=5).status_code == 401
+        r = requests.post(f"{url}/predict", json=body, headers={"X-API-Key": "k2"}, timeout=5)
+        assert r.status_code == 200, r.text
+        latest = versions(project.settings.model_repository, "fraud_detection")[-1]
+        assert (r.json()["model"], r.json()["model_version"]) == ("fraud_detection", latest)
+        assert list(tmp_path.glob("hotpath-metrics-*")), "the workers keep their metrics there"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    assert code == 0
+    assert not list(tmp_path.glob("hotpath-metrics-*"))

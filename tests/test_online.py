@@ -11,7 +11,15 @@ import pandas as pd
 import pytest
 import redis
 import reference
-from conftest import EDGE_USER, FRESH_USER, STALE_USER, VELOCITY_USER, Project, read_offline
+from conftest import (
+    EDGE_USER,
+    FRESH_USER,
+    STALE_USER,
+    VELOCITY_USER,
+    Project,
+    production_settings,
+    read_offline,
+)
 
 from pipelines import store
 from pipelines.contract import feature_views
@@ -25,13 +33,20 @@ VIEW_TABLES = {
 }
 
 
-@pytest.fixture(scope="module", params=["embedded", "redis"])
+@pytest.fixture(scope="module", params=["embedded", "redis", "production"])
 def materialized(request, batch_done: Project, applied):
+    """The store materialized on each profile; ``production`` is a real Redis Cluster plus
+    the CQL stand-in for ScyllaDB (``cql_stand_in.py``), so Feast's ScyllaDB store writes
+    and reads its views through the real cassandra-driver."""
     if request.param == "embedded":
         s, fs = batch_done.settings, applied
     else:
-        url = request.getfixturevalue("redis_url")
-        s = batch_done.settings.model_copy(update={"profile": "redis", "redis_url": url})
+        if request.param == "redis":
+            url = request.getfixturevalue("redis_url")
+            s = batch_done.settings.model_copy(update={"profile": "redis", "redis_url": url})
+        else:
+            cluster, scylla = (request.getfixturevalue(f) for f in ("redis_cluster", "scylla"))
+            s = production_settings(batch_done.settings, cluster, scylla)
         fs = store.open_store(s)
         store.apply(fs)
     end = store.materialize(fs, datetime.now(UTC))
@@ -111,8 +126,15 @@ def test_values_past_ttl_come_back_missing(materialized) -> None:
     assert online["user_txn_count_1h"] == [None]
 
 
-def _dump(settings, fs) -> dict:
+def _dump(settings, fs, request) -> dict:
     """Every value in the online store, read directly from the store."""
+    if settings.profile == "production":
+        cluster = request.getfixturevalue("redis_cluster")
+        client = redis.RedisCluster("127.0.0.1", cluster.ports[0], password=cluster.password)
+        keys = [k for k in client.scan_iter() if not k.startswith(b"hotpath:")]
+        return {"scylla": request.getfixturevalue("scylla").dump()} | {
+            k: client.hgetall(k) for k in keys
+        }
     if settings.profile == "redis":
         client = redis.Redis.from_url(settings.redis_url)
         # feature hashes only: hotpath:materialized:* records when each view was loaded
@@ -123,9 +145,9 @@ def _dump(settings, fs) -> dict:
     return {t: sorted(db.execute(f"select * from {t}").fetchall()) for t in tables}
 
 
-def test_materializing_again_changes_nothing(materialized) -> None:
+def test_materializing_again_changes_nothing(materialized, request) -> None:
     settings, fs, end = materialized
-    before = _dump(settings, fs)
+    before = _dump(settings, fs, request)
     assert before
     if settings.profile == "redis":  # serving's readiness finds each view recorded
         marker = redis.Redis.from_url(settings.redis_url).hgetall("hotpath:materialized:hotpath")
@@ -133,7 +155,7 @@ def test_materializing_again_changes_nothing(materialized) -> None:
     store.materialize(fs, datetime.now(UTC))
     # re-load a window inside every TTL: the same newest rows, written again
     fs.materialize(start_date=end - timedelta(minutes=30), end_date=end)
-    assert _dump(settings, fs) == before
+    assert _dump(settings, fs, request) == before
 
 
 def test_feature_service_vector_has_request_features(materialized, batch_done: Project) -> None:
@@ -235,6 +257,30 @@ def test_fast_path_equals_feast(materialized, batch_done: Project) -> None:
     assert present > 100
 
 
+@pytest.mark.parametrize("materialized", ["production"], indirect=True)
+def test_scylla_tier_is_written_and_read_over_cql(
+    materialized, batch_done: Project, request
+) -> None:
+    """On the production profile the views tagged ``scylla`` live in ScyllaDB's tables (of
+    the CQL stand-in) and nowhere else, and the fast path reads them there: each read is
+    one prepared SELECT per entity key and view, through the real cassandra-driver."""
+    s, fs, _ = materialized
+    from serving.online_features import OnlineFeatures
+
+    scylla = request.getfixturevalue("scylla")
+    tiers = {v.name: v.tags["online_store"] for v in fs.list_feature_views()}
+    stored = {(ks, t) for ks, t in scylla.tables}
+    assert stored == {
+        (s.scylla_keyspace, f"hotpath_{v}") for v, t in tiers.items() if t == "scylla"
+    }
+    assert all(scylla.rows(ks, t) > 0 for ks, t in stored)
+    rows = [{"user_id": int(r.user_id), "merchant_id": int(r.merchant_id), "amount": 1.0}
+            for r in batch_done.transactions.tail(5).itertuples()]  # fmt: skip
+    before = scylla.executed["select"]
+    OnlineFeatures(fs, "fraud_detection_v1").read(rows)
+    assert scylla.executed["select"] - before == len(rows) * len(stored)
+
+
 def test_served_vectors_drop_expired_values(materialized) -> None:
     from serving.online_features import OnlineFeatures, served
 
@@ -254,9 +300,9 @@ def test_resp_client_auth_db_and_reconnect(tmp_path) -> None:
     """The fast path's Redis connection: AUTH and SELECT from Feast's connection string,
     a clear error on a wrong password, and a fresh connection after the server restarts."""
     import redis as redis_py
+    from helpers import start_redis_server
 
-    from serving.resp import RespClient, RespError, pack
-    from tests.conftest import start_redis_server
+    from online_store.connect import RespClient, RespError, pack
 
     proc, url = start_redis_server(tmp_path, password="s3cret")
     port = int(url.rsplit(":", 1)[1].split("/")[0])

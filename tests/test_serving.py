@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,56 +11,27 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import requests
-from conftest import ROOT, free_port, start_redis_server
+from helpers import ROOT, free_port, local_triton, serve, start_redis_server
 
 from pipelines import store
-from serving.model_repository import feature_matrix, load_metadata, onnx_path
 
 KEY = "test-key"
 
 
 def start(project, wait_ready: bool = True, **env: str) -> tuple[subprocess.Popen, str]:
     """``hotpath serve`` on a free port, once /ready (or, for a server that is not meant
-    to become ready, /health) answers 200."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipelines.cli",
-            "--repo",
-            str(project.settings.repo),
-            "serve",
-            "--port",
-            str(port),
-        ],
-        cwd=ROOT,
-        env={**os.environ, "HOTPATH_SERVING_API_KEY": KEY, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stderr.read()[-2000:]}")
-        try:
-            probe = "/ready" if wait_ready else "/health"
-            if requests.get(f"{url}{probe}", timeout=1).status_code == 200:
-                if not wait_ready:
-                    time.sleep(1.0)  # the start-up health checks
-                return proc, url
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    pytest.fail("server not ready in 60 s")
+    to become ready, /health) answers."""
+    probe = "/ready" if wait_ready else "/health"
+    proc, url = serve(project.settings.repo, {"HOTPATH_SERVING_API_KEY": KEY, **env}, 1, probe)
+    if not wait_ready:
+        time.sleep(1.0)  # the start-up health checks
+    return proc, url
 
 
 @pytest.fixture(scope="module")
@@ -90,20 +62,43 @@ def post(url: str, body, path: str = "/predict", key: str | None = KEY, **kw) ->
     return requests.post(url + path, json=body, headers=headers, timeout=10, **kw)
 
 
+def _model_input(want: dict[str, list], version_dir: Path) -> tuple[np.ndarray, int]:
+    """The model's input built by hand from the version's ``metadata.json`` (read as a
+    file): its feature order, its default wherever the value is missing or NaN; shares no
+    code with serving. Also how many defaults other than 0 went in."""
+    spec = json.loads((version_dir / "metadata.json").read_text())["features"]
+    n = len(want[spec[0]["name"]])
+    x = np.empty((n, len(spec)), dtype=np.float32)
+    nonzero_defaults = 0
+    for j, feature in enumerate(spec):
+        for i, value in enumerate(want[feature["name"]]):
+            missing = value is None or value != value
+            x[i, j] = feature["default"] if missing else value
+            nonzero_defaults += missing and feature["default"] != 0
+    return x, nonzero_defaults
+
+
 def test_scores_equal_an_independent_computation(server, served_project) -> None:
-    """Feast's own online read, TTL applied by hand, the model file in ONNX Runtime."""
+    """Feast's own online read, TTL applied by hand, the model's input assembled by hand
+    from the model repository's files, the model file in ONNX Runtime: a feature out of
+    order or a wrong default in serving changes the scores."""
     project, fs = served_project
-    meta = load_metadata(project.settings.model_repository, "fraud_detection")
-    session = ort.InferenceSession(
-        str(onnx_path(project.settings.model_repository, "fraud_detection"))
-    )
+    models = project.settings.model_repository / "fraud_detection"
+    version = max(int(p.name) for p in models.iterdir() if p.name.isdigit())
+    session = ort.InferenceSession(str(models / str(version) / "model.onnx"))
+    service = json.loads((models / str(version) / "metadata.json").read_text())["feature_service"]
     tx = project.transactions.sort_values("event_timestamp").tail(40)
     rows = [
         {"user_id": int(r.user_id), "merchant_id": int(r.merchant_id), "amount": float(r.amount)}
         for r in tx.itertuples()
     ]
+    # an unknown user and an unknown merchant: their features are the model's defaults
+    rows += [
+        {"user_id": 987_654_321, "merchant_id": rows[0]["merchant_id"], "amount": 55.0},
+        {"user_id": rows[1]["user_id"], "merchant_id": 987_654, "amount": 7.5},
+    ]
     want = fs.get_online_features(
-        features=fs.get_feature_service(meta.feature_service), entity_rows=rows
+        features=fs.get_feature_service(service), entity_rows=rows
     ).to_dict(include_event_timestamps=True)
     ttl = {f.name: v.ttl.total_seconds() for v in fs.list_feature_views() for f in v.features}
     now = time.time()
@@ -113,12 +108,13 @@ def test_scores_equal_an_independent_computation(server, served_project) -> None
                 None if ts and now - ts > seconds else v
                 for v, ts in zip(want[name], want[f"{name}__ts"], strict=True)
             ]
-    x = feature_matrix(want, meta.features)
+    x, nonzero_defaults = _model_input(want, models / str(version))
+    assert nonzero_defaults >= 5, "the vectors must exercise the model's defaults"
     (proba,) = session.run(["probabilities"], {"features": x})
     got = [post(server, row).json() for row in rows]
     assert all(not g["fallback"] for g in got), [g["reasons"] for g in got if g["fallback"]]
     np.testing.assert_allclose([g["score"] for g in got], proba[:, 1], atol=1e-6)
-    assert all(not g["fallback"] and g["model_version"] == meta.version for g in got)
+    assert all(g["model_version"] == version for g in got)
     # each view's value age, from Feast's own event timestamps (null when missing/expired)
     checked = 0
     for view in fs.list_feature_views():
@@ -267,12 +263,8 @@ def test_load_past_the_in_flight_bound_is_shed(served_project) -> None:
 def test_triton_outage_falls_back_and_recovers(served_project, tmp_path) -> None:
     """Stop the real Triton mid-test: fallback answers, no 5xx, the breaker opens; start it
     again: the half-open trial succeeds and model scores return."""
-    from test_triton import VENV
-
-    from serving.triton_local import LocalTriton
-
     project = served_project[0]
-    triton = LocalTriton(VENV, tmp_path / "triton")
+    triton = local_triton(tmp_path / "triton")
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     triton.start(project.settings.model_repository, http_port, grpc_port, metrics_port)
     proc, url = start(

@@ -7,14 +7,12 @@ the Spark backfill is compared on the same events too.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -27,7 +25,8 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 import reference
-from conftest import ROOT, Project, free_port, start_redis_server
+from conftest import Project
+from helpers import ROOT, free_port, hotpath, hotpath_popen, start_redis_server
 
 from pipelines import store
 from pipelines.contract import event_rules
@@ -310,7 +309,6 @@ def _eventually_equal(fs, want: pd.DataFrame, timeout: float = 60) -> None:
 
 def _env(settings: Settings) -> dict[str, str]:
     return {
-        **os.environ,
         "HOTPATH_REPO": str(settings.repo),
         "HOTPATH_PROFILE": "redis",
         "HOTPATH_REDIS_URL": settings.redis_url,
@@ -318,12 +316,8 @@ def _env(settings: Settings) -> dict[str, str]:
 
 
 def _stream(settings: Settings, *args: str, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", "stream", *args],
-        env=_env(settings),
-        cwd=ROOT,
-        stdout=log.open("a"),
-        stderr=subprocess.STDOUT,
+    return hotpath_popen(
+        "stream", *args, env=_env(settings), stdout=log.open("a"), stderr=subprocess.STDOUT
     )
 
 
@@ -614,11 +608,9 @@ def test_offline_answer_does_not_depend_on_writer_order(file_runs, stream_root, 
 def test_kafka_unreachable_fails_fast(stream_root) -> None:
     s = Settings(repo=stream_root / "feature_repo")
     t0 = time.monotonic()
-    r = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "stream", "--source", "kafka",
-         "--brokers", f"127.0.0.1:{free_port()}"],
-        env={**os.environ, "HOTPATH_REPO": str(s.repo)},
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    r = hotpath(
+        "stream", "--source", "kafka", "--brokers", f"127.0.0.1:{free_port()}",
+        env={"HOTPATH_REPO": str(s.repo)}, timeout=60,
     )  # fmt: skip
     assert r.returncode == 1
     assert "Kafka broker unreachable" in r.stderr + r.stdout
@@ -882,11 +874,10 @@ def test_stop_signal_drains_commits_and_prints_the_summary(
     payloads = _payloads(order)
     ids = _push_ids(s.redis_url, payloads[:200])
     rec = tmp_path / "rec"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.cli", "stream", "--source", "redis", "--streams", "tx",
-         "--lateness", str(LATENESS_S), "--snapshot-interval", "0.5", "--no-offline",
-         "--recovery-dir", str(rec)],
-        env=_env(s), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = hotpath_popen(
+        "stream", "--source", "redis", "--streams", "tx", "--lateness", str(LATENESS_S),
+        "--snapshot-interval", "0.5", "--no-offline", "--recovery-dir", str(rec),
+        env=_env(s), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         _wait_for(lambda: _group(client)["last"] != "0-0", "the first read", timeout=60)

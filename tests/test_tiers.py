@@ -16,18 +16,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from conftest import FRESH_USER, ROOT, Project, free_port, start_redis_cluster
+from conftest import FRESH_USER, Project
 from feast import FeatureStore, FeatureView, Field
-from feast.infra.key_encoding_utils import serialize_entity_key
-from feast.infra.online_stores.helpers import _mmh3
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.types import Int64
+from helpers import ROOT, free_port, start_redis_cluster
 
+from online_store import layout
+from online_store.tiers import feast_write, tier_of
 from pipelines import store
 from pipelines.errors import HotpathError
 from pipelines.settings import Settings
-from serving.tiered_store import tier_of
 
 SERVICE = "fraud_detection_v1"
 
@@ -59,7 +59,7 @@ def _tiered_yaml(root: Path, cluster) -> Path:
 provider: local
 registry: ../data/registry_tiered.db
 online_store:
-  type: serving.tiered_store.TieredOnlineStore
+  type: online_store.tiers.TieredOnlineStore
   tiers:
     redis:
       type: redis
@@ -120,10 +120,6 @@ def test_each_view_lives_in_the_tier_its_tag_names(stores, tier_root, cluster, b
     # velocity views' TTL): the fresh user paid 3 minutes before the project's "now"
     users = sorted({r["user_id"] for r in _rows(batch_done)} | {FRESH_USER})
 
-    def key(u: int) -> bytes:
-        entity = EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=u)])
-        return serialize_entity_key(entity, 3) + b"hotpath"
-
     views = {v.name: v for v in tiered.list_feature_views()}
     seen = {"redis": 0, "scylla": 0}
     for name, view in views.items():
@@ -136,8 +132,8 @@ def test_each_view_lives_in_the_tier_its_tag_names(stores, tier_root, cluster, b
             assert lite.execute(f'SELECT COUNT(*) FROM "{table}"').fetchone()[0] > 0, name
         if [e for e in view.entities] != ["user"]:
             continue
-        field = _mmh3(f"{name}:{view.features[0].name}")
-        stored = [client.hget(key(u), field) for u in users]
+        field = layout.feature_field(name, view.features[0].name)
+        stored = [client.hget(layout.redis_key(tiered, view, (u,)), field) for u in users]
         if tier == "redis":
             assert any(stored), name
         else:
@@ -161,6 +157,29 @@ def test_fast_path_reads_both_tiers_like_feast(stores, batch_done: Project) -> N
             assert vec.values[name] == want[name][i], (name, rows[i])
 
 
+def test_freshness_reads_each_tier(stores, tier_root, batch_done: Project) -> None:
+    """``hotpath validate freshness`` on a tiered store: each view's newest value is read
+    from the tier holding it (Redis Cluster, SQLite standing in for ScyllaDB); all pass
+    just after materialization, and the daily views of both tiers are reported over age
+    three days later."""
+    from validation.freshness import check_freshness
+
+    tiered, _ = stores
+    repo = tier_root / "feature_repo"
+    fresh = check_freshness(tiered, repo, now=batch_done.now + timedelta(minutes=1))
+    assert all(r.ok for r in fresh), [(r.view, r.age) for r in fresh if not r.ok]
+    assert all(r.newest is not None for r in fresh), [r.view for r in fresh if not r.newest]
+    assert {tier_of(tiered.get_feature_view(r.view)) for r in fresh} == {"redis", "scylla"}
+    later = batch_done.now + timedelta(days=3)  # nothing was loaded for three days
+    stale = {r.view: r for r in check_freshness(tiered, repo, now=later) if not r.ok}
+    daily = {"user_spending_stats", "merchant_risk_stats", "user_merchant_history"}
+    assert daily <= set(stale), sorted(stale)
+    assert tier_of(tiered.get_feature_view("user_merchant_history")) == "scylla"
+    for name in daily:
+        r = stale[name]
+        assert r.age is not None and r.max_staleness is not None and r.age > r.max_staleness
+
+
 def test_keys_expire_after_their_views_ttl(stores, tier_root, cluster) -> None:
     tiered, _ = stores
     client = redis.RedisCluster(host="127.0.0.1", port=cluster.ports[0], password=cluster.password)
@@ -174,28 +193,17 @@ def test_keys_expire_after_their_views_ttl(stores, tier_root, cluster) -> None:
         tags={"online_store": "redis"},
     )
     entity = EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=4242)])
-    key = serialize_entity_key(entity, 3) + b"hotpath"
-    online = tiered._get_provider().online_store
-    online.online_write_batch(
-        tiered.config,
-        probe,
-        [(entity, {"x": ValueProto(int64_val=1)}, datetime.now(UTC), None)],
-        None,
-    )
+    key = layout.redis_key(tiered, probe, (4242,))
+    feast_write(tiered, probe, [(entity, {"x": ValueProto(int64_val=1)}, datetime.now(UTC), None)])
     assert client.exists(key) == 1
     assert 1 <= client.ttl(key) <= 3
     time.sleep(3.5)
     assert client.exists(key) == 0
     # a real view: its keys expire at the newest event time + the view's TTL
     view = tiered.get_feature_view("merchant_risk_stats")
-    merchant = EntityKeyProto(join_keys=["merchant_id"], entity_values=[ValueProto(int64_val=1)])
-    mkey = serialize_entity_key(merchant, 3) + b"hotpath"
-    ts_blob = client.hget(mkey, "_ts:merchant_risk_stats")
-    from google.protobuf.timestamp_pb2 import Timestamp
-
-    stamp = Timestamp()
-    stamp.ParseFromString(ts_blob)
-    expected = stamp.seconds + view.ttl.total_seconds() - time.time()
+    mkey = layout.redis_key(tiered, view, (1,))
+    stamp = layout.decode_stamp(client.hget(mkey, layout.ts_field(view.name)))
+    expected = int(stamp) + view.ttl.total_seconds() - time.time()
     assert abs(client.ttl(mkey) - expected) <= 3
 
 
@@ -233,12 +241,7 @@ def test_stream_writes_reach_the_cluster_tier(stores, cluster) -> None:
     writer.write([row(now_us - 10_000_000, 9)])  # older: ignored
     assert read() == 4
     client = redis.RedisCluster(host="127.0.0.1", port=cluster.ports[0], password=cluster.password)
-    key = (
-        serialize_entity_key(
-            EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=777_001)]), 3
-        )
-        + b"hotpath"
-    )
+    key = layout.redis_key(tiered, views[0], (777_001,))
     longest = max(v.ttl.total_seconds() for v in views)
     assert abs(client.ttl(key) - longest) <= 3
     # rows already past a view's TTL do not reach it: 2 hours old (the 1-hour view stays
@@ -256,10 +259,7 @@ def test_stream_writes_reach_the_cluster_tier(stores, cluster) -> None:
     ).to_dict()
     assert got["user_txn_count_5m"] == [None, None]
     assert got["user_distinct_merchants_24h"] == [5, None]
-    five_days_old = EntityKeyProto(
-        join_keys=["user_id"], entity_values=[ValueProto(int64_val=777_003)]
-    )
-    assert not client.exists(serialize_entity_key(five_days_old, 3) + b"hotpath")
+    assert not client.exists(layout.redis_key(tiered, views[0], (777_003,)))  # five days old
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,20 +9,16 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from helpers import local_triton
 
-from pipelines.settings import PROJECT_ROOT
 from serving.model_repository import load_metadata
 from serving.triton_local import LocalTriton, TritonError, _alive, _leftovers
-
-VENV = Path(os.environ.get("HOTPATH_TRITON_VENV", PROJECT_ROOT / ".venv-triton"))
 
 
 @pytest.fixture(scope="module")
 def triton(trained, tmp_path_factory):
-    if not (VENV / "bin" / "python").exists():
-        pytest.fail(f"no Triton venv at {VENV}: run bash scripts/setup.sh --with-triton")
     project, _, result = trained
-    server = LocalTriton(VENV, tmp_path_factory.mktemp("triton"))
+    server = local_triton(tmp_path_factory.mktemp("triton"))
     state = server.start(project.settings.model_repository, ready_timeout=60)
     yield server, state, project, result
     server.stop()
@@ -78,7 +73,7 @@ def test_metadata_and_readiness_match_repository(triton) -> None:
 
 def test_start_twice_is_refused_and_stop_cleans_up(trained, tmp_path) -> None:
     project, _, _ = trained
-    server = LocalTriton(VENV, tmp_path / "t")
+    server = local_triton(tmp_path / "t")
     before = set(_leftovers())
     state = server.start(project.settings.model_repository)
     with pytest.raises(TritonError, match="already running"):

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -13,10 +12,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, Project, make_project
+from conftest import Project, make_project
+from helpers import hotpath
 
 from pipelines import store
-from serving.model_repository import feature_profile, load_metadata
 from validation.drift import THRESHOLD, drift_report
 from validation.freshness import check_freshness
 from validation.gate import materialization_windows, validate_batch
@@ -123,21 +122,11 @@ def test_bad_batch_is_blocked_by_name(gate_project, corrupt, case: str) -> None:
     assert all(v.success for v in report.views if v.view != "user_spending_stats")
 
 
-def _hotpath(project: Project, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "--repo", str(project.settings.repo), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-
-
 def test_materialize_refuses_a_failing_batch_until_overridden(gate_project, corrupt) -> None:
     project, _ = gate_project
     online_db = project.settings.data_dir / "online_store.db"
     corrupt(BAD_BATCHES["out-of-range amount"][0])
-    proc = _hotpath(project, "materialize")
+    proc = hotpath("materialize", repo=project.settings.repo)
     assert proc.returncode == 1
     assert "validation failed for user_spending_stats" in proc.stderr
     assert "expect_column_values_to_be_between(user_amount_sum_1d)" in proc.stderr
@@ -146,7 +135,7 @@ def test_materialize_refuses_a_failing_batch_until_overridden(gate_project, corr
     fs = store.open_store(project.settings)
     assert all(not v.materialization_intervals for v in fs.list_feature_views())
 
-    proc = _hotpath(project, "materialize", "--skip-validation")
+    proc = hotpath("materialize", "--skip-validation", repo=project.settings.repo)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "WARNING: loading despite failed validation" in proc.stdout
     log = (project.settings.validation_dir / "overrides.log").read_text()
@@ -183,22 +172,57 @@ def test_freshness_fails_on_a_stale_store(trained_online) -> None:
     } <= stale
 
 
-def test_drift_passes_unshifted_and_flags_shifted(trained_online) -> None:
-    project, _, result = trained_online
-    meta = load_metadata(project.settings.model_repository, "fraud_detection", result.version)
-    names = meta.feature_names
-    rng = np.random.default_rng(1)
-    rows = rng.permutation(len(result.x_valid))
-    reference = feature_profile(result.x_valid[rows[::2]], names)
-    same = drift_report(reference, result.x_valid[rows[1::2]], names)
-    assert all(not d.drifted for d in same), same[:3]
-    shifted = result.x_valid[rows[1::2]].copy()
-    for name in ("user_amount_avg_30d", "amount_to_avg_30d"):
-        shifted[:, names.index(name)] *= 3
-    flagged = {d.feature for d in drift_report(reference, shifted, names) if d.drifted}
-    assert flagged == {"user_amount_avg_30d", "amount_to_avg_30d"}
-    # the reference recorded at training time describes the data it came from
-    assert all(d.psi < THRESHOLD for d in drift_report(meta.reference, result.x_valid, names))
+def _psi_by_hand(edges: list[float], fractions: list[float], values: np.ndarray) -> float:
+    """PSI of ``values`` against recorded bins, with pandas: bins (-inf, e1], ..., (ek, inf),
+    empty shares floored at 1e-4 (the definition in validation/drift.py's docstring). Shares
+    nothing with ``validation.drift`` or ``model_repository.bin_fractions``."""
+    actual = _shares_by_hand(edges, values)
+    a, e = np.maximum(actual, 1e-4), np.maximum(np.asarray(fractions, dtype=float), 1e-4)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def _shares_by_hand(edges: list[float], values: np.ndarray) -> np.ndarray:
+    bins = pd.cut(pd.Series(values, dtype=float), [-np.inf, *edges, np.inf], labels=False)
+    counts = bins.value_counts().reindex(range(len(edges) + 1), fill_value=0)
+    return counts.to_numpy() / len(values)
+
+
+def test_drift_against_the_model_repositorys_reference(trained_online) -> None:
+    """The reference the drift check uses is the one training recorded in metadata.json (read
+    here as a file), judged against resampled and drifted samples; every PSI is checked
+    against a computation by hand, so a wrong bin, formula or feature order shows."""
+    _, _, result = trained_online
+    recorded = json.loads((result.path / "metadata.json").read_text())
+    names = [f["name"] for f in recorded["features"]]  # the model's input columns, in order
+    reference = recorded["reference"]
+    assert set(reference) == set(names)
+    x = result.x_valid  # the validation slice the reference says it describes
+    # the recorded shares are the slice's own, feature by feature (by name, not position)
+    for j, name in enumerate(names):
+        np.testing.assert_allclose(
+            reference[name]["fractions"], _shares_by_hand(reference[name]["edges"], x[:, j]),
+            atol=1e-12, err_msg=name,
+        )  # fmt: skip
+    rng = np.random.default_rng(5)
+    resampled = x[rng.integers(0, len(x), len(x))]
+    drifted = resampled.copy()
+    planted = {"user_amount_avg_30d", "amount_to_avg_30d", "merchant_fraud_rate_30d"}
+    drifted[:, names.index("user_amount_avg_30d")] *= 3
+    drifted[:, names.index("amount_to_avg_30d")] += 2.5
+    # a broken join: 40 % of the rows lose the merchant's fraud rate (its default, -1)
+    lost = rng.random(len(drifted)) < 0.4
+    drifted[lost, names.index("merchant_fraud_rate_30d")] = -1.0
+    for sample, want_flagged in ((resampled, set()), (drifted, planted)):
+        report = drift_report(reference, sample, names)
+        by_hand = {
+            n: _psi_by_hand(reference[n]["edges"], reference[n]["fractions"], sample[:, j])
+            for j, n in enumerate(names)
+        }
+        assert {d.feature for d in report} == set(names)
+        for d in report:
+            assert d.psi == pytest.approx(by_hand[d.feature], rel=1e-9, abs=1e-12), d
+        assert {d.feature for d in report if d.drifted} == want_flagged, report[:5]
+        assert {n for n, p in by_hand.items() if p > THRESHOLD} == want_flagged
 
 
 def test_skew_is_zero_then_finds_an_injected_mismatch(trained_online) -> None:

@@ -8,8 +8,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from serving.errors import HotpathError
 
-class ValidationError(Exception):
+
+class ValidationError(HotpathError):
     """Validation could not run (bad declarations, missing data or registry)."""
 
 

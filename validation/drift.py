@@ -8,11 +8,16 @@ deciles of each feature. Rule of thumb (documented in the README): below 0.1 sta
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from serving.model_repository import bin_fractions
+from serving.model_repository import bin_fractions, feature_matrix, load_metadata
+from validation.declared import ValidationError
 
 THRESHOLD = 0.2
 FLOOR = 1e-4  # keeps empty bins from making the index infinite
@@ -41,3 +46,36 @@ def drift_report(
     """PSI per feature of the rows ``x`` (columns ``names``), worst first."""
     report = [Drift(n, psi(reference[n], x[:, i])) for i, n in enumerate(names) if n in reference]
     return sorted(report, key=lambda d: d.psi, reverse=True)
+
+
+@dataclass(frozen=True)
+class DriftRun:
+    model_version: int
+    payments: int
+    report: list[Drift]  # worst first
+
+    @property
+    def drifted(self) -> list[str]:
+        return [d.feature for d in self.report if d.drifted]
+
+
+# (store, payments, feature service) -> each payment's feature vector, point-in-time
+Lookup = Callable[[Any, pd.DataFrame, str], pd.DataFrame]
+
+
+def check_drift(
+    store: Any, model_repository: Path, model: str, payments: pd.DataFrame, lookup: Lookup
+) -> DriftRun:
+    """PSI of ``payments``' feature vectors against the latest ``model``'s training data.
+
+    ``lookup`` gives each payment's vector as scoring saw it (point-in-time, just before the
+    payment): the training pipeline's own lookup, handed in by the caller so that validation
+    needs nothing from the pipelines."""
+    meta = load_metadata(model_repository, model)
+    if not meta.reference:
+        raise ValidationError(f"model version {meta.version} records no training distribution")
+    vectors = lookup(store, payments, meta.feature_service)
+    x = feature_matrix(vectors, meta.features)
+    return DriftRun(
+        meta.version, len(payments), drift_report(meta.reference, x, meta.feature_names)
+    )

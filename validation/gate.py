@@ -17,6 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from feast import FeatureStore, FeatureView
 
+from serving.errors import check_order
 from validation.declared import Declared, ValidationError, load
 from validation.suites import build_suite, days
 
@@ -50,10 +51,15 @@ class GateReport:
     views: list[ViewReport]
     data_docs: Path | None
     seconds: float
+    overridden: bool = False  # failed, and loaded anyway on request (logged)
 
     @property
     def success(self) -> bool:
         return all(v.success for v in self.views)
+
+    @property
+    def failed(self) -> list[str]:
+        return [v.view for v in self.views if not v.success]
 
     def summary(self) -> list[str]:
         lines = []
@@ -177,8 +183,7 @@ def validate_batch(
             first, last = start or on_disk[0], end or on_disk[-1]
         else:
             raise ValidationError(f"{view.name} has no offline data at {view.batch_source.path}")
-        if last < first:
-            raise ValidationError(f"end date {last} is before start date {first}")
+        check_order(first, last)
         frame = read_partitions(view, first, last)
         keys = [c.name for c in view.entity_columns]
         suite = context.suites.add_or_update(
@@ -230,3 +235,38 @@ def materialization_windows(store: FeatureStore, end: datetime) -> dict[str, tup
         if first <= last:
             windows[view.name] = (first, last)
     return windows
+
+
+def gate_materialization(
+    store: FeatureStore, repo: Path, validation_dir: Path, end: datetime, override: bool = False
+) -> GateReport | None:
+    """The gate before ``materialize`` up to ``end``: validate the days each view is about to
+    load (None: nothing new). A failure refuses the load (ValidationError naming the views
+    and the first failed expectation) unless ``override``, which is logged with who and when
+    to ``validation_dir/overrides.log``."""
+    windows = materialization_windows(store, end)
+    if not windows:
+        return None
+    report = validate_batch(
+        store, repo, validation_dir, views=sorted(windows), windows=windows, now=end
+    )
+    if report.success:
+        return report
+    if override:
+        _log_override(validation_dir, report.failed)
+        report.overridden = True
+        return report
+    first = next(v for v in report.views if not v.success)
+    raise ValidationError(
+        f"validation failed for {', '.join(report.failed)} ({first.failures[0]}); nothing was "
+        "materialized. Fix the batch, or pass --skip-validation to load it anyway"
+    )
+
+
+def _log_override(validation_dir: Path, views: list[str]) -> None:
+    import getpass
+
+    validation_dir.mkdir(parents=True, exist_ok=True)
+    with (validation_dir / "overrides.log").open("a") as log:
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        log.write(f"{stamp} {getpass.getuser()} materialized despite failed validation: {views}\n")

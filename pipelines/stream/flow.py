@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.operators import StatefulBatchLogic
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipelines.contract import event_rules
 from pipelines.errors import HotpathError
-from pipelines.settings import Settings
+from pipelines.settings import Settings, StreamSettings
 from pipelines.stream import metrics
 from pipelines.stream.aggregates import Aggregate, UserWindow, aggregate, apply
 from pipelines.stream.events import Event, Rejected, parse
@@ -40,27 +39,6 @@ from pipelines.stream.sources import (
     kafka_source,
     stop_on_signals,
 )
-
-
-class StreamSettings(BaseSettings):
-    """What the flow reads and how (``HOTPATH_STREAM_*``); stores come from ``Settings``."""
-
-    model_config = SettingsConfigDict(env_prefix="HOTPATH_STREAM_", extra="ignore")
-
-    source: Literal["file", "redis", "kafka"] = "file"
-    push_source: str = "user_velocity_push"  # the stream views are the views on it
-    file: Path | None = None  # default: the raw transactions
-    rate: float = 0  # file replay, events/s (0: as fast as possible)
-    source_redis_url: str | None = None  # default: the profile's Redis URL
-    streams: list[str] = ["transactions"]
-    group: str = "hotpath"
-    block_ms: int = 100
-    kafka_brokers: list[str] = ["127.0.0.1:9092"]
-    kafka_topics: list[str] = ["transactions"]
-    lateness_s: float = 300  # out-of-order tolerance, per user
-    dead_letter: str | None = None  # Redis stream (redis source) or file; default derived
-    offline: bool = True
-    metrics_port: int | None = None
 
 
 def stream_views(store: Any, push_source: str) -> list[Any]:
@@ -187,4 +165,5 @@ def get_flow() -> Dataflow:
     """For ``python -m bytewax.run``: stores from ``HOTPATH_*``, the rest ``HOTPATH_STREAM_*``.
     SIGINT/SIGTERM stop it cleanly, as under ``hotpath stream``."""
     stop_on_signals()
-    return build_flow(Settings(), StreamSettings())
+    settings = Settings()
+    return build_flow(settings, settings.stream)

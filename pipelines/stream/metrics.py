@@ -45,3 +45,26 @@ LAG = Histogram(
 
 def serve(port: int) -> None:
     start_http_server(port, addr="127.0.0.1")
+
+
+def _total(counter: Counter, **labels: str) -> float:
+    """A counter's value in this process (summed over the label values not given), read
+    through the public collector API."""
+    return sum(
+        s.value
+        for m in counter.collect()
+        for s in m.samples
+        if s.name.endswith("_total") and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def totals() -> dict[str, float]:
+    """What this process's flow did: events in, online writes, offline rows, late events,
+    dead letters."""
+    return {
+        "events": _total(EVENTS_IN),
+        "online": _total(WRITES, store="online"),
+        "offline": _total(WRITES, store="offline"),
+        "late": _total(LATE),
+        "dead_letters": _total(DEAD_LETTERS),
+    }

@@ -30,15 +30,15 @@ from bytewax.outputs import (
     StatelessSinkPartition,
 )
 from feast import FeatureStore, FeatureView
-from feast.infra.online_stores.helpers import _mmh3
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-from feast.types import Float64, Int64
-from google.protobuf.timestamp_pb2 import Timestamp
+from feast.types import Int64
 
+from online_store import layout
+from online_store.connect import redis_client
+from online_store.tiers import feast_write, placement
 from pipelines.stream import metrics
 from pipelines.stream.events import Rejected
-from serving.online_features import KeyEncoder
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,57 +51,11 @@ class Row:
     ingest_s: float
 
 
-# Compare-and-set in Feast's Redis layout, for every view of one entity in one call:
-# ARGV = new event time (µs), its Timestamp bytes, the key's expiry (epoch s, 0: none; on
-# tiered stores, as ``serving.tiered_store`` sets it), then per view: its ``_ts:<view>`` field,
-# its field count n, and n field/value pairs. A view is written unless its stored event
-# time is newer; ties overwrite, so a late event's correction keeps the row's time
-# (Feast's own write skips equal times, which would drop corrections).
-_CAS = """
-local function micros(b)
-  if not b then return -1 end
-  local secs, nanos, i = 0, 0, 1
-  while i <= #b do
-    local tag = string.byte(b, i); i = i + 1
-    local v, mul = 0, 1
-    repeat
-      local c = string.byte(b, i); i = i + 1
-      v = v + (c % 128) * mul; mul = mul * 128
-    until c < 128
-    if tag == 8 then secs = v elseif tag == 16 then nanos = v end
-  end
-  return secs * 1000000 + math.floor(nanos / 1000)
-end
-local new, expire_at, written, i = tonumber(ARGV[1]), tonumber(ARGV[3]), 0, 4
-while i <= #ARGV do
-  local ts_field, n = ARGV[i], tonumber(ARGV[i + 1])
-  if new >= micros(redis.call('HGET', KEYS[1], ts_field)) then
-    redis.call('HSET', KEYS[1], ts_field, ARGV[2], unpack(ARGV, i + 2, i + 1 + 2 * n))
-    written = written + 1
-  end
-  i = i + 2 + 2 * n
-end
-if written > 0 and expire_at > 0 then
-  redis.call('EXPIREAT', KEYS[1], expire_at, 'NX')
-  redis.call('EXPIREAT', KEYS[1], expire_at, 'GT')
-end
-return written
-"""
-
-
-def _encoder(dtype: Any) -> Any:
-    """Feature value -> ValueProto, chosen once per feature (dtype comparison is slow)."""
-    if dtype == Int64:
-        return lambda v: ValueProto(int64_val=int(v))
-    if dtype == Float64:
-        return lambda v: ValueProto(double_val=float(v))
-    raise ValueError(f"stream features are Int64 or Float64, not {dtype}")
-
-
 class OnlineWriter:
     """Writes rows into the profile's online store in Feast's layout: Redis by
-    compare-and-set (above), any other store through Feast's own ``online_write_batch``
-    (SQLite upserts, which with one writer per user in event order is the same).
+    compare-and-set (``online_store.layout.COMPARE_AND_SET``), any other store through
+    Feast's own ``online_write_batch`` (SQLite upserts, which with one writer per user in
+    event order is the same).
 
     A row older than a view's TTL at write time (``clock``) is not written to that view: a
     replay of old events must not leave values the store would serve as current (Feast's
@@ -116,20 +70,21 @@ class OnlineWriter:
         cfg, self.ttl_s = _stream_tier(store, views)
         self.redis: Any = None
         if cfg.type == "redis":  # standalone or cluster: one key per call, routed by key
-            from feast.infra.online_stores.redis import RedisOnlineStore
-
-            self.redis = RedisOnlineStore()._get_client(cfg)
-            self.cas = self.redis.register_script(_CAS)
-            self.user_key = KeyEncoder.for_view(store, views[0])
+            self.redis = redis_client(cfg)
+            self.cas = self.redis.register_script(layout.COMPARE_AND_SET)
+            self.user_key = layout.KeyEncoder.for_view(store, views[0])
             # per view: (ts field, [(feature, hash field, encoder)])
             self.layout = [
                 (
-                    f"_ts:{v.name}",
-                    [(f.name, _mmh3(f"{v.name}:{f.name}"), _encoder(f.dtype)) for f in v.features],
+                    layout.ts_field(v.name),
+                    [
+                        (f.name, layout.feature_field(v.name, f.name), layout.value_proto(f.dtype))
+                        for f in v.features
+                    ],
                 )
                 for v in views
             ]
-        self.encoders = {f.name: _encoder(f.dtype) for v in views for f in v.features}
+        self.encoders = {f.name: layout.value_proto(f.dtype) for v in views for f in v.features}
 
     def _key(self, user_id: int) -> EntityKeyProto:
         return EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=user_id)])
@@ -158,9 +113,8 @@ class OnlineWriter:
             project = self.project.encode()
             for r in written:
                 key = self.user_key.encode_values((r.user_id,)) + project
-                ts = Timestamp(seconds=r.ts_us // 1_000_000, nanos=(r.ts_us % 1_000_000) * 1000)
-                expire_at = int(r.ts_us / 1e6 + self.ttl_s) + 1 if self.ttl_s else 0
-                args: list[Any] = [r.ts_us, ts.SerializeToString(), expire_at]
+                expire_at = layout.expire_at(r.ts_us / 1e6, self.ttl_s) if self.ttl_s else 0
+                args: list[Any] = [r.ts_us, layout.encode_stamp(r.ts_us), expire_at]
                 for i in live[r.user_id]:
                     ts_field, fields = self.layout[i]
                     args += [ts_field, len(fields)]
@@ -170,7 +124,6 @@ class OnlineWriter:
             if pipe is not None:
                 pipe.execute()
         else:
-            provider = self.store._get_provider()
             for i, view in enumerate(self.views):
                 data = [
                     (
@@ -183,7 +136,7 @@ class OnlineWriter:
                     if i in live[r.user_id]
                 ]
                 if data:
-                    provider.online_write_batch(self.store.config, view, data, progress=None)
+                    feast_write(self.store, view, data)
         now = time.time()
         metrics.WRITES.labels("online").inc(len(written))
         for r in written:
@@ -193,19 +146,12 @@ class OnlineWriter:
 def _stream_tier(store: FeatureStore, views: list[FeatureView]) -> tuple[Any, float]:
     """The online store config the stream views live in (their tier on a tiered store)
     and the key expiry to keep there (the longest view TTL; 0 when the store sets none)."""
-    from feast.repo_config import get_online_config_from_type
-
-    from serving.tiered_store import TYPE, tier_of
-
-    cfg = store.config.online_store
-    if cfg.type != TYPE:
-        return cfg, 0.0
-    tiers = {tier_of(v, cfg.routing_tag) for v in views}
+    placed = [placement(store, v) for v in views]
+    tiers = {p.tier for p in placed}
     if len(tiers) != 1:
         raise ValueError(f"the stream views must share one online store tier, not {tiers}")
-    conf = dict(cfg.tiers[tiers.pop()])
     ttl = max((v.ttl.total_seconds() for v in views if v.ttl), default=0.0)
-    return get_online_config_from_type(conf["type"])(**conf), ttl
+    return placed[0].config, ttl if placed[0].expires else 0.0
 
 
 class _OnlinePartition(StatelessSinkPartition[Row]):

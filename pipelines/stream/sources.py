@@ -228,17 +228,27 @@ class RedisStreamSource(FixedPartitionedSource[Raw, str | None]):
         )
 
 
+def read_events(
+    path: Path, fields: tuple[str, ...], limit: int | None = None
+) -> tuple[int, dict[str, list[Any]]]:
+    """The generated transactions at ``path`` (parquet, ``date=`` partitions) in event-time
+    order, as columns of plain values (``event_timestamp`` in epoch microseconds), the first
+    ``limit`` of them (None: all); and how many. The file source and ``hotpath replay``
+    read through it."""
+    dataset = ds.dataset(path, format="parquet", partitioning="hive")
+    table = dataset.to_table(columns=list(fields)).sort_by("event_timestamp")
+    if limit is not None:
+        table = table.slice(0, limit)
+    micros = table["event_timestamp"].cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+    columns = {f: table[f].to_pylist() for f in fields} | {"event_timestamp": micros.to_pylist()}
+    return table.num_rows, columns
+
+
 class _FilePartition(StatefulSourcePartition[Raw, int]):
     def __init__(
         self, path: Path, fields: tuple[str, ...], offset: int, rate: float, batch: int
     ) -> None:
-        dataset = ds.dataset(path, format="parquet", partitioning="hive")
-        table = dataset.to_table(columns=list(fields)).sort_by("event_timestamp")
-        micros = table["event_timestamp"].cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
-        self.columns = {f: table[f].to_pylist() for f in fields} | {
-            "event_timestamp": micros.to_pylist()
-        }
-        self.n = table.num_rows
+        self.n, self.columns = read_events(path, fields)
         self.offset = offset
         self.rate, self.batch = rate, batch
         self.started, self.start_offset = time.monotonic(), offset

@@ -1,10 +1,15 @@
-"""A minimal Redis connection for the read hot path: one socket per thread, hiredis parses.
+"""Connections to the online store, from a Feast online-store config.
 
+Feast's Redis store is configured with a ``host:port[,host:port],db=..,password=..,
+ssl=..`` connection string; :func:`redis_nodes` reads it as Feast does, and everything that
+connects (redis-py for writers and checks, the raw RESP client of the read hot path, one
+RESP client per cluster master for bulk writes) starts from it.
+
+:class:`RespClient` is the hot path's connection: one socket per thread, hiredis parses.
 redis-py's pipeline costs ~10 µs of Python per command on top of the round trip, which is
 most of a feature lookup. Here a request is one ``sendall`` of pre-packed commands and a
-loop over ``hiredis.Reader``; connection set-up (AUTH, SELECT, TLS) follows the same
-``host:port,db=..,password=..,ssl=..`` string Feast's Redis store is configured with.
-Any socket error drops the connection (the next call reconnects) and is raised as-is.
+loop over ``hiredis.Reader``. Any socket error drops the connection (the next call
+reconnects) and is raised as-is.
 """
 
 from __future__ import annotations
@@ -16,6 +21,46 @@ import threading
 from typing import Any
 
 import hiredis
+import redis
+
+
+def redis_nodes(connection_string: str) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """Feast's reading of a Redis connection string: the nodes (host, port) and the
+    parameters (``db``, ``password``, ``ssl``..., JSON values decoded)."""
+    from feast.infra.online_stores.redis import RedisOnlineStore
+
+    return RedisOnlineStore._parse_connection_string(connection_string)
+
+
+def redis_client(config: Any, timeout_s: float | None = None) -> Any:
+    """A redis-py client for a Feast Redis config (standalone, cluster or sentinel).
+    Without ``timeout_s``, Feast's own client, exactly as its store connects; with it,
+    one that fails within ``timeout_s`` (start-up checks)."""
+    if timeout_s is None:
+        from feast.infra.online_stores.redis import RedisOnlineStore
+
+        return RedisOnlineStore()._get_client(config)
+    nodes, params = redis_nodes(config.connection_string)
+    kw = {
+        "password": params.get("password"),
+        "username": params.get("username"),
+        "ssl": bool(params.get("ssl", False)),
+        "socket_connect_timeout": timeout_s,
+        "socket_timeout": timeout_s,
+    }
+    if config.redis_type == "redis_cluster":
+        return redis.RedisCluster(
+            startup_nodes=[redis.cluster.ClusterNode(n["host"], int(n["port"])) for n in nodes],
+            **kw,
+        )
+    return redis.Redis(
+        host=nodes[0]["host"], port=int(nodes[0]["port"]), db=int(params.get("db", 0)), **kw
+    )
+
+
+def where(config: Any) -> str:
+    """The endpoints of a Feast Redis config, for messages (never its password)."""
+    return ",".join(f"{n['host']}:{n['port']}" for n in redis_nodes(config.connection_string)[0])
 
 
 class RespError(ConnectionError):
@@ -23,6 +68,8 @@ class RespError(ConnectionError):
 
 
 class RespClient:
+    """One raw connection per thread to one Redis node (see the module docstring)."""
+
     def __init__(
         self,
         host: str,
@@ -41,9 +88,9 @@ class RespClient:
 
     @classmethod
     def from_feast(cls, connection_string: str, timeout_s: float = 1.0) -> RespClient:
-        from feast.infra.online_stores.redis import RedisOnlineStore
-
-        nodes, params = RedisOnlineStore._parse_connection_string(connection_string)
+        """A client for a standalone Redis configured as Feast's store is (a
+        ``socket_timeout`` in the string wins over ``timeout_s``)."""
+        nodes, params = redis_nodes(connection_string)
         password = params.get("password")
         username = params.get("username")
         return cls(
@@ -131,3 +178,53 @@ class RespClient:
 
 def pack(*args: bytes | str) -> bytes:
     return hiredis.pack_command(args)
+
+
+class NodeClients:
+    """Where each key goes for bulk writes: one RESP connection per Redis node (one for a
+    standalone Redis; per cluster master, by the slot map the cluster reports)."""
+
+    def __init__(self, config: Any, timeout_s: float = 30.0) -> None:
+        self.cluster = config.redis_type == "redis_cluster"
+        nodes, params = redis_nodes(config.connection_string)
+        auth = {
+            "username": None if params.get("username") is None else str(params["username"]),
+            "password": None if params.get("password") is None else str(params["password"]),
+            "use_ssl": bool(params.get("ssl", False)),
+            "timeout_s": timeout_s,
+        }
+        if not self.cluster:
+            self.clients = [
+                RespClient(
+                    nodes[0]["host"], int(nodes[0]["port"]), int(params.get("db", 0)), **auth
+                )
+            ]
+            return
+        rc = redis.RedisCluster(
+            startup_nodes=[redis.cluster.ClusterNode(n["host"], int(n["port"])) for n in nodes],
+            username=auth["username"],
+            password=auth["password"],
+            ssl=auth["use_ssl"],
+        )
+        self.slot_node: list[int] = [0] * 16384
+        names: dict[str, int] = {}
+        self.clients = []
+        for slot, holders in rc.nodes_manager.slots_cache.items():
+            primary = holders[0]
+            if primary.name not in names:
+                names[primary.name] = len(self.clients)
+                self.clients.append(RespClient(primary.host, int(primary.port), 0, **auth))
+            self.slot_node[slot] = names[primary.name]
+        rc.close()
+
+    def node_of(self, key: bytes) -> int:
+        """The index in ``clients`` of the node holding ``key``."""
+        if not self.cluster:
+            return 0
+        from redis.crc import key_slot
+
+        return self.slot_node[key_slot(key)]
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()

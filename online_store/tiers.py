@@ -1,4 +1,4 @@
-"""One Feast online store over several tiers, routed per feature view by its tag.
+"""Which online store holds a feature view, and the tiered store that routes by it.
 
 A view tagged ``online_store: redis`` lives in the ``redis`` tier, ``online_store: scylla``
 in the ``scylla`` tier, and so on; every tier is one of Feast's own stores (Redis or
@@ -7,26 +7,30 @@ would be on its own. Feast's ``HybridOnlineStore`` routes by tag too, but it nam
 tier by its store class (so SQLite can't stand in for the ScyllaDB tier), mutates the
 shared repo config per call, and hands every tier every table on ``apply``.
 
-Referenced from ``feature_store.*.yaml`` by class path (Feast's rule: the class name ends
-in ``OnlineStore`` and its config class, ``<Name>Config``, sits beside it)::
+:func:`placement` answers "which store holds this view" for every reader and writer, on a
+tiered store or a single one. :class:`TieredOnlineStore` is referenced from
+``feature_store.*.yaml`` by class path (Feast's rule: the class name ends in
+``OnlineStore`` and its config class, ``<Name>Config``, sits beside it)::
 
     online_store:
-      type: serving.tiered_store.TieredOnlineStore
+      type: online_store.tiers.TieredOnlineStore
       tiers:
         redis: {type: redis, redis_type: redis_cluster, connection_string: "..."}
         scylla: {type: scylladb, hosts: [...], keyspace: feast}
 
 For Redis tiers the store also sets each entity key's expiry to the newest event time
-plus the longest TTL of the views stored in it, so expired values leave memory.
+plus the longest TTL of the views stored in it, so expired values leave memory; hotpath's
+own writers do the same (:attr:`Placement.expires`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from feast import Entity, FeatureView, RepoConfig
+from feast import Entity, FeatureStore, FeatureView, RepoConfig
 from feast.infra.online_stores.helpers import get_online_store_from_config
 from feast.infra.online_stores.online_store import OnlineStore
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
@@ -34,22 +38,108 @@ from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.repo_config import FeastConfigBaseModel, get_online_config_from_type
 from pydantic import StrictStr
 
+from online_store.layout import expire_at, expire_commands
+
 ROUTING_TAG = "online_store"
-TYPE = "serving.tiered_store.TieredOnlineStore"
+TYPE = "online_store.tiers.TieredOnlineStore"
 
 
 class TieredOnlineStoreConfig(FeastConfigBaseModel):
-    type: Literal["serving.tiered_store.TieredOnlineStore"] = TYPE
+    type: Literal["online_store.tiers.TieredOnlineStore"] = TYPE
     routing_tag: StrictStr = ROUTING_TAG
     tiers: dict[str, dict[str, Any]]  # tier name -> that store's own config (with its type)
 
 
+class UnknownTierError(ValueError):
+    """A view's tag names no configured tier, or it has no tag on a tiered store."""
+
+
+# ------------------------------------------------------------------ resolution
+
+
 def tier_of(view: Any, routing_tag: str = ROUTING_TAG) -> str | None:
+    """The tier ``view``'s tag names (None: untagged)."""
     return view.tags.get(routing_tag)
 
 
-class UnknownTierError(ValueError):
-    pass
+def is_tiered(online_config: Any) -> bool:
+    return online_config.type == TYPE
+
+
+def store_config(conf: dict[str, Any]) -> Any:
+    """One tier's Feast config object from its ``tiers`` entry."""
+    return get_online_config_from_type(conf["type"])(**conf)
+
+
+def tier_configs(online_config: Any) -> dict[str, Any]:
+    """The online store's tiers by name (one, ``online``, unless the store is tiered)."""
+    if not is_tiered(online_config):
+        return {"online": online_config}
+    return {name: store_config(dict(conf)) for name, conf in online_config.tiers.items()}
+
+
+def tier_name(online_config: Any, view: Any) -> str:
+    """The configured tier holding ``view`` on a tiered store (raises if none does)."""
+    tag = online_config.routing_tag
+    tier = tier_of(view, tag)
+    if tier is None:
+        raise UnknownTierError(f"feature view {view.name} has no {tag!r} tag")
+    if tier not in online_config.tiers:
+        raise UnknownTierError(
+            f"feature view {view.name}: {tag} tag {tier!r} names no tier of this profile's "
+            f"online store (tiers: {', '.join(sorted(online_config.tiers))})"
+        )
+    return tier
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a feature view's online rows live."""
+
+    tier: str | None  # None: the store is not tiered
+    config: Any  # Feast's config of the store holding the view (the tier's, when tiered)
+
+    @property
+    def kind(self) -> str:
+        """Feast's store type: ``redis``, ``sqlite``, ``scylladb``..."""
+        return self.config.type
+
+    @property
+    def expires(self) -> bool:
+        """Whether writers set key expiry (the tiered store does, in its Redis tiers)."""
+        return self.tier is not None
+
+
+def placement(store: FeatureStore, view: Any) -> Placement:
+    """The store holding ``view`` (a view or its name): its tier on a tiered store, the
+    profile's store otherwise."""
+    cfg = store.config.online_store
+    if not is_tiered(cfg):
+        return Placement(None, cfg)
+    if isinstance(view, str):
+        view = store.get_feature_view(view)
+    tier = tier_name(cfg, view)
+    return Placement(tier, store_config(dict(cfg.tiers[tier])))
+
+
+# ------------------------------------------------------------------ Feast's own store objects
+
+
+def feast_store(store: FeatureStore, tier: str | None = None) -> tuple[RepoConfig, OnlineStore]:
+    """Feast's online store object for ``store`` (``tier``'s, when given on a tiered
+    store) and the repo config to call it with."""
+    online = store._get_provider().online_store
+    if isinstance(online, TieredOnlineStore) and tier is not None:
+        return online.tier_config(store.config, tier), online.tier_store(store.config, tier)
+    return store.config, online
+
+
+def feast_write(store: FeatureStore, view: FeatureView, data: list[tuple[Any, ...]]) -> None:
+    """Write rows through Feast's own ``online_write_batch`` (the store routes tiers)."""
+    store._get_provider().online_write_batch(store.config, view, data, progress=None)
+
+
+# ------------------------------------------------------------------ the tiered store
 
 
 class TieredOnlineStore(OnlineStore):
@@ -71,20 +161,20 @@ class TieredOnlineStore(OnlineStore):
                 raise UnknownTierError(
                     f"no online store tier {tier!r} (configured: {', '.join(sorted(tiers))})"
                 )
-            conf = dict(tiers[tier])
-            tier_cfg = get_online_config_from_type(conf["type"])(**conf)
+            tier_cfg = store_config(dict(tiers[tier]))
             sub = config.model_copy()
             sub.online_config = tier_cfg
             sub._online_store = tier_cfg
-            self._stores[tier] = (sub, get_online_store_from_config(tier_cfg))
+            store = get_online_store_from_config(tier_cfg)
+            if getattr(tier_cfg, "keyspace", None) and hasattr(store, "_keyspace"):
+                # Feast 0.67's Cassandra/ScyllaDB store names tables with its class default
+                # keyspace until its first connection: a first read would miss the table
+                store._keyspace = tier_cfg.keyspace
+            self._stores[tier] = (sub, store)
         return self._stores[tier]
 
     def _route(self, config: RepoConfig, table: FeatureView) -> tuple[RepoConfig, OnlineStore]:
-        tag = config.online_store.routing_tag
-        tier = tier_of(table, tag)
-        if tier is None:
-            raise UnknownTierError(f"feature view {table.name} has no {tag!r} tag")
-        return self._tier(config, tier)
+        return self._tier(config, tier_name(config.online_store, table))
 
     # ------------------------------------------------------------------ Feast's interface
     def online_write_batch(
@@ -151,11 +241,10 @@ def expire_redis_keys(
     from feast.infra.online_stores.redis import _redis_key
 
     ttl = table.ttl.total_seconds()
-    client = store._get_client(config.online_store)
+    client = store._get_client(config.online_store)  # the tier store's own connection
     pipe = client.pipeline(transaction=False)
     for entity_key, _, ts, _ in data:
         key = _redis_key(config.project, entity_key, config.entity_key_serialization_version)
-        at = int(ts.timestamp() + ttl) + 1
-        pipe.expireat(key, at, nx=True)  # a key without expiry: set one
-        pipe.expireat(key, at, gt=True)  # one with an earlier expiry: extend it
+        for command in expire_commands(key, expire_at(ts.timestamp(), ttl)):
+            pipe.execute_command(*command)
     pipe.execute()

@@ -1,0 +1,371 @@
+"""Reading what Feast wrote, per store: the serving fast path's readers and the checks'.
+
+Each reader covers the views one store holds (see :mod:`online_store.tiers`) with
+everything resolvable precomputed at start-up: one query for all its views on SQLite, one
+pipelined round trip on Redis (one ``HMGET`` per entity key, pre-packed on a raw socket),
+redis-py's cluster pipeline on Redis Cluster, Feast's own ``online_read`` for any other
+store. Values are decoded as Feast's SDK returns them (:mod:`online_store.layout`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from feast import FeatureStore
+from feast.value_type import ValueType
+
+from online_store.connect import RespClient, pack, redis_client
+from online_store.layout import (
+    decode_stamp,
+    decode_value,
+    hash_fields,
+    materialized_key,
+    seconds,
+    sqlite_table,
+    ts_field,
+)
+from online_store.tiers import Placement, feast_store, placement
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """What to read of one feature view: its sorted join keys, their types, the features
+    (in the order callers get them) and its TTL."""
+
+    name: str
+    join_keys: tuple[str, ...]
+    key_types: tuple[ValueType, ...]
+    features: tuple[str, ...]
+    ttl_s: float | None
+
+
+Found = list[tuple[float | None, Sequence[Any] | None]]
+Keys = dict[tuple[str, ...], list[bytes]]  # serialized entity keys per set of join keys
+
+
+class Reader:
+    """Reads its views for a batch of entity keys: ``send`` issues the request,
+    ``receive`` returns, per view (in plan order) and row, (event time, values in the
+    view's feature order) or (None, None) when the entity has no row."""
+
+    def send(self, keys: Keys) -> Any:
+        return keys
+
+    def receive(self, handle: Any) -> list[Found]:
+        raise NotImplementedError
+
+    def read(self, keys: Keys) -> list[Found]:
+        return self.receive(self.send(keys))
+
+    def ping(self) -> None:
+        """Raise unless the store answers."""
+
+    def unmaterialized(self, views: list[str]) -> list[str]:
+        """Those of ``views`` with no materialized data here (unknown: none)."""
+        return []
+
+
+class SqliteReader(Reader):
+    """One ``SELECT ... WHERE entity_key IN (...)`` per view, in one statement, on a shared
+    connection."""
+
+    def __init__(self, path: Path, project: str, views: list[ViewPlan]) -> None:
+        if not path.exists():
+            raise FileNotFoundError(f"online store {path} does not exist")
+        self.conn = sqlite3.connect(path, check_same_thread=False)
+        self.lock = threading.Lock()  # readers run in worker threads; one at a time
+        self.project = project
+        self.views = views
+        self._sql: dict[int, str] = {}  # query text per batch size
+
+    def ping(self) -> None:
+        with self.lock:
+            self.conn.execute("SELECT 1").fetchall()
+
+    def unmaterialized(self, views: list[str]) -> list[str]:
+        with self.lock:
+            return [
+                v
+                for v in views
+                if not self.conn.execute(
+                    f'SELECT EXISTS (SELECT 1 FROM "{sqlite_table(self.project, v)}")'
+                ).fetchone()[0]
+            ]
+
+    def receive(self, keys):
+        n = len(next(iter(keys.values())))
+        sql = self._sql.get(n)
+        if sql is None:
+            sql = self._sql[n] = " UNION ALL ".join(
+                f"SELECT {i}, entity_key, feature_name, value, event_ts "
+                f'FROM "{sqlite_table(self.project, plan.name)}" '
+                f"WHERE entity_key IN ({','.join('?' * n)})"
+                for i, plan in enumerate(self.views)
+            )
+        params = [b for plan in self.views for b in keys[plan.join_keys]]
+        found: list[dict[bytes, tuple[float | None, dict[str, Any]]]] = [{} for _ in self.views]
+        with self.lock:
+            rows = self.conn.execute(sql, params).fetchall()
+        for i, key, feature, value, event_ts in rows:
+            _, values = found[i].setdefault(key, (seconds(event_ts), {}))
+            values[feature] = decode_value(value)
+        out = []
+        for i, plan in enumerate(self.views):
+            per_view: Found = []
+            for b in keys[plan.join_keys]:
+                hit = found[i].get(b)
+                if hit is None:
+                    per_view.append((None, None))
+                else:
+                    per_view.append((hit[0], [hit[1].get(f) for f in plan.features]))
+            out.append(per_view)
+        return out
+
+
+class RedisReader(Reader):
+    """One round trip: one ``HMGET`` per entity key and row covering every view on that
+    key (Feast keeps all of an entity's views in one hash), sent pre-packed on a raw
+    socket."""
+
+    def __init__(self, client: RespClient, project: str, views: list[ViewPlan]) -> None:
+        self.client = client
+        self.project_bytes = project.encode()  # Feast's key: serialized entity key + project
+        self.n_views = len(views)
+        # per entity key: the views on it (index, feature count), the HMGET header and the
+        # packed field list (each view's features, then its ``_ts:<view>``)
+        self.groups: list[tuple[tuple[str, ...], list[tuple[int, int]], bytes, bytes]] = []
+        by_key: dict[tuple[str, ...], list[int]] = {}
+        for i, plan in enumerate(views):
+            by_key.setdefault(plan.join_keys, []).append(i)
+        for join_keys, members in by_key.items():
+            fields = _hmget_fields(views, members)
+            head = f"*{len(fields) + 2}\r\n$5\r\nHMGET\r\n".encode()
+            tail = pack("HMGET", b"", *fields)[len(head) + len(b"$0\r\n\r\n") :]
+            spans = [(i, len(views[i].features)) for i in members]
+            self.groups.append((join_keys, spans, head, tail))
+
+    def ping(self) -> None:
+        self.client.execute(pack("PING"), 1)
+
+    def unmaterialized(self, views: list[str]) -> list[str]:
+        key = materialized_key(self.project_bytes.decode())
+        (stamps,) = self.client.execute(pack("HMGET", key, *views), 1)
+        return [v for v, stamp in zip(views, stamps, strict=True) if not stamp]
+
+    def send(self, keys):
+        commands = []
+        for join_keys, _, head, tail in self.groups:
+            for entity_key in keys[join_keys]:
+                key = entity_key + self.project_bytes
+                commands.append(b"%s$%d\r\n%s\r\n%s" % (head, len(key), key, tail))
+        self.client.send(b"".join(commands))
+        return keys, len(commands)
+
+    def receive(self, handle):
+        keys, n = handle
+        return self._parse(keys, iter(self.client.receive(n)))
+
+    def _parse(self, keys: Keys, replies: Any) -> list[Found]:
+        out: list[Found] = [[] for _ in range(self.n_views)]
+        for join_keys, spans, _, _ in self.groups:
+            for _ in keys[join_keys]:
+                raw = next(replies)
+                at = 0
+                for i, n in spans:
+                    values, ts_blob = raw[at : at + n], raw[at + n]
+                    at += n + 1
+                    if any(values):
+                        out[i].append((decode_stamp(ts_blob), [decode_value(v) for v in values]))
+                    else:
+                        out[i].append((None, None))
+        return out
+
+
+class RedisClusterReader(RedisReader):
+    """Redis Cluster: the same HMGETs through redis-py's cluster pipeline, which sends
+    each to the master owning its slot (one round trip per node)."""
+
+    def __init__(self, client: Any, project: str, views: list[ViewPlan]) -> None:
+        super().__init__(None, project, views)  # type: ignore[arg-type]
+        self.cluster = client
+        self.fields = {
+            join_keys: _hmget_fields(views, [i for i, _ in spans])
+            for join_keys, spans, _, _ in self.groups
+        }
+
+    def ping(self) -> None:
+        self.cluster.ping()
+
+    def unmaterialized(self, views: list[str]) -> list[str]:
+        stamps = self.cluster.hmget(materialized_key(self.project_bytes.decode()), views)
+        return [v for v, stamp in zip(views, stamps, strict=True) if not stamp]
+
+    def send(self, keys):
+        return keys
+
+    def receive(self, keys):
+        pipe = self.cluster.pipeline(transaction=False)
+        for join_keys, _, _, _ in self.groups:
+            for entity_key in keys[join_keys]:
+                pipe.hmget(entity_key + self.project_bytes, self.fields[join_keys])
+        return self._parse(keys, iter(pipe.execute()))
+
+
+class FeastReader(Reader):
+    """Any other tier (ScyllaDB, Cassandra...): Feast's own ``online_read`` for the tier."""
+
+    def __init__(self, store: FeatureStore, tier: str | None, views: list[ViewPlan]) -> None:
+        self.config, self.online = feast_store(store, tier)
+        self.views = [store.get_feature_view(v.name) for v in views]
+        self.plans = views
+        self.project = store.project
+
+    def receive(self, keys):
+        from feast.infra.key_encoding_utils import deserialize_entity_key
+
+        out = []
+        for view, plan in zip(self.views, self.plans, strict=True):
+            protos = [deserialize_entity_key(k, 3) for k in keys[plan.join_keys]]
+            rows = self.online.online_read(self.config, view, protos, list(plan.features))
+            per_view: Found = []
+            for ts, values in rows:
+                if values is None:
+                    per_view.append((None, None))
+                    continue
+                stamp = seconds(ts)
+                per_view.append(
+                    (
+                        stamp,
+                        [
+                            decode_value(values[f].SerializeToString()) if f in values else None
+                            for f in plan.features
+                        ],
+                    )
+                )
+            out.append(per_view)
+        return out
+
+
+def _hmget_fields(views: list[ViewPlan], members: list[int]) -> list[bytes]:
+    """The HMGET fields of ``members`` of ``views``, one view after another."""
+    return [f for i in members for f in hash_fields(views[i].name, views[i].features)]
+
+
+def _sqlite_path(store: FeatureStore, config: Any) -> Path:
+    """A SQLite store's file, relative paths from the repo (as Feast resolves them)."""
+    path = Path(config.path)
+    return path if path.is_absolute() else Path(store.repo_path) / path
+
+
+def readers(
+    store: FeatureStore, views: list[ViewPlan], timeout_s: float = 1.0
+) -> list[tuple[Reader, list[int]]]:
+    """One reader per store holding some of ``views`` (one, unless the store is tiered),
+    each with the indexes of the views it reads; the fastest kind for each store: raw
+    Redis, Redis Cluster, SQLite, or Feast's own read for anything else."""
+    return [
+        (_reader(store, where, [views[i] for i in members], timeout_s), members)
+        for where, members in _by_store(store, [v.name for v in views])
+    ]
+
+
+def _by_store(store: FeatureStore, views: list[str]) -> list[tuple[Placement, list[int]]]:
+    """The stores holding ``views``, each with the indexes of the views it holds."""
+    groups: dict[str | None, tuple[Placement, list[int]]] = {}
+    for i, view in enumerate(views):
+        where = placement(store, view)
+        groups.setdefault(where.tier, (where, []))[1].append(i)
+    return list(groups.values())
+
+
+def _reader(
+    store: FeatureStore, where: Placement, views: list[ViewPlan], timeout_s: float
+) -> Reader:
+    cfg, project = where.config, store.project
+    if where.kind == "sqlite":
+        return SqliteReader(_sqlite_path(store, cfg), project, views)
+    if where.kind == "redis":
+        if cfg.redis_type == "redis_cluster":
+            return RedisClusterReader(redis_client(cfg), project, views)
+        if cfg.redis_type == "redis":
+            return RedisReader(
+                RespClient.from_feast(cfg.connection_string, timeout_s), project, views
+            )
+    return FeastReader(store, where.tier, views)
+
+
+# ------------------------------------------------------------------ checks
+
+
+class StoreMissing(FileNotFoundError):
+    """The online store has not been written yet."""
+
+
+def newest_event_times(
+    store: FeatureStore, views: list[str], max_keys: int = 200_000
+) -> dict[str, datetime | None]:
+    """The newest stored event time of each view, per store holding it: SQLite's
+    ``MAX(event_ts)`` of the view's table; in Redis, the newest ``_ts:<view>`` over up to
+    ``max_keys`` scanned keys (per store), enough to find the newest write of a live store.
+    Raises ``NotImplementedError`` for a store kind it cannot read."""
+    out: dict[str, datetime | None] = {}
+    for where, members in _by_store(store, views):
+        names = [views[i] for i in members]
+        if where.kind == "sqlite":
+            out |= _sqlite_newest(store, where.config, names)
+        elif where.kind == "redis":
+            out |= _redis_newest(redis_client(where.config), names, max_keys)
+        else:
+            tier = f" (tier {where.tier})" if where.tier else ""
+            raise NotImplementedError(f"the {where.kind!r} online store{tier}")
+    return out
+
+
+def _sqlite_newest(
+    store: FeatureStore, config: Any, views: list[str]
+) -> dict[str, datetime | None]:
+    path = _sqlite_path(store, config)
+    if not path.exists():
+        raise StoreMissing(f"online store {path} does not exist (run `hotpath materialize`)")
+    db = sqlite3.connect(path)
+    out: dict[str, datetime | None] = {}
+    try:
+        for view in views:
+            try:
+                (value,) = db.execute(
+                    f'SELECT MAX(event_ts) FROM "{sqlite_table(store.project, view)}"'
+                ).fetchone()
+            except sqlite3.OperationalError:
+                value = None
+            stamp = seconds(value)
+            out[view] = None if stamp is None else datetime.fromtimestamp(stamp, UTC)
+    finally:
+        db.close()
+    return out
+
+
+def _redis_newest(client: Any, views: list[str], max_keys: int) -> dict[str, datetime | None]:
+    fields = [ts_field(v) for v in views]
+    newest: dict[str, float] = {}
+    keys = []
+    for i, key in enumerate(client.scan_iter(count=1000)):
+        if i >= max_keys:
+            break
+        keys.append(key)
+    for start in range(0, len(keys), 500):
+        pipe = client.pipeline(transaction=False)
+        for key in keys[start : start + 500]:
+            pipe.hmget(key, fields)
+        for values in pipe.execute(raise_on_error=False):
+            if isinstance(values, Exception):  # not a hash (a stream, a plain value)
+                continue
+            for view, raw in zip(views, values, strict=True):
+                if raw:
+                    newest[view] = max(newest.get(view, 0.0), decode_stamp(raw))
+    return {v: datetime.fromtimestamp(newest[v], UTC) if v in newest else None for v in views}

@@ -1,0 +1,264 @@
+"""What the tests and the benchmarks share to run real servers and the CLI: free loopback
+ports, redis-server alone or as a 3-master Redis Cluster, the local Triton, the ``hotpath``
+command as a subprocess, and HTTP servers waited on until they answer.
+
+Tests import it as ``helpers`` (pytest puts ``tests/`` on ``sys.path``, as for
+``conftest`` and ``reference``); benchmarks, run as ``python -m benchmarks.<name>`` from
+the project root, import it as ``tests.helpers``. Failures raise :class:`ServerError`
+(a test shows it as an error, a benchmark stops).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+import requests
+
+from serving.triton_local import LocalTriton, cluster_port, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+HOTPATH = [sys.executable, "-m", "pipelines.cli"]
+TRITON_VENV = Path(os.environ.get("HOTPATH_TRITON_VENV", ROOT / ".venv-triton"))
+
+__all__ = ["cluster_port", "free_port"]  # re-exported: one owner, serving.triton_local
+
+
+class ServerError(RuntimeError):
+    """A server did not start, or is not installed."""
+
+
+def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise ServerError(f"{name} not found: run scripts/setup.sh (apt-get install redis-server)")
+    return path
+
+
+def _redis_argv(port: int, workdir: Path, password: str | None) -> list[str]:
+    """A throwaway redis-server: loopback only, nothing persisted."""
+    argv = [_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(workdir)]  # fmt: skip
+    return argv + (["--requirepass", password, "--masterauth", password] if password else [])
+
+
+def _wait_ping(client: redis.Redis, procs: Sequence[subprocess.Popen], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                for p in procs:
+                    stop(p)
+                raise ServerError(f"{what} did not start") from None
+            time.sleep(0.05)
+
+
+def start_redis_server(
+    workdir: Path, *extra: str, password: str | None = None, port: int | None = None
+) -> tuple[subprocess.Popen, str]:
+    """A real redis-server on a free loopback port (or ``port``), answering PING, and its
+    URL; the caller stops it."""
+    port = port or free_port()
+    proc = subprocess.Popen(
+        [*_redis_argv(port, workdir, password), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{port}/0"
+    _wait_ping(redis.Redis.from_url(url), [proc], f"redis-server on port {port}")
+    return proc, url
+
+
+@dataclass
+class RedisCluster:
+    """A real 3-master Redis Cluster on loopback (redis-server in cluster mode)."""
+
+    procs: list[subprocess.Popen]
+    ports: list[int]
+    password: str | None
+
+    @property
+    def nodes(self) -> str:
+        return ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            stop(p, timeout=10)
+
+
+def start_redis_cluster(workdir: Path, password: str | None = "cluster-secret") -> RedisCluster:
+    """Three masters, slots assigned by ``redis-cli --cluster create``, once the cluster
+    says ``cluster_state:ok``; the caller stops it."""
+    cli = _binary("redis-cli")
+    ports = [cluster_port() for _ in range(3)]
+    procs = []
+    for port in ports:
+        node = workdir / str(port)
+        node.mkdir(parents=True, exist_ok=True)
+        argv = _redis_argv(port, node, password)
+        argv += ["--cluster-enabled", "yes", "--cluster-config-file", str(node / "nodes.conf")]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+    cluster = RedisCluster(procs, ports, password)
+    for port in ports:
+        _wait_ping(redis.Redis(port=port, password=password), procs, f"cluster node {port}")
+    auth = ["-a", password, "--no-auth-warning"] if password else []
+    created = subprocess.run(
+        [cli, *auth, "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+         "--cluster-replicas", "0", "--cluster-yes"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if created.returncode != 0:
+        cluster.stop()
+        raise ServerError(f"redis-cli --cluster create failed: {created.stdout[-500:]}")
+    deadline = time.monotonic() + 30
+    while any(
+        redis.Redis(port=p, password=password).cluster("info").get("cluster_state") != "ok"
+        for p in ports
+    ):
+        if time.monotonic() > deadline:
+            cluster.stop()
+            raise ServerError("the Redis Cluster did not reach cluster_state:ok")
+        time.sleep(0.1)
+    return cluster
+
+
+def local_triton(workdir: Path) -> LocalTriton:
+    """The local Triton (its own venv: ``scripts/setup.sh --with-triton``), not started;
+    the caller starts it on the ports it wants and stops it."""
+    if not (TRITON_VENV / "bin" / "python").exists():
+        raise ServerError(f"no Triton venv at {TRITON_VENV}: run scripts/setup.sh --with-triton")
+    return LocalTriton(TRITON_VENV, workdir)
+
+
+# ------------------------------------------------------------------ the hotpath command
+
+
+def _env(env: dict[str, str] | None, clean: bool) -> dict[str, str]:
+    """The caller's environment (without its ``HOTPATH_*`` settings when ``clean``) and
+    ``env`` on top."""
+    base = {k: v for k, v in os.environ.items() if not (clean and k.startswith("HOTPATH_"))}
+    return base | (env or {})
+
+
+def _argv(args: Sequence[str | Path], repo: Path | None) -> list[str]:
+    return [*HOTPATH, *(["--repo", str(repo)] if repo else []), *map(str, args)]
+
+
+def hotpath(
+    *args: str | Path,
+    repo: Path | None = None,
+    env: dict[str, str] | None = None,
+    clean_env: bool = False,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
+    """``hotpath [--repo REPO] ARGS...`` run to completion from the project root, output
+    captured as text."""
+    return subprocess.run(
+        _argv(args, repo),
+        env=_env(env, clean_env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def hotpath_popen(
+    *args: str | Path,
+    repo: Path | None = None,
+    env: dict[str, str] | None = None,
+    clean_env: bool = False,
+    **popen: object,
+) -> subprocess.Popen:
+    """``hotpath [--repo REPO] ARGS...`` started from the project root; ``popen`` goes to
+    :class:`subprocess.Popen` (stdout, stderr, text...). The caller stops it."""
+    return subprocess.Popen(_argv(args, repo), env=_env(env, clean_env), cwd=ROOT, **popen)  # type: ignore[call-overload]
+
+
+# ------------------------------------------------------------------ HTTP servers
+
+
+def wait_http(url: str, timeout: float = 90, proc: subprocess.Popen | None = None) -> None:
+    """Until ``url`` answers below 500 (a not-ready ``/ready`` is 503), or ``proc`` exits,
+    or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServerError(f"the server for {url} exited with {proc.returncode}")
+        try:
+            if requests.get(url, timeout=1).status_code < 500:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    raise ServerError(f"{url} did not answer in {timeout:.0f} s")
+
+
+def start_http(
+    argv: Sequence[str],
+    ready_path: str,
+    env: dict[str, str] | None = None,
+    settle_s: float = 0,
+    log: Path | None = None,
+    timeout: float = 90,
+) -> tuple[subprocess.Popen, str]:
+    """``python <argv> --port <free port>`` from the project root, once ``ready_path``
+    answers; ``settle_s`` more for the other workers of a multi-worker server (one
+    worker's answer says nothing of the others). Its output goes to ``log`` (the tail is
+    in the error if it never answers), else nowhere."""
+    port = free_port()
+    out = log.open("ab") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(
+        [sys.executable, *argv, "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}{ready_path}", timeout, proc)
+        time.sleep(settle_s)
+    except BaseException as e:
+        stop(proc)
+        if log and isinstance(e, ServerError):
+            raise ServerError(f"{e}:\n{log.read_text(errors='replace')[-2000:]}") from None
+        raise
+    finally:
+        if log:
+            out.close()  # type: ignore[union-attr]
+    return proc, url
+
+
+def serve(
+    repo: Path,
+    env: dict[str, str] | None = None,
+    workers: int = 1,
+    ready_path: str = "/ready",
+    log: Path | None = None,
+) -> tuple[subprocess.Popen, str]:
+    """``hotpath serve`` on ``repo`` and a free port, once ``ready_path`` answers (5 s more
+    per extra worker)."""
+    argv = ["-m", "pipelines.cli", "--repo", str(repo), "serve", "--workers", str(workers)]
+    return start_http(argv, ready_path, env, settle_s=5 * (workers - 1), log=log)
