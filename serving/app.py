@@ -194,6 +194,7 @@ def create_app(settings: ServingSettings | None = None) -> PredictRoutes:
         """Prometheus text format (every uvicorn worker's values)."""
         rt: Runtime = request.app.state.runtime
         _authorize(request, settings.metrics_key)
+        rt.health.publish()  # this worker's pending counts and current states
         registry = rt.metrics.registry
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()

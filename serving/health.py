@@ -84,6 +84,7 @@ class Health:
 
     def publish(self) -> None:
         m, s = self.scorer.metrics, self.scorer
+        m.flush()
         m.shed_of["in_flight"].inc(admission.take_refused())
         m.breakers(s.store_breaker, s.model_breaker)
         reasons = self.reasons()

@@ -1,12 +1,20 @@
 """The service's Prometheus metrics, with every labelled child resolved once.
 
 ``labels()`` costs microseconds per call; on a path that answers in a few hundred of
-them, children are looked up at start-up. Stage latencies are per coalesced batch
-(``hotpath_batch_rows`` says how large); ``hotpath_request_seconds`` is per request, from
-arrival to answer, queueing included.
+them, children are looked up at start-up. With several workers every write goes to a
+memory-mapped file under a lock, and a dozen of them per request cost an eighth of the
+service's CPU; so counters add up in a plain dict and are written by :meth:`flush` (the
+health monitor's tick, every ``breaker_probe_s``, and every ``/metrics`` scrape), breaker
+states are set there too, and
+feature ages are observed for one row per coalesced batch (a sample). Stage latencies are
+per batch (``hotpath_batch_rows`` says how large); ``hotpath_request_seconds`` is per
+request, from arrival to answer, queueing included.
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -79,6 +87,7 @@ class Metrics:
             registry=r,
             multiprocess_mode="min",
         )
+        self._pending: defaultdict[Any, float] = defaultdict(float)  # child -> increments
         self.unready = Gauge(
             "hotpath_not_ready",
             "1 per cause keeping the worker out of rotation",
@@ -97,13 +106,20 @@ class Metrics:
             self.breaker_of[b.name].set(b.state.value)
 
     def count(self, verdict: str, fallback: bool, cause: str | None, missing: list[str]) -> None:
-        """One answered row."""
-        self.decisions[verdict, fallback].inc()
+        """One answered row (written at the next :meth:`flush`)."""
+        pending = self._pending
+        pending[self.decisions[verdict, fallback]] += 1
         if fallback:
             cause = cause or "unknown"
             child = self.fallback_of.get(cause)
             if child is None:
                 child = self.fallback_of[cause] = self._fallbacks.labels(cause)
-            child.inc()
+            pending[child] += 1
         for name in missing:
-            self.missing_of[name].inc()
+            pending[self.missing_of[name]] += 1
+
+    def flush(self) -> None:
+        """Write the counted increments: one write per counter that moved."""
+        pending, self._pending = self._pending, defaultdict(float)
+        for child, n in pending.items():
+            child.inc(n)

@@ -145,9 +145,8 @@ class Scorer:
         out = self._answers(rows, values, ages, scores, cause)
         t3 = time.perf_counter()
         m, record = self.metrics, self.recording
-        if record:
+        if record:  # (breaker states: the health monitor publishes them)
             m.observe_batch(len(rows), t1 - t0, t2 - t1, t3 - t2)
-            m.breakers(self.store_breaker, self.model_breaker)
         at = 0
         for job in live:
             answers = out[at : at + len(job.rows)]
@@ -194,7 +193,7 @@ class Scorer:
             return None, ages, "online_store_deadline"
         self.store_breaker.success()
         now = time.time()
-        record = self.recording
+        sample = self.recording  # ages go to the metric for one row per batch
         out = []
         for vec, row_ages in zip(vectors, ages, strict=True):
             served(vec, self._ttls, now)
@@ -202,8 +201,9 @@ class Scorer:
                 ts = vec.ts.get(first)
                 if ts is not None and vec.values.get(first) is not None:
                     row_ages[view] = age = round(max(0.0, now - ts), 3)
-                    if record:
+                    if sample:
                         self.metrics.age_of[view].observe(age)
+            sample = False
             out.append(vec.values)
         return out, ages, None
 

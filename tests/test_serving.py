@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,11 +25,14 @@ from pipelines import store
 KEY = "test-key"
 
 
-def start(project, wait_ready: bool = True, **env: str) -> tuple[subprocess.Popen, str]:
+def start(
+    project, wait_ready: bool = True, log: Path | None = None, **env: str
+) -> tuple[subprocess.Popen, str]:
     """``hotpath serve`` on a free port, once /ready (or, for a server that is not meant
-    to become ready, /health) answers."""
+    to become ready, /health) answers; its output to ``log``."""
     probe = "/ready" if wait_ready else "/health"
-    proc, url = serve(project.settings.repo, {"HOTPATH_SERVING_API_KEY": KEY, **env}, 1, probe)
+    env = {"HOTPATH_SERVING_API_KEY": KEY, **env}
+    proc, url = serve(project.settings.repo, env, 1, probe, log=log)
     if not wait_ready:
         time.sleep(1.0)  # the start-up health checks
     return proc, url
@@ -267,8 +271,10 @@ def test_triton_outage_falls_back_and_recovers(served_project, tmp_path) -> None
     triton = local_triton(tmp_path / "triton")
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     triton.start(project.settings.model_repository, http_port, grpc_port, metrics_port)
+    log = tmp_path / "serve.log"
     proc, url = start(
         project,
+        log=log,
         HOTPATH_SERVING_BACKEND="triton",
         HOTPATH_SERVING_TRITON_URL=f"127.0.0.1:{grpc_port}",
         HOTPATH_SERVING_BREAKER_FAILURES="2",
@@ -319,6 +325,11 @@ def test_triton_outage_falls_back_and_recovers(served_project, tmp_path) -> None
         proc.terminate()
         proc.wait(timeout=20)
         triton.stop()
+    # the operator's view: why the model was skipped, and when it came back (logfmt lines)
+    text = log.read_text()
+    assert re.search(r"WARNING hotpath.serving breaker_open breaker=model .*error=", text), text
+    assert re.search(r"WARNING hotpath.serving fallback cause=breaker_open", text), text
+    assert "breaker_closed breaker=model open_s=" in text, text
 
 
 def test_redis_outage_falls_back_and_is_not_ready(trained, tmp_path) -> None:
