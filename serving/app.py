@@ -18,7 +18,6 @@ import asyncio
 import gc
 import json
 import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from serving import admission, problems
 from serving.errors import HotpathError, first_line
@@ -87,7 +86,7 @@ def build_runtime(settings: ServingSettings) -> Runtime:
         backend: ModelBackend = TritonBackend(settings.triton_url, meta.model_name, meta.version)
     else:
         backend = OnnxBackend(onnx_path(settings.repository, meta.model_name, meta.version))
-    metrics = Metrics(meta.feature_names, reader.view_names)
+    metrics = Metrics(meta.feature_names, reader.view_names, settings.metrics_dir)
     scorer = Scorer(settings, reader, meta, backend, metrics)
     admission.configure(settings.max_in_flight, scorer.backlogged)
     return Runtime(settings, scorer, Health(scorer), metrics)
@@ -194,12 +193,8 @@ def create_app(settings: ServingSettings | None = None) -> PredictRoutes:
         """Prometheus text format (every uvicorn worker's values)."""
         rt: Runtime = request.app.state.runtime
         _authorize(request, settings.metrics_key)
-        rt.health.publish()  # this worker's pending counts and current states
-        registry = rt.metrics.registry
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        rt.health.publish()  # this worker's current states
+        return Response(rt.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
     key = settings.api_key.get_secret_value() if settings.api_key is not None else None

@@ -84,7 +84,6 @@ class Health:
 
     def publish(self) -> None:
         m, s = self.scorer.metrics, self.scorer
-        m.flush()
         m.shed_of["in_flight"].inc(admission.take_refused())
         m.breakers(s.store_breaker, s.model_breaker)
         reasons = self.reasons()
@@ -92,6 +91,7 @@ class Health:
         m.unready.labels("model").set(int(s.model_breaker.is_open))
         m.unready.labels("online_store").set(int(s.store_breaker.is_open))
         m.unready.labels("not_materialized").set(int(bool(s.store_empty)))
+        m.save()
 
     async def run(self) -> None:
         """Forever: check both backends every probe interval (cancelled at shutdown)."""

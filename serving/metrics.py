@@ -1,22 +1,36 @@
 """The service's Prometheus metrics, with every labelled child resolved once.
 
 ``labels()`` costs microseconds per call; on a path that answers in a few hundred of
-them, children are looked up at start-up. With several workers every write goes to a
-memory-mapped file under a lock, and a dozen of them per request cost an eighth of the
-service's CPU; so counters add up in a plain dict and are written by :meth:`flush` (the
-health monitor's tick, every ``breaker_probe_s``, and every ``/metrics`` scrape), breaker
-states are set there too, and
-feature ages are observed for one row per coalesced batch (a sample). Stage latencies are
-per batch (``hotpath_batch_rows`` says how large); ``hotpath_request_seconds`` is per
-request, from arrival to answer, queueing included.
+them, children are looked up at start-up. Values live in each worker's memory:
+prometheus_client's multiprocess mode makes every write a locked write to a memory-mapped
+file, and a dozen per request cost an eighth of the service's CPU. Instead each worker
+saves its whole exposition to the server's metrics folder on the health monitor's tick
+(every ``breaker_probe_s``) and a scrape merges the folder (:func:`merged`: counters and
+histograms summed, gauges by their rule), so ``/metrics`` shows every worker, the others
+as of their last tick. Breaker states are set on that tick too, and feature ages are
+observed for one row per coalesced batch (a sample). Stage latencies are per batch
+(``hotpath_batch_rows`` says how large); ``hotpath_request_seconds`` is per request, from
+arrival to answer, queueing included.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Any
+import operator
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from serving.resilience import CircuitBreaker
 
@@ -24,8 +38,14 @@ STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05
 DECISIONS = ("approve", "review", "decline")
 
 
+disable_created_metrics()  # creation timestamps: noise, and meaningless once summed
+# how a gauge combines over workers (default: the worst, max)
+GAUGE_RULE: dict[str, Callable[[float, float], float]] = {"hotpath_ready": min}
+
+
 class Metrics:
-    def __init__(self, features: list[str], views: list[str]) -> None:
+    def __init__(self, features: list[str], views: list[str], folder: Path | None) -> None:
+        self.folder = folder  # the server's metrics folder (None: this process only)
         self.registry = r = CollectorRegistry()
         stage = Histogram(
             "hotpath_stage_seconds",
@@ -74,7 +94,6 @@ class Metrics:
             "0 closed, 1 open (the worst over workers)",
             ["breaker"],
             registry=r,
-            multiprocess_mode="max",
         )
         self.breaker_of = {b: breaker.labels(b) for b in ("online_store", "model")}
         self.shed = Counter(
@@ -85,15 +104,12 @@ class Metrics:
             "hotpath_ready",
             "1 when this worker is ready (the lowest over workers)",
             registry=r,
-            multiprocess_mode="min",
         )
-        self._pending: defaultdict[Any, float] = defaultdict(float)  # child -> increments
         self.unready = Gauge(
             "hotpath_not_ready",
             "1 per cause keeping the worker out of rotation",
             ["cause"],
             registry=r,
-            multiprocess_mode="max",
         )
 
     def observe_batch(self, rows: int, features: float, model: float, post: float) -> None:
@@ -106,20 +122,56 @@ class Metrics:
             self.breaker_of[b.name].set(b.state.value)
 
     def count(self, verdict: str, fallback: bool, cause: str | None, missing: list[str]) -> None:
-        """One answered row (written at the next :meth:`flush`)."""
-        pending = self._pending
-        pending[self.decisions[verdict, fallback]] += 1
+        """One answered row."""
+        self.decisions[verdict, fallback].inc()
         if fallback:
             cause = cause or "unknown"
             child = self.fallback_of.get(cause)
             if child is None:
                 child = self.fallback_of[cause] = self._fallbacks.labels(cause)
-            pending[child] += 1
+            child.inc()
         for name in missing:
-            pending[self.missing_of[name]] += 1
+            self.missing_of[name].inc()
 
-    def flush(self) -> None:
-        """Write the counted increments: one write per counter that moved."""
-        pending, self._pending = self._pending, defaultdict(float)
-        for child, n in pending.items():
-            child.inc(n)
+    def save(self) -> None:
+        """This worker's values into the folder, for the other workers' scrapes (written
+        aside, then renamed: a scrape never reads half a file)."""
+        if self.folder is None:
+            return
+        tmp = self.folder / f".{os.getpid()}.tmp"
+        tmp.write_bytes(generate_latest(self.registry))
+        tmp.replace(self.folder / f"{os.getpid()}.prom")
+
+    def exposition(self) -> bytes:
+        """Prometheus text: every worker's values merged (this one's as of now)."""
+        if self.folder is None:
+            return generate_latest(self.registry)
+        self.save()
+        return merged(self.folder)
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+def merged(folder: Path) -> bytes:
+    """The workers' saved expositions as one: counters and histograms summed per label
+    set, gauges by :data:`GAUGE_RULE` (default max)."""
+    families: dict[str, Metric] = {}
+    values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+    for path in sorted(folder.glob("*.prom")):
+        for fam in text_string_to_metric_families(path.read_text()):
+            family = families.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type))
+            rule = GAUGE_RULE.get(fam.name, max) if fam.type == "gauge" else operator.add
+            for sample in fam.samples:
+                key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
+                values[key] = rule(values[key], sample.value) if key in values else sample.value
+    for (name, sample_name, labels), value in values.items():
+        families[name].add_sample(sample_name, dict(labels), value)
+    registry = CollectorRegistry()
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)

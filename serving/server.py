@@ -5,14 +5,12 @@ one worker runs in this process; with several, uvicorn's ``Multiprocess`` superv
 pickles the config (and so the settings) into each spawned worker, which shares the bound
 socket. Admission control is uvicorn's HTTP protocol (``serving.admission``).
 
-Metrics of all workers go to one fresh folder per server (:func:`metrics_folder`), named
-by ``PROMETHEUS_MULTIPROC_DIR``: prometheus_client's own mechanism, which it reads when it
-is first imported, so the folder is set before anything imports it and workers inherit it.
+Metrics of all workers meet in one fresh folder per server (:func:`metrics_folder`,
+handed to the workers in their settings; see ``serving.metrics``), removed when it stops.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import sys
@@ -24,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from serving.settings import ServingSettings
-
-MULTIPROC_ENV = ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR")
 
 
 @dataclass(frozen=True)
@@ -49,12 +45,8 @@ def metrics_folder() -> Iterator[Path]:
     error, and on SIGTERM (uvicorn re-raises the SIGTERM it handled once it has shut down;
     with the default handler that would kill the process before any clean-up, so SIGTERM
     becomes a normal exit)."""
-    if "prometheus_client" in sys.modules:
-        raise RuntimeError("prometheus_client was imported before the metrics folder was set")
     folder = Path(tempfile.mkdtemp(prefix="hotpath-metrics-"))
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    for name in MULTIPROC_ENV:
-        os.environ[name] = str(folder)
     try:
         yield folder
     finally:
@@ -65,6 +57,11 @@ def metrics_folder() -> Iterator[Path]:
 def run(settings: ServingSettings) -> bool:
     """Serve until stopped on ``settings.host:port`` with ``settings.workers`` processes;
     False if the (single) worker failed to start."""
+    with metrics_folder() as folder:
+        return _run(settings.model_copy(update={"metrics_dir": folder}))
+
+
+def _run(settings: ServingSettings) -> bool:
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 

@@ -44,6 +44,7 @@ class ServingSettings(BaseSettings):
     port: int = 8080
     workers: int = 1  # uvicorn worker processes
     log_level: str = "warning"
+    metrics_dir: Path | None = None  # set by the server: where its workers' metrics meet
     # admitted, unanswered requests per worker (waiting or running); past it 503 at once
     max_in_flight: int = 64
     max_batch: int = 256  # rows per /predict/batch request; also the largest coalesced batch

@@ -242,7 +242,19 @@ def test_two_workers_get_their_settings_and_clean_up(trained, tmp_path: Path) ->
         assert r.status_code == 200, r.text
         latest = versions(project.settings.model_repository, "fraud_detection")[-1]
         assert (r.json()["model"], r.json()["model_version"]) == ("fraud_detection", latest)
-        assert list(tmp_path.glob("hotpath-metrics-*")), "the workers keep their metrics there"
+        # each worker saves its metrics there; a scrape (of either) sums both
+        for _ in range(20):  # a connection each: the kernel spreads them over the workers
+            requests.post(f"{url}/predict", json=body, headers={"X-API-Key": "k2"}, timeout=5)
+        time.sleep(1.5)  # both workers' monitor ticks (0.5 s)
+        (folder,) = tmp_path.glob("hotpath-metrics-*")
+        assert len(list(folder.glob("*.prom"))) == 2, list(folder.iterdir())
+        text = requests.get(f"{url}/metrics", timeout=5).text
+        decided = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("hotpath_decisions_total{")
+        )
+        assert decided == 21, text
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)

@@ -57,16 +57,14 @@ def serve(
     settings = s.serving_settings(
         host=host, port=port, backend=backend, triton_url=triton_url, workers=workers
     )
-    # first, before anything imports prometheus_client (opening the store does)
-    with server.metrics_folder():
-        h.store(applied=False)  # every online store tier reached now, not at the first request
-        model_dir = settings.repository / settings.model_name
-        if not model_dir.exists():
-            raise HotpathError(f"no model in {settings.repository} (run `hotpath train` first)")
-        key = "set" if settings.api_key else "not set: /predict is open"
-        typer.echo(
-            f"serving on http://{settings.host}:{settings.port} "
-            f"(backend {settings.backend}, API key {key})"
-        )
-        if not server.run(settings):
-            raise typer.Exit(3)  # uvicorn's startup failure, as `uvicorn.run` exits
+    h.store(applied=False)  # every online store tier reached now, not at the first request
+    model_dir = settings.repository / settings.model_name
+    if not model_dir.exists():
+        raise HotpathError(f"no model in {settings.repository} (run `hotpath train` first)")
+    key = "set" if settings.api_key else "not set: /predict is open"
+    typer.echo(
+        f"serving on http://{settings.host}:{settings.port} "
+        f"(backend {settings.backend}, API key {key})"
+    )
+    if not server.run(settings):
+        raise typer.Exit(3)  # uvicorn's startup failure, as `uvicorn.run` exits
