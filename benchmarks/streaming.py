@@ -3,14 +3,13 @@
     .venv/bin/python -m benchmarks.streaming [--events 600000] [--rate 5000] [--seconds 20]
 
 Against a real redis-server it starts on a free loopback port (the redis profile), with
-the full streaming feature set (``user_velocity`` + ``user_merchant_spread``: counts and
-sums over 5 min and 1 h, distinct merchants over 24 h):
+every streamed view the repo declares (all key groups: user, merchant, user x merchant):
 
 1. throughput, one Bytewax worker, file replay as fast as possible, in this process:
    (i) the hotpath flow writing the online store; (ii) the same plus offline appends;
-   (iii) the naive baseline: ``fold_window`` with a 5-min tumbling window, a 1-h window
-   sliding by 5 min and a 24-h window sliding by 1 h, results written to the same Redis
-   (on the first ``--naive-events`` events only: it is that slow);
+   (iii) the naive baseline: Bytewax's ``fold_window`` over the same declarations (per key
+   group and window, sliding windows: 5 min tumbling, 1 h by 5 min, 24 h by 1 h), results
+   written to the same Redis (on the first ``--naive-events`` events only: it is that slow);
 2. freshness at a steady ``--rate``: ``hotpath replay`` pushes events into a Redis
    stream, ``hotpath stream --source redis`` (its own process) reads them; lag = from
    the stream entry's id time (XADD) to the row written in the online store, p50/p99
@@ -30,6 +29,7 @@ import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import bytewax.operators as op
 import bytewax.operators.windowing as win
@@ -44,11 +44,12 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from bytewax.testing import run_main
 
 from benchmarks.feature_retrieval import backfilled_project
-from pipelines import store
+from pipelines import contract, store
 from pipelines.contract import event_rules
 from pipelines.generate import GenerateConfig, generate
 from pipelines.settings import DEFAULT_REPO, Settings
 from pipelines.stream import metrics
+from pipelines.stream.aggregates import key_groups
 from pipelines.stream.events import Event, parse
 from pipelines.stream.flow import StreamSettings, build_flow
 from pipelines.stream.sources import FileReplaySource
@@ -87,7 +88,10 @@ class _RedisHashSink(DynamicSink):
 
 
 def naive_throughput(events: Path, redis_url: str) -> tuple[int, float]:
-    """Bytewax windowing: every event folds into 1 + 12 + 24 windows."""
+    """Bytewax's own windowing over the same declarations: per key group and window ``W``, a
+    ``fold_window`` sliding by ``min(W, max(5 min, W / 24))`` (a 5-min window tumbles, 1 h
+    slides by 5 min, 24 h by 1 h) that keeps its events and computes every aggregation of
+    that window when it closes."""
     rules = event_rules(DEFAULT_REPO)
     source = FileReplaySource(events, rules.fields)
     flow = Dataflow("naive_windows")
@@ -95,42 +99,47 @@ def naive_throughput(events: Path, redis_url: str) -> tuple[int, float]:
     parsed = op.filter_map(
         "parse", raw, lambda r: e if isinstance(e := parse(r[0], r[1], rules), Event) else None
     )
-    keyed = op.key_on("by_user", parsed, lambda e: str(e.user_id))
     clock = win.EventClock(
         lambda e: datetime.fromtimestamp(e.ts_us / 1e6, UTC), wait_for_system_duration=timedelta(0)
     )
     align = datetime(2020, 1, 1, tzinfo=UTC)
+    sink = _RedisHashSink(redis_url)
+    reduce = {
+        "count": len,
+        "sum": sum,
+        "mean": lambda v: sum(v) / len(v) if v else None,
+        "max": lambda v: max(v, default=None),
+        "min": lambda v: min(v, default=None),
+        "count_distinct": lambda v: len(set(v)),
+    }
+    views = [v for v in contract.computed_views(DEFAULT_REPO) if v.streamed]
+    for group in key_groups(views):
+        name = group.name.replace("+", "_")
+        keyed = op.key_on(f"by_{name}", parsed, group.key)
+        for w_us in sorted({a.window_us for a in group.aggs}):
+            aggs = [a for a in group.aggs if a.window_us == w_us]
+            window = timedelta(microseconds=w_us)
+            hop = min(window, max(timedelta(minutes=5), window / 24))
+            folded = win.fold_window(
+                f"{name}_{w_us}", keyed, clock, win.SlidingWindower(window, hop, align),
+                list, lambda acc, e: acc.append(e) or acc,
+                lambda a, b: a + b,
+            )  # fmt: skip
 
-    def count_sum(acc: tuple[int, float], e: Event) -> tuple[int, float]:
-        return acc[0] + 1, acc[1] + e.amount
+            def result(kv: tuple[str, Any], aggs: list = aggs) -> tuple[str, Any]:
+                key, (window_id, evs) = kv
+                return key, (
+                    window_id,
+                    tuple(reduce[a.function]([getattr(e, a.column) for e in evs]) for a in aggs),
+                )
 
-    def merge_cs(a: tuple[int, float], b: tuple[int, float]) -> tuple[int, float]:
-        return a[0] + b[0], a[1] + b[1]
-
-    m5 = win.fold_window(
-        "m5", keyed, clock, win.TumblingWindower(timedelta(minutes=5), align),
-        lambda: (0, 0.0), count_sum, merge_cs,
-    )  # fmt: skip
-    h1 = win.fold_window(
-        "h1", keyed, clock, win.SlidingWindower(timedelta(hours=1), timedelta(minutes=5), align),
-        lambda: (0, 0.0), count_sum, merge_cs,
-    )  # fmt: skip
-    d1 = win.fold_window(
-        "d1", keyed, clock, win.SlidingWindower(timedelta(hours=24), timedelta(hours=1), align),
-        set, lambda acc, e: acc | {e.merchant_id}, lambda a, b: a | b,
-    )  # fmt: skip
+            op.output(f"out_{name}_{w_us}", op.map(f"agg_{name}_{w_us}", folded.down, result), sink)
     counted = [0]
 
     def count(_: object) -> None:
         counted[0] += 1
 
     op.inspect("count", parsed, lambda _s, _e: count(None))
-    sink = _RedisHashSink(redis_url)
-    op.output("out_m5", m5.down, sink)
-    op.output("out_h1", h1.down, sink)
-    op.output(
-        "out_d1", op.map("distinct", d1.down, lambda kv: (kv[0], (kv[1][0], len(kv[1][1])))), sink
-    )
     t0 = time.perf_counter()
     run_main(flow, epoch_interval=timedelta(seconds=2))
     return counted[0], time.perf_counter() - t0
@@ -181,7 +190,7 @@ def _as_live(events: Path, n: int, out: Path) -> Path:
     return out
 
 
-def freshness(s: Settings, events: Path, rate: float, seconds: float) -> None:
+def freshness(s: Settings, events: Path, rate: float, seconds: float, epoch_s: float) -> None:
     env = {
         "HOTPATH_REPO": str(s.repo),
         "HOTPATH_PROFILE": "redis",
@@ -190,7 +199,7 @@ def freshness(s: Settings, events: Path, rate: float, seconds: float) -> None:
     port = free_port()
     flow = hotpath_popen(
         "stream", "--source", "redis", "--streams", "bench", "--no-offline",
-        "--metrics-port", str(port),
+        "--metrics-port", str(port), "--snapshot-interval", str(epoch_s),
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -243,6 +252,8 @@ def main() -> None:
     parser.add_argument(
         "--naive-events", type=int, default=30_000, help="the baseline is slow: its first N events"
     )
+    parser.add_argument("--epoch", type=float, default=2.0, help="the stream's epoch (seconds)")
+    parser.add_argument("--freshness-only", action="store_true", help="skip the throughput runs")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="hotpath-stream-bench-"))
@@ -263,6 +274,9 @@ def main() -> None:
         )
         events = root / "events" / "transactions"
         print(f"{big.transactions:,} events, {big.users:,} users, one Bytewax worker, Redis online")
+        if args.freshness_only:
+            freshness(s, events, args.rate, args.seconds, args.epoch)
+            return
         ours = report("(i)   hotpath flow, online writes", *hotpath_throughput(s, events, False))
         report("(ii)  hotpath flow, online + offline", *hotpath_throughput(s, events, True))
         first = root / "first" / "transactions"
@@ -271,7 +285,7 @@ def main() -> None:
         pq.write_table(table.slice(0, args.naive_events), first / "part.parquet")
         naive = report("(iii) naive Bytewax windowing (baseline)", *naive_throughput(first, url))
         print(f"  hotpath vs naive throughput: {ours / naive:.1f}x")
-        freshness(s, events, args.rate, args.seconds)
+        freshness(s, events, args.rate, args.seconds, args.epoch)
     finally:
         stop(redis_proc)
         shutil.rmtree(root, ignore_errors=True)

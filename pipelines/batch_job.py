@@ -1,4 +1,4 @@
-"""The Spark backfill: raw transactions -> offline parquet of every batch-computed view.
+"""The Spark backfill: raw events -> offline parquet of every computed view the repo declares.
 
 Idempotent: each run replaces exactly the ``date=`` partitions of its range and
 nothing else, so re-running a range (or an overlapping one) gives the same files'
@@ -18,61 +18,18 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from feast import Entity, FeatureView, ValueType
-from feast.types import Bool, Float32, Float64, Int32, Int64, String
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines import batch_features
-from pipelines.contract import entities, event_rules, feature_views
+from pipelines import batch_compile
+from pipelines.batch_compile import SPARK_TYPES
+from pipelines.contract import computed_views, entities, event_rules, feature_views
+from pipelines.declared import Events, View
 from pipelines.errors import HotpathError, check_order, first_line
 from pipelines.settings import Settings
 from pipelines.spark import configure
 from serving.event_rules import EventRules
-
-RAW_COLUMNS = {
-    "transaction_id": T.LongType(),
-    "user_id": T.LongType(),
-    "merchant_id": T.LongType(),
-    "amount": T.DoubleType(),
-    "event_timestamp": T.TimestampType(),
-    "is_fraud": T.BooleanType(),
-    "label_ts": T.TimestampType(),
-}
-SPARK_TYPES = {
-    Int64: T.LongType(),
-    Int32: T.IntegerType(),
-    Float64: T.DoubleType(),
-    Float32: T.FloatType(),
-    String: T.StringType(),
-    Bool: T.BooleanType(),
-}
-
-
-@dataclass(frozen=True)
-class ViewJob:
-    """How one offline table is computed and how much raw history it needs."""
-
-    name: str
-    lookback_days: int
-    compute: Callable[[DataFrame, date, date], DataFrame]
-
-
-JOBS = [
-    ViewJob(
-        "user_spending_stats",
-        batch_features.SNAPSHOT_LOOKBACK_DAYS,
-        lambda tx, first, last: batch_features.user_spending_stats(tx, _snapshot_days(first, last)),
-    ),
-    ViewJob(
-        "merchant_risk_stats",
-        batch_features.SNAPSHOT_LOOKBACK_DAYS,
-        lambda tx, first, last: batch_features.merchant_risk_stats(tx, _snapshot_days(first, last)),
-    ),
-    ViewJob("user_velocity", 1, batch_features.user_velocity),
-    ViewJob("user_merchant_history", 90, batch_features.user_merchant_history),
-]
-VIEW_NAMES = [j.name for j in JOBS]
 
 
 @dataclass(frozen=True)
@@ -104,7 +61,7 @@ def judge(tx: DataFrame, rules: EventRules, now: datetime) -> DataFrame:
     """``tx`` plus ``code`` and ``reason``: null for a valid event, else why it is refused.
     The repo's declaration, checked in the stream's order with the stream's codes, so an
     event the stream dead-letters is one the backfill refuses (future: against ``now``)."""
-    us = batch_features.US
+    us = batch_compile.US
     ahead_us = int(now.timestamp() * us) + round(rules.max_future_s * us)
     ts, amount = F.col("event_timestamp"), F.col("amount")
     checks: list[tuple[Column, str, Column]] = [
@@ -146,35 +103,32 @@ def _days(first: date, last: date) -> list[date]:
     return [first + timedelta(days=i) for i in range((last - first).days + 1)]
 
 
-def _snapshot_days(first: date, last: date) -> list[date]:
-    """Snapshot days up to today: a snapshot as of a future midnight would summarise a day
-    that has not finished, and be served as complete once that midnight passes."""
-    return _days(first, min(last, datetime.now(UTC).date()))
-
-
-def read_transactions(spark: SparkSession, raw_dir: Path) -> DataFrame:
-    """The raw transactions, checked for the columns the jobs need."""
-    path = raw_dir / "transactions"
+def read_events(spark: SparkSession, events: Events, raw_dir: Path) -> DataFrame:
+    """The raw history of ``events`` (``raw_dir`` / its folder), checked for the columns and
+    types its declaration names and for the ``date`` partitions."""
+    path = raw_dir / Path(events.history_path).name
+    what = f"raw {events.name}"
     if not path.exists():
-        raise HotpathError(f"raw transactions not found at {path} (run `hotpath generate` first)")
+        raise HotpathError(f"{what} not found at {path} (run `hotpath generate` first)")
     try:
-        tx = spark.read.parquet(str(path))
-        schema = {f.name: f.dataType for f in tx.schema.fields}
+        df = spark.read.parquet(str(path))
+        schema = {f.name: f.dataType for f in df.schema.fields}
     except Exception as e:  # Spark raises several Java-backed types for unreadable files
-        raise HotpathError(f"cannot read raw transactions at {path}: {first_line(e)}") from None
-    missing = [c for c in RAW_COLUMNS if c not in schema]
+        raise HotpathError(f"cannot read {what} at {path}: {first_line(e)}") from None
+    missing = [c for c in events.columns if c not in schema]
     if missing:
-        raise HotpathError(f"raw transactions at {path} lack columns: {', '.join(missing)}")
+        raise HotpathError(f"{what} at {path} lack columns: {', '.join(missing)}")
+    wanted = {c: T.DataType.fromDDL(t) for c, t in events.columns.items()}
     wrong = [
         f"{c} is {schema[c].simpleString()}, expected {t.simpleString()}"
-        for c, t in RAW_COLUMNS.items()
+        for c, t in wanted.items()
         if schema[c] != t and not (isinstance(t, T.TimestampType) and "timestamp" in str(schema[c]))
     ]
     if wrong:
-        raise HotpathError(f"raw transactions at {path} have wrong types: {'; '.join(wrong)}")
+        raise HotpathError(f"{what} at {path} have wrong types: {'; '.join(wrong)}")
     if "date" not in schema:
-        raise HotpathError(f"raw transactions at {path} are not partitioned by date=YYYY-MM-DD")
-    return tx
+        raise HotpathError(f"{what} at {path} are not partitioned by date=YYYY-MM-DD")
+    return df
 
 
 KEY_TYPES = {
@@ -243,54 +197,57 @@ def run_batch(
     rejected_dir: Path | None = None,
     now: datetime | None = None,
 ) -> list[ViewResult]:
-    """Backfill the days ``start..end`` (inclusive) of the selected views (default: all).
+    """Backfill the days ``start..end`` (inclusive) of the selected computed views (default:
+    all the repo declares), each into ``offline_dir / <view>``.
 
     Only events valid by the repo's declaration are counted; the refused ones of the run's
-    days replace their ``date=`` partitions of ``rejected_dir/transactions`` (default
+    days replace their ``date=`` partitions of ``rejected_dir/<events>`` (default
     ``data/rejected``) with their code and reason, and are reported to ``on_refused``."""
     check_order(start, end)
-    unknown = sorted(set(views or []) - set(VIEW_NAMES))
+    computed = computed_views(repo)
+    names = [v.name for v in computed]
+    unknown = sorted(set(views or []) - set(names))
     if unknown:
-        raise HotpathError(f"unknown view(s) {unknown}; batch views are {VIEW_NAMES}")
-    contract, keys = feature_views(repo), entities(repo)
-    tx = read_transactions(spark, raw_dir)
-    lookback = max(j.lookback_days for j in JOBS)
-    in_range = tx.filter((tx.date >= start - timedelta(days=lookback)) & (tx.date <= end))
-    if in_range.limit(1).count() == 0:
-        raise HotpathError(
-            f"no transactions under {raw_dir / 'transactions'} between "
-            f"{start - timedelta(days=lookback)} and {end}"
-        )
-    judged = judge(tx, event_rules(repo), now or datetime.now(UTC))
-    refused = _write_refused(
-        spark,
-        judged.filter(F.col("code").isNotNull() & F.col("date").between(start, end)),
-        (rejected_dir or offline_dir.parent / "rejected") / "transactions",
-        _days(start, end),
-    )
-    if on_refused:
-        on_refused(refused)
-    tx = judged.filter(F.col("code").isNull()).drop("code", "reason")
+        raise HotpathError(f"unknown view(s) {unknown}; computed views are {names}")
+    by_events: dict[str, list[View]] = {}
+    for view in computed:
+        if not views or view.name in views:
+            by_events.setdefault(view.events.name, []).append(view)
+    contract, keys, rules = feature_views(repo), entities(repo), event_rules(repo)
     results = []
-    for job in JOBS:
-        if views and job.name not in views:
-            continue
-        t0 = time.perf_counter()
-        source = tx.filter(
-            (tx.date >= start - timedelta(days=job.lookback_days)) & (tx.date <= end)
-        ).drop("date")
-        out = job.compute(source, start, end)
-        readers = [v for v in contract.values() if v.batch_source.name == f"{job.name}_source"]
-        check_contract(out, job.name, readers, keys)
-        target = offline_dir / job.name
-        _replace_partitions(spark, out, target, _days(start, end))
-        rows = (
-            spark.read.parquet(str(target)).filter(f"date >= '{start}' and date <= '{end}'").count()
+    for jobs in by_events.values():
+        events = jobs[0].events
+        raw = read_events(spark, events, raw_dir)
+        since = start - timedelta(days=max(map(batch_compile.lookback_days, jobs)))
+        if raw.filter(raw.date.between(since, end)).limit(1).count() == 0:
+            folder = raw_dir / Path(events.history_path).name
+            raise HotpathError(f"no {events.name} under {folder} between {since} and {end}")
+        judged = judge(raw, rules, now or datetime.now(UTC))
+        refused = _write_refused(
+            spark,
+            judged.filter(F.col("code").isNotNull() & F.col("date").between(start, end)),
+            (rejected_dir or offline_dir.parent / "rejected") / Path(events.history_path).name,
+            _days(start, end),
         )
-        result = ViewResult(job.name, rows, time.perf_counter() - t0, target)
-        results.append(result)
-        if progress:
-            progress(result)
+        if on_refused:
+            on_refused(refused)
+        valid = judged.filter(F.col("code").isNull()).drop("code", "reason")
+        for view in jobs:
+            t0 = time.perf_counter()
+            since = start - timedelta(days=batch_compile.lookback_days(view))
+            source = valid.filter(valid.date.between(since, end)).drop("date")
+            out = batch_compile.compute(view, source, start, end)
+            readers = [
+                v for v in contract.values() if getattr(v.batch_source, "path", None) == view.table
+            ]
+            check_contract(out, view.name, readers, keys)
+            target = offline_dir / view.name
+            _replace_partitions(spark, out, target, _days(start, end))
+            rows = spark.read.parquet(str(target)).filter(F.col("date").between(start, end)).count()
+            result = ViewResult(view.name, rows, time.perf_counter() - t0, target)
+            results.append(result)
+            if progress:
+                progress(result)
     return results
 
 

@@ -15,7 +15,9 @@ from functools import cache
 from pathlib import Path
 
 from feast import Entity, FeatureView
+from feast.data_source import DataSource
 
+from pipelines import declared
 from pipelines.errors import HotpathError
 from serving.event_rules import EventRules, load_event_rules
 
@@ -28,6 +30,23 @@ def feature_views(repo: Path) -> dict[str, FeatureView]:
 def entities(repo: Path) -> dict[str, Entity]:
     """All entities declared in ``repo``, by name."""
     return {k: v for k, v in _objects(repo).items() if isinstance(v, Entity)}
+
+
+def data_sources(repo: Path) -> dict[str, DataSource]:
+    """All data sources declared in ``repo`` (including those views create), by name."""
+    found = {k: v for k, v in _objects(repo).items() if isinstance(v, DataSource)}
+    for view in feature_views(repo).values():
+        for source in (view.stream_source, view.batch_source):
+            if source is not None:
+                found.setdefault(source.name, source)
+    return found
+
+
+def computed_views(repo: Path) -> list[declared.View]:
+    """The computations ``repo`` declares, checked (:mod:`pipelines.declared`)."""
+    return declared.computed_views(
+        feature_views(repo).values(), entities(repo).values(), data_sources(repo).values()
+    )
 
 
 def use_repo(repo: Path) -> None:
@@ -44,16 +63,16 @@ def use_repo(repo: Path) -> None:
 
 
 @cache
-def _objects(repo: Path) -> dict[str, FeatureView | Entity]:
+def _objects(repo: Path) -> dict[str, FeatureView | Entity | DataSource]:
     repo = repo.resolve()
     if not (repo / "feature_store.yaml").exists():
         raise HotpathError(f"not a feature repo (no feature_store.yaml): {repo}")
     use_repo(repo)
-    found: dict[str, FeatureView | Entity] = {}
+    found: dict[str, FeatureView | Entity | DataSource] = {}
     for path in sorted(repo.glob("*.py")):
         module = importlib.import_module(path.stem)
         for value in vars(module).values():
-            if isinstance(value, FeatureView | Entity):
+            if isinstance(value, FeatureView | Entity | DataSource):
                 found[value.name] = value
     return found
 

@@ -153,9 +153,9 @@ def users_table(cfg: GenerateConfig, pop: _Population) -> pa.Table:
     return pa.table(
         {
             "user_id": pa.array(ids, pa.int64()),
-            "user_home_country": pa.array(COUNTRIES[home]),
-            "user_credit_limit": pa.array(limit, pa.float64()),
-            "user_kyc_level": pa.array(kyc, pa.int64()),
+            "home_country": pa.array(COUNTRIES[home]),
+            "credit_limit": pa.array(limit, pa.float64()),
+            "kyc_level": pa.array(kyc, pa.int64()),
             "updated_at": pa.array(updated, pa.timestamp("us", tz="UTC")),
         }
     )

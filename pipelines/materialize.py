@@ -63,8 +63,10 @@ def newest_rows(
     if source.date_partition_column and source.date_partition_column in dataset.schema.names:
         part = ds.field(source.date_partition_column)
         flt &= (part >= start.date().isoformat()) & (part <= end.date().isoformat())
+    stored = {v: k for k, v in (source.field_mapping or {}).items()}  # feature -> column
     wanted = list(dict.fromkeys([*keys, *features, ts] + ([created] if created else [])))
-    table = dataset.to_table(columns=wanted, filter=flt)
+    table = dataset.to_table(columns=[stored.get(c, c) for c in wanted], filter=flt)
+    table = table.rename_columns(wanted)
     if table.num_rows == 0:
         return table
     order = [(k, "ascending") for k in keys] + [(ts, "descending")]

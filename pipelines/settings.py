@@ -53,7 +53,6 @@ class StreamSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HOTPATH_STREAM_", extra="ignore")
 
     source: Literal["file", "redis", "kafka"] = "file"
-    push_source: str = "user_velocity_push"  # the stream views are the views on it
     file: Path | None = None  # default: the raw transactions
     rate: float = 0  # file replay, events/s (0: as fast as possible)
     source_redis_url: str | None = None  # default: the profile's Redis URL
@@ -62,7 +61,7 @@ class StreamSettings(BaseSettings):
     block_ms: int = 100
     kafka_brokers: list[str] = ["127.0.0.1:9092"]
     kafka_topics: list[str] = ["transactions"]
-    lateness_s: float = 300  # out-of-order tolerance, per user
+    lateness_s: float = 300  # out-of-order tolerance, per key (behind its newest event)
     dead_letter: str | None = None  # Redis stream (redis source) or file; default derived
     offline: bool = True
     metrics_port: int | None = None

@@ -170,10 +170,11 @@ def apply(store: FeatureStore) -> None:
     """``feast apply`` for the store's repo (registers definitions, validates sources)."""
     from feast.repo_operations import apply_total
 
-    from pipelines.contract import use_repo
+    from pipelines.contract import computed_views, use_repo
 
     repo = Path(store.repo_path)
     use_repo(repo)
+    computed_views(repo)  # a bad computation fails here, with the view and the problem
     check_tiers(store, repo)
     with _restoring_cwd():  # apply_total chdirs into the repo
         try:

@@ -29,6 +29,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from serving import admission, problems
+from serving.decision import load_policy
 from serving.errors import HotpathError, first_line
 from serving.health import Health
 from serving.logs import Throttled, event, setup
@@ -86,8 +87,17 @@ def build_runtime(settings: ServingSettings) -> Runtime:
         backend: ModelBackend = TritonBackend(settings.triton_url, meta.model_name, meta.version)
     else:
         backend = OnnxBackend(onnx_path(settings.repository, meta.model_name, meta.version))
+    try:
+        policy = load_policy(settings.repo)
+    except ValueError as e:
+        raise StartupError(str(e)) from None
+    unknown = sorted({f for _, f, _, _ in policy.rules} - set(reader.feature_names))
+    if unknown:
+        raise StartupError(
+            f"decision policy names features {meta.feature_service} does not serve: {unknown}"
+        )
     metrics = Metrics(meta.feature_names, reader.view_names, settings.metrics_dir)
-    scorer = Scorer(settings, reader, meta, backend, metrics)
+    scorer = Scorer(settings, reader, meta, backend, metrics, policy)
     admission.configure(settings.max_in_flight, scorer.backlogged)
     return Runtime(settings, scorer, Health(scorer), metrics)
 

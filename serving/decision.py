@@ -1,10 +1,28 @@
-"""From a score (or, without one, from rules) to approve / review / decline, with reasons."""
+"""From a score (or, without one, from rules) to approve / review / decline, with reasons.
+
+The rules are the repo's declaration (``decision_policy.py``), read once by path; no
+feature is named here.
+"""
 
 from __future__ import annotations
 
+import operator
+import runpy
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import Any, Literal
 
 Decision = Literal["approve", "review", "decline"]
+POLICY_DECLARATION = "decision_policy.py"
+_COMPARE: dict[str, Callable[[Any, Any], bool]] = {
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+    "==": operator.eq,
+}
 
 
 def decide(score: float, review: float, decline: float) -> Decision:
@@ -15,28 +33,56 @@ def decide(score: float, review: float, decline: float) -> Decision:
     return "approve"
 
 
-def reasons(values: dict[str, Any]) -> list[str]:
-    """Reason codes a reviewer understands, from the features behind the decision."""
-    out = []
-    ratio = values.get("amount_to_avg_30d")
-    if ratio is not None and ratio > 5:
-        out.append("amount_far_above_usual")
-    if values.get("is_new_merchant") == 1:
-        out.append("new_merchant")
-    if (values.get("user_txn_count_5m") or 0) >= 3:
-        out.append("velocity_burst")
-    if (values.get("merchant_fraud_rate_30d") or 0) > 0.05:
-        out.append("risky_merchant")
-    if values.get("user_txn_count_30d") is None:
-        out.append("no_history")
-    return out
+@dataclass(frozen=True)
+class Policy:
+    """Reason rules and the fallback rule (see the declaration's docstring)."""
+
+    rules: tuple[tuple[str, str, str, Any], ...]
+    decline_when: tuple[frozenset[str], ...]
+    review_ignores: frozenset[str]
+    review_amount: float
+
+    def reasons(self, values: dict[str, Any]) -> list[str]:
+        """Reason codes a reviewer understands, from the features behind the decision."""
+        out = []
+        for code, feature, comparison, threshold in self.rules:
+            value = values.get(feature)
+            if comparison == "missing":
+                hit = value is None
+            else:
+                hit = value is not None and _COMPARE[comparison](value, threshold)
+            if hit:
+                out.append(code)
+        return out
+
+    def fallback(self, values: dict[str, Any], amount: float) -> Decision:
+        """The rule used when the model is unavailable or late: conservative, explainable."""
+        codes = set(self.reasons(values))
+        if any(when <= codes for when in self.decline_when):
+            return "decline"
+        if codes - self.review_ignores or amount >= self.review_amount:
+            return "review"
+        return "approve"
 
 
-def fallback(values: dict[str, Any], amount: float) -> Decision:
-    """The rule used when the model is unavailable or late: conservative, explainable."""
-    codes = set(reasons(values))
-    if {"amount_far_above_usual", "new_merchant"} <= codes or "velocity_burst" in codes:
-        return "decline"
-    if codes - {"no_history"} or amount >= 1_000:
-        return "review"
-    return "approve"
+@cache
+def load_policy(repo: Path) -> Policy:
+    """The policy ``repo`` declares; ValueError naming the file when missing or malformed."""
+    path = repo.resolve() / POLICY_DECLARATION
+    if not path.exists():
+        raise ValueError(f"no decision policy declaration at {path}")
+    try:
+        ns = runpy.run_path(str(path))
+        rules = tuple((str(c), str(f), str(op), t) for c, f, op, t in ns["REASONS"])
+        policy = Policy(
+            rules=rules,
+            decline_when=tuple(frozenset(s) for s in ns["FALLBACK_DECLINE_WHEN"]),
+            review_ignores=frozenset(ns["FALLBACK_REVIEW_IGNORES"]),
+            review_amount=float(ns["FALLBACK_REVIEW_AMOUNT"]),
+        )
+    except Exception as e:  # a missing name, a wrong shape: say which file
+        raise ValueError(f"{path}: {type(e).__name__}: {e}") from None
+    bad = [op for _, _, op, _ in policy.rules if op != "missing" and op not in _COMPARE]
+    if bad:
+        raise ValueError(f"{path}: unknown comparison(s) {bad}")
+    return policy

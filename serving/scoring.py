@@ -56,8 +56,10 @@ class Scorer:
         meta: ModelMetadata,
         backend: ModelBackend,
         metrics: Metrics,
+        policy: decision.Policy,
     ) -> None:
         self.settings, self.features, self.meta = settings, features, meta
+        self.policy = policy
         self.backend, self.metrics = backend, metrics
         self.store_breaker = CircuitBreaker("online_store", settings.breaker_failures)
         self.model_breaker = CircuitBreaker("model", settings.breaker_failures)
@@ -260,12 +262,12 @@ class Scorer:
         for i, row in enumerate(rows):
             vals = values[i] if values is not None else {}
             missing = [n for n in self._names if vals.get(n) is None]
-            why = decision.reasons(vals)
+            why = self.policy.reasons(vals)
             if scores is not None:
                 p: float | None = float(scores[i])
                 verdict = decision.decide(p, s.review_threshold, s.decline_threshold)
             else:
-                p, verdict = None, decision.fallback(vals, row["amount"])
+                p, verdict = None, self.policy.fallback(vals, row["amount"])
                 why = [f"fallback:{cause}", *why]
             if record:
                 m.count(verdict, p is None, cause, missing)

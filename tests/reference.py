@@ -106,3 +106,58 @@ def latest_within_ttl(
     ts = offline["event_timestamp"]
     fresh = offline[(ts >= end - ttl) & (ts <= end)]
     return fresh.sort_values("event_timestamp").drop_duplicates(keys, keep="last")
+
+
+# Generic oracles for whatever the repo declares (``pipelines.declared.View``), written from
+# the semantics in ``feature_repo/aggregated.py`` by brute force over raw events.
+
+
+def _value(function: str, values: pd.Series) -> object:
+    """One aggregate of the window's values (empty window: count 0, sum 0, others None)."""
+    if function == "count":
+        return len(values)
+    if function == "count_distinct":
+        return int(values.nunique())
+    if function == "sum":
+        return values.sum() if len(values) else 0
+    if not len(values):
+        return np.nan
+    return {"mean": values.mean, "max": values.max, "min": values.min}[function]()
+
+
+def per_event(view, events: pd.DataFrame) -> pd.DataFrame:
+    """One row per key and event instant ``t``: each aggregate over ``(t - W, t]``."""
+    keys = list(view.keys)
+    rows = []
+    for key, g in events.groupby(keys):
+        key = key if isinstance(key, tuple) else (key,)
+        for t in g.event_timestamp.unique():
+            row = dict(zip(keys, key, strict=True)) | {"event_timestamp": t}
+            for a in view.aggs:
+                w = pd.Timedelta(microseconds=a.window_us)
+                inside = g[(g.event_timestamp > t - w) & (g.event_timestamp <= t)]
+                row[a.name] = _value(a.function, inside[a.column])
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def daily(view, events: pd.DataFrame, as_of: pd.Timestamp) -> pd.DataFrame:
+    """The snapshot as of midnight ``as_of``: every key with an event in the longest window
+    plus a day before it; each aggregate over ``[as_of - W, as_of)``; a ``known_at`` value
+    counts only once known (before ``as_of``), else as 0."""
+    keys = list(view.keys)
+    longest = pd.Timedelta(microseconds=max(a.window_us for a in view.aggs))
+    ts = events["event_timestamp"]
+    population = events[(ts >= as_of - longest - DAY) & (ts < as_of)]
+    rows = []
+    for key, g in population.groupby(keys):
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(keys, key, strict=True))
+        for a in view.aggs:
+            inside = g[g.event_timestamp >= as_of - pd.Timedelta(microseconds=a.window_us)]
+            values = inside[a.column]
+            if a.known_at:
+                values = values.astype(float).where(inside[a.known_at] < as_of, 0.0)
+            row[a.name] = _value(a.function, values)
+        rows.append(row)
+    return pd.DataFrame(rows)

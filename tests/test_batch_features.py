@@ -1,7 +1,9 @@
-"""Spark batch features against an independent pandas computation, point-in-time."""
+"""The Spark backfill of every computed view the repo declares, against independent pandas
+oracles (``reference.per_event`` / ``reference.daily``), point-in-time; edge cases by hand."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -17,21 +19,42 @@ from conftest import (
     Project,
     read_offline,
 )
+from feast.types import Float64, Int64
+from pyspark.sql import functions as F
 
-from pipelines.batch_features import BACKFILL_CREATED
+from pipelines import batch_compile
+from pipelines.batch_compile import BACKFILL_CREATED, SPARK_TYPES
 from pipelines.batch_job import check_contract, run_batch
-from pipelines.contract import entities, feature_views
+from pipelines.contract import computed_views, entities, feature_views
+from pipelines.declared import DAILY, DAY_US, PER_EVENT, US, Agg, View
 from pipelines.errors import HotpathError
+
+REPO_VIEWS = computed_views(ROOT / "feature_repo")
+HOUR_US = 3600 * US
+
+
+def _views(cadence: str) -> list[str]:
+    return [v.name for v in REPO_VIEWS if v.cadence == cadence]
+
+
+def _view(project: Project, name: str) -> View:
+    return next(v for v in computed_views(project.settings.repo) if v.name == name)
 
 
 def assert_frames_match(actual: pd.DataFrame, expected: pd.DataFrame, keys: list[str]) -> None:
     """Same keys, same values (floats to 1e-9 relative), NaN where missing."""
     assert sorted(actual.columns) == sorted(expected.columns)
-    a = actual.sort_values(keys).reset_index(drop=True)
-    e = expected[actual.columns].sort_values(keys).reset_index(drop=True)
+    a, e = actual.copy(), expected[actual.columns].copy()
+    if "event_timestamp" in a:
+        for df in (a, e):
+            df["event_timestamp"] = pd.to_datetime(df.event_timestamp, utc=True).astype(
+                "datetime64[us, UTC]"
+            )
+    a = a.sort_values(keys).reset_index(drop=True)
+    e = e.sort_values(keys).reset_index(drop=True)
     assert len(a) == len(e), f"{len(a)} rows, expected {len(e)}"
     for col in a.columns:
-        if col in keys or col == "event_timestamp":
+        if col in keys:
             assert (a[col].to_numpy() == e[col].to_numpy()).all(), col
         elif a[col].dtype.kind == "f" or e[col].dtype.kind == "f":
             np.testing.assert_allclose(
@@ -40,6 +63,12 @@ def assert_frames_match(actual: pd.DataFrame, expected: pd.DataFrame, keys: list
         else:
             bad = a[col].to_numpy() != e[col].to_numpy()
             assert not bad.any(), f"{col}: {a[bad].head()} vs {e[bad].head()}"
+
+
+def assert_declared_types(df: pd.DataFrame, view: View) -> None:
+    for a in view.aggs:
+        kind = df[a.name].dtype.kind
+        assert kind == ("i" if view.dtypes[a.name] == Int64 else "f"), (a.name, kind)
 
 
 def _snapshot_times(project: Project) -> list[pd.Timestamp]:
@@ -55,21 +84,112 @@ def _snapshot_times(project: Project) -> list[pd.Timestamp]:
     ]
 
 
-@pytest.mark.parametrize(
-    ("table", "key", "compute"),
-    [
-        ("user_spending_stats", "user_id", reference.user_spending_stats),
-        ("merchant_risk_stats", "merchant_id", reference.merchant_risk_stats),
-    ],
-)
-def test_daily_snapshots_match_pandas(batch_done: Project, table, key, compute) -> None:
-    offline = read_offline(batch_done, table)
+@pytest.mark.parametrize("name", _views(DAILY))
+def test_daily_views_match_pandas(batch_done: Project, name: str) -> None:
+    view = _view(batch_done, name)
+    offline = read_offline(batch_done, name)
+    assert_declared_types(offline, view)
     tx = batch_done.transactions
     for as_of in _snapshot_times(batch_done):
         actual = offline[offline.event_timestamp == as_of].drop(columns="event_timestamp")
-        expected = compute(tx, as_of)
+        expected = reference.daily(view, tx, as_of)
         assert len(expected) > 0
-        assert_frames_match(actual, expected, [key])
+        assert_frames_match(actual, expected, list(view.keys))
+
+
+@pytest.mark.parametrize("name", _views(PER_EVENT))
+def test_per_event_views_match_pandas(batch_done: Project, name: str) -> None:
+    view = _view(batch_done, name)
+    actual = read_offline(batch_done, name)
+    if view.created:  # backfilled rows supersede streamed ones for the same instant
+        assert (actual.pop(view.created) == pd.Timestamp(BACKFILL_CREATED)).all()
+    assert_declared_types(actual, view)
+    expected = reference.per_event(view, batch_done.transactions)
+    assert_frames_match(actual, expected, [*view.keys, "event_timestamp"])
+
+
+def _every_function(base: View, keys: tuple[str, ...], aggs: list[Agg]) -> View:
+    """``base`` recomputed by ``aggs`` (every function, int/float/boolean columns)."""
+    columns = base.events.columns
+
+    def dtype(a: Agg):
+        if a.function in ("count", "count_distinct"):
+            return Int64
+        if a.function == "mean" or columns[a.column] in ("double", "float"):
+            return Float64
+        return Int64
+
+    return dataclasses.replace(
+        base, keys=keys, aggs=tuple(aggs), dtypes={a.name: dtype(a) for a in aggs}, created=""
+    )
+
+
+def _raw(project: Project, spark):
+    """The raw events in Spark and pandas, some labels never known (null ``label_ts``)."""
+    path = str(project.settings.raw_dir / "transactions")
+    unknown = F.col("transaction_id") % 7 == 0
+    events = spark.read.parquet(path).drop("date")
+    events = events.withColumn("label_ts", F.when(~unknown, F.col("label_ts")))
+    tx = project.transactions
+    tx.loc[tx.transaction_id % 7 == 0, "label_ts"] = pd.NaT
+    return events, tx
+
+
+def _spark_rows(view: View, events, first, last) -> pd.DataFrame:
+    out = batch_compile.compute(view, events, first, last)
+    assert out.columns == [*view.keys, "event_timestamp", *view.dtypes, "date"]
+    types = {f.name: f.dataType for f in out.schema.fields}
+    assert all(types[name] == SPARK_TYPES[t] for name, t in view.dtypes.items())
+    rows = out.toPandas().drop(columns="date")
+    return rows.assign(event_timestamp=pd.to_datetime(rows.event_timestamp, utc=True))
+
+
+def test_every_function_per_event(batch_done: Project, spark) -> None:
+    """count, sum, mean, max, min, count_distinct of float, int and boolean columns over
+    sub-hour to multi-day windows, at every event instant."""
+    h, d = HOUR_US, DAY_US
+    specs = [("amount", "count", h), ("amount", "sum", h), ("amount", "mean", h),
+             ("amount", "max", 3 * d), ("amount", "min", 3 * d), ("merchant_id", "sum", h),
+             ("merchant_id", "max", 3 * d), ("merchant_id", "count_distinct", 3 * d),
+             ("is_fraud", "sum", 3 * d), ("is_fraud", "mean", 3 * d + 1)]  # fmt: skip
+    aggs = [Agg(f"f{i}_{f}_{c}", c, f, w) for i, (c, f, w) in enumerate(specs)]
+    view = _every_function(
+        next(v for v in REPO_VIEWS if v.cadence == PER_EVENT), ("user_id",), aggs
+    )
+    events, tx = _raw(batch_done, spark)
+    mine = (F.col("user_id") % 5 == 0) | F.col("user_id").isin(VELOCITY_USER, EDGE_USER)
+    events = events.filter(mine)
+    tx = tx[(tx.user_id % 5 == 0) | tx.user_id.isin([VELOCITY_USER, EDGE_USER])]
+    days = tx.event_timestamp.dt.date
+    actual = _spark_rows(view, events, days.min(), days.max())
+    assert_frames_match(actual, reference.per_event(view, tx), ["user_id", "event_timestamp"])
+
+
+def test_every_function_daily(batch_done: Project, spark) -> None:
+    """The same functions on a daily view, with values known only once ``label_ts`` passed
+    (null: never), at several snapshots; none for days after today."""
+    d = DAY_US
+    specs = [("amount", "count", d, None), ("amount", "sum", 7 * d, "label_ts"),
+             ("amount", "mean", 7 * d, "label_ts"), ("is_fraud", "sum", 3 * d, "label_ts"),
+             ("is_fraud", "mean", 7 * d, "label_ts"), ("amount", "max", 2 * d, None),
+             ("merchant_id", "min", 7 * d, None), ("user_id", "count_distinct", 7 * d, None),
+             ("amount", "mean", d, None), ("merchant_id", "sum", 2 * d, None)]  # fmt: skip
+    aggs = [Agg(f"f{i}_{f}_{c}", c, f, w, k) for i, (c, f, w, k) in enumerate(specs)]
+    view = _every_function(
+        next(v for v in REPO_VIEWS if v.cadence == DAILY), ("merchant_id",), aggs
+    )
+    assert batch_compile.lookback_days(view) == 8
+    events, tx = _raw(batch_done, spark)
+    first, today = batch_done.generated.start.date(), datetime.now(UTC).date()
+    actual = _spark_rows(view, events, first, today + timedelta(days=2))
+    assert actual.event_timestamp.max() == pd.Timestamp(today, tz="UTC")
+    for as_of in _snapshot_times(batch_done):
+        expected = reference.daily(view, tx, as_of)
+        assert len(expected) > 0
+        at = actual[actual.event_timestamp == as_of]
+        assert_frames_match(at.drop(columns="event_timestamp"), expected, ["merchant_id"])
+    tomorrow = today + timedelta(days=1)
+    assert _spark_rows(view, events, tomorrow, tomorrow + timedelta(days=3)).empty
 
 
 def test_snapshot_window_edges(batch_done: Project) -> None:
@@ -109,21 +229,6 @@ def test_snapshot_closes_with_zero_row(batch_done: Project) -> None:
     assert len(mine) == 31  # one row per snapshot while the payment is in the 31-day lookback
 
 
-@pytest.mark.parametrize(
-    ("table", "keys", "compute"),
-    [
-        ("user_velocity", ["user_id"], reference.user_velocity),
-        ("user_merchant_history", ["user_id", "merchant_id"], reference.user_merchant_history),
-    ],
-)
-def test_per_event_features_match_pandas(batch_done: Project, table, keys, compute) -> None:
-    actual = read_offline(batch_done, table)
-    if "created" in actual:  # backfilled rows supersede streamed ones for the same instant
-        assert (actual.pop("created") == pd.Timestamp(BACKFILL_CREATED)).all()
-    expected = compute(batch_done.transactions)
-    assert_frames_match(actual, expected, [*keys, "event_timestamp"])
-
-
 def test_velocity_window_edges(batch_done: Project) -> None:
     v = read_offline(batch_done, "user_velocity")
     mine = v[v.user_id == VELOCITY_USER].sort_values("event_timestamp")
@@ -132,13 +237,15 @@ def test_velocity_window_edges(batch_done: Project) -> None:
     assert mine.user_txn_count_5m.tolist() == [1, 2, 2, 1, 1]
     assert mine.user_txn_count_1h.tolist() == [1, 2, 4, 4, 1]
     assert mine.user_amount_sum_1h.tolist() == [1.0, 3.0, 15.0, 30.0, 32.0]
+    spread = read_offline(batch_done, "user_merchant_spread")  # its own table now
+    mine = spread[spread.user_id == VELOCITY_USER].sort_values("event_timestamp")
     assert mine.user_distinct_merchants_24h.tolist() == [1, 2, 4, 4, 4]
 
 
 def test_backfill_is_idempotent(batch_done: Project, spark) -> None:
     """Re-running a sub-range rewrites exactly its partitions with identical contents."""
     s = batch_done.settings
-    before = {t: read_offline(batch_done, t) for t in ("user_spending_stats", "user_velocity")}
+    before = {v.name: read_offline(batch_done, v.name) for v in REPO_VIEWS}
     day0 = batch_done.edge_day.date()
     files_outside = sorted(
         p.stat().st_mtime_ns
@@ -184,9 +291,17 @@ def test_no_snapshot_from_the_future(batch_done: Project, spark) -> None:
     s = batch_done.settings
     today = batch_done.now.date()
     run_batch(spark, s.repo, s.raw_dir, s.offline_dir, today, today + timedelta(days=2))
-    users = read_offline(batch_done, "user_spending_stats")
-    assert users.event_timestamp.max() <= pd.Timestamp(datetime.now(UTC))
-    assert users.event_timestamp.max() == pd.Timestamp(today, tz="UTC")
+    for name in _views(DAILY):
+        rows = read_offline(batch_done, name)
+        assert rows.event_timestamp.max() <= pd.Timestamp(datetime.now(UTC))
+        assert rows.event_timestamp.max() == pd.Timestamp(today, tz="UTC")
+
+
+def test_unknown_view_is_refused(batch_done: Project, spark) -> None:
+    s = batch_done.settings
+    day0 = batch_done.edge_day.date()
+    with pytest.raises(HotpathError, match=r"unknown view\(s\) \['nope'\]; computed views are"):
+        run_batch(spark, s.repo, s.raw_dir, s.offline_dir, day0, day0, ["nope"])
 
 
 # (user_id, merchant_id, amount, seconds ahead of now, the code every reader must give)

@@ -20,17 +20,13 @@ from conftest import (
     production_settings,
     read_offline,
 )
+from helpers import ROOT
 
 from pipelines import store
-from pipelines.contract import feature_views
+from pipelines.contract import computed_views, feature_views
 
-VIEW_TABLES = {
-    "user_spending_stats": ("user_spending_stats", ["user_id"]),
-    "merchant_risk_stats": ("merchant_risk_stats", ["merchant_id"]),
-    "user_merchant_history": ("user_merchant_history", ["user_id", "merchant_id"]),
-    "user_velocity": ("user_velocity", ["user_id"]),
-    "user_merchant_spread": ("user_velocity", ["user_id"]),
-}
+# every computed view the repo declares: its own offline table, keyed by its join keys
+VIEW_KEYS = {v.name: list(v.keys) for v in computed_views(ROOT / "feature_repo")}
 
 
 @pytest.fixture(scope="module", params=["embedded", "redis", "production"])
@@ -56,9 +52,14 @@ def materialized(request, batch_done: Project, applied):
 def _offline(project: Project, view: str) -> pd.DataFrame:
     if view == "user_profile":
         return pd.read_parquet(project.settings.raw_dir / "users").rename(
-            columns={"updated_at": "event_timestamp"}
+            columns={
+                "updated_at": "event_timestamp",
+                "home_country": "user_home_country",
+                "credit_limit": "user_credit_limit",
+                "kyc_level": "user_kyc_level",
+            }
         )
-    return read_offline(project, VIEW_TABLES[view][0])
+    return read_offline(project, view)
 
 
 def _same(actual, expected) -> bool:
@@ -73,6 +74,8 @@ def _sample_entities(project: Project, keys: list[str], offline: pd.DataFrame) -
     rng = np.random.default_rng(3)
     pool = offline[keys].drop_duplicates()
     picked = pool.iloc[rng.choice(len(pool), size=min(40, len(pool)), replace=False)]
+    newest = offline.sort_values("event_timestamp").tail(5)[keys]  # within any TTL
+    picked = pd.concat([picked, newest]).drop_duplicates()
     rows = [{k: int(v) for k, v in r.items()} for r in picked.to_dict("records")]
     if keys == ["user_id"]:
         rows += [
@@ -81,21 +84,11 @@ def _sample_entities(project: Project, keys: list[str], offline: pd.DataFrame) -
     return rows
 
 
-@pytest.mark.parametrize(
-    "view",
-    [
-        "user_spending_stats",
-        "merchant_risk_stats",
-        "user_merchant_history",
-        "user_velocity",
-        "user_merchant_spread",
-        "user_profile",
-    ],
-)
+@pytest.mark.parametrize("view", [*sorted(VIEW_KEYS), "user_profile"])
 def test_online_equals_latest_in_ttl_offline(materialized, batch_done: Project, view: str) -> None:
     _, fs, end = materialized
     fv = feature_views(batch_done.settings.repo)[view]
-    keys = ["user_id"] if view == "user_profile" else VIEW_TABLES[view][1]
+    keys = ["user_id"] if view == "user_profile" else VIEW_KEYS[view]
     offline = _offline(batch_done, view)
     expected = reference.latest_within_ttl(offline, keys, pd.Timestamp(end), pd.Timedelta(fv.ttl))
     expected = expected.set_index(keys)

@@ -87,7 +87,36 @@ def test_scores_equal_an_independent_computation(server, served_project) -> None
     from the model repository's files, the model file in ONNX Runtime: a feature out of
     order or a wrong default in serving changes the scores."""
     project, fs = served_project
-    models = project.settings.model_repository / "fraud_detection"
+    _check_scores(server, project, fs, project.settings.model_repository)
+
+
+def test_a_declared_feature_service_is_trained_and_served(served_project, tmp_path) -> None:
+    """fraud_detection_v2 exists only as declarations (merchant, user and user x merchant
+    stream views): trained and served with no code change, its scores equal the
+    independent computation, its merchant and pair features read from the store."""
+    from pipelines.training import train
+
+    project, fs = served_project
+    models = tmp_path / "model_repository"
+    train(fs, project.settings.raw_dir, models, "fraud_detection_v2", log=lambda _: None)
+    proc, url = start(
+        project,
+        HOTPATH_SERVING_MODEL_REPOSITORY=str(models),
+        HOTPATH_SERVING_FEATURES_BUDGET_MS="2000",
+        HOTPATH_SERVING_MODEL_BUDGET_MS="2000",
+    )
+    try:
+        served = _check_scores(url, project, fs, models)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert {"merchant_velocity", "user_amount_peak", "user_merchant_velocity"} <= served
+
+
+def _check_scores(server: str, project, fs, model_repository: Path) -> set[str]:
+    """Scores of the newest version equal ONNX Runtime on a hand-built input; returns the
+    views whose values (with their ages) were checked."""
+    models = model_repository / "fraud_detection"
     version = max(int(p.name) for p in models.iterdir() if p.name.isdigit())
     session = ort.InferenceSession(str(models / str(version) / "model.onnx"))
     service = json.loads((models / str(version) / "metadata.json").read_text())["feature_service"]
@@ -120,7 +149,7 @@ def test_scores_equal_an_independent_computation(server, served_project) -> None
     np.testing.assert_allclose([g["score"] for g in got], proba[:, 1], atol=1e-6)
     assert all(g["model_version"] == version for g in got)
     # each view's value age, from Feast's own event timestamps (null when missing/expired)
-    checked = 0
+    checked, views = 0, set()
     for view in fs.list_feature_views():
         first = view.features[0].name
         if first not in want:
@@ -132,10 +161,12 @@ def test_scores_equal_an_independent_computation(server, served_project) -> None
             else:
                 assert abs(age - (now - ts)) < 60, (view.name, age, now - ts)
                 checked += 1
+                views.add(view.name)
     assert checked > 40
     batch = post(server, {"transactions": rows}, "/predict/batch").json()["predictions"]
     assert all(not b["fallback"] for b in batch), batch[0]["latency_ms"]
     np.testing.assert_allclose([b["score"] for b in batch], proba[:, 1], atol=1e-6)
+    return views
 
 
 def test_api_key_is_required(server) -> None:

@@ -1,7 +1,8 @@
 """The Bytewax streaming flow against a real redis-server and Bytewax's real runtime.
 
-Expected values come from ``reference.user_velocity`` (pandas over the same events);
-the Spark backfill is compared on the same events too.
+Expected values come from ``reference.user_velocity`` and ``reference.per_event`` (pandas
+over the same events); the Spark compiler (``pipelines.batch_compile``) is compared on the
+same events too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,12 +28,14 @@ import pytest
 import redis
 import reference
 from conftest import Project
+from feast.types import Float64, Int64
 from helpers import ROOT, free_port, hotpath, hotpath_popen, start_redis_server
 
-from pipelines import store
+from pipelines import contract, declared, store
 from pipelines.contract import event_rules
+from pipelines.declared import Agg, View
 from pipelines.settings import Settings
-from pipelines.stream.aggregates import UserWindow, aggregate, apply
+from pipelines.stream.aggregates import KeyWindow, StreamDeclarationError, apply, check, key_groups
 from pipelines.stream.events import Event, Rejected, parse
 from pipelines.stream.sinks import DeadLetterSink
 
@@ -42,7 +46,6 @@ FEATURES = [
     "user_amount_sum_1h",
     "user_distinct_merchants_24h",
 ]
-AGGS = [aggregate(f) for f in FEATURES]
 FIRST_USER = 100_000  # stream-test users: none of the project's own
 LATENESS_S = 120
 RULES = event_rules(ROOT / "feature_repo")
@@ -223,30 +226,193 @@ def _micros(ts: pd.Timestamp) -> int:
     return int(ts.value // 1000)
 
 
-def test_window_state_equals_pandas_with_out_of_order_and_late_events() -> None:
+MINUTE_US, HOUR_US = 60 * 1_000_000, 3600 * 1_000_000
+LATENESS_US = LATENESS_S * 1_000_000
+
+
+def _repo_streamed() -> list[View]:
+    """The repo's own streamed views, as the flow reads them (no registry needed)."""
+    return [v for v in contract.computed_views(ROOT / "feature_repo") if v.streamed]
+
+
+def _declared(name: str, keys: tuple[str, ...], aggs: list[tuple[str, str, str, int]]) -> View:
+    """A streamed view of the test's own: (feature, column, function, window µs) each."""
+    base = _repo_streamed()[0]
+
+    def dtype(column: str, function: str):
+        if function == "mean" or (column == "amount" and function != "count"):
+            return Float64
+        return Int64
+
+    return replace(
+        base,
+        name=name,
+        keys=keys,
+        aggs=tuple(Agg(n, c, f, w) for n, c, f, w in aggs),
+        table=f"/nonexistent/{name}",
+        dtypes={n: dtype(c, f) for n, c, f, _ in aggs},
+    )
+
+
+# Views keyed by merchant and by (user, merchant), with the functions the repo's views do
+# not use; windows short enough that their state is trimmed within the 3-hour test data.
+MERCHANT_VIEWS = [
+    _declared(
+        "test_merchant_stats",
+        ("merchant_id",),
+        [
+            ("m_amount_max_10m", "amount", "max", 10 * MINUTE_US),
+            ("m_amount_min_1h", "amount", "min", HOUR_US),
+            ("m_amount_mean_10m", "amount", "mean", 10 * MINUTE_US),
+            ("m_distinct_users_1h", "user_id", "count_distinct", HOUR_US),
+            ("m_txn_count_10m", "amount", "count", 10 * MINUTE_US),
+        ],
+    ),
+    _declared(
+        "test_user_merchant",
+        ("user_id", "merchant_id"),
+        [
+            ("um_amount_sum_10m", "amount", "sum", 10 * MINUTE_US),
+            ("um_amount_max_1h", "amount", "max", HOUR_US),
+            ("um_merchant_id_max_10m", "merchant_id", "max", 10 * MINUTE_US),
+            ("um_txn_count_1h", "amount", "count", HOUR_US),
+        ],
+    ),
+]
+
+
+def _group_edges(end: datetime) -> pd.DataFrame:
+    """Merchant 500 and the pair (user FIRST_USER+905, merchant 501): payments exactly on,
+    1 µs inside and 1 µs outside their 10-minute and 1-hour windows, and same-instant ties,
+    paid by several users."""
+    us, m10, h1 = timedelta(microseconds=1), timedelta(minutes=10), timedelta(hours=1)
+    t = end.replace(microsecond=0) - timedelta(minutes=100)
+    u, v = FIRST_USER + 905, FIRST_USER + 906
+    rows = [
+        (u, 500, t, 7.0), (v, 500, t + m10 - us, 1.0), (u, 500, t + m10, 9.0),
+        (v, 500, t + m10, 2.0), (u, 500, t + m10 + us, 3.0), (v, 500, t + h1 - us, 4.0),
+        (u, 500, t + h1, 5.0), (v, 500, t + h1 + us, 0.0),
+        (u, 501, t, 6.0), (u, 501, t + m10 - us, 1.0), (u, 501, t + m10, 8.0),
+        (u, 501, t + m10, 0.0), (u, 501, t + h1, 2.0), (u, 501, t + h1 + us, 5.0),
+    ]  # fmt: skip
+    df = pd.DataFrame(rows, columns=["user_id", "merchant_id", "event_timestamp", "amount"])
+    df["event_timestamp"] = pd.to_datetime(df.event_timestamp, utc=True).dt.floor("us")
+    return df
+
+
+def _timely(delivered: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The events a key counts, by the rule written out here: in delivery order, an event
+    more than the lateness older than its key's newest delivered event is late, not counted."""
+    newest: dict[tuple, int] = {}
+    keep = []
+    for r in delivered.itertuples():
+        key, t = tuple(getattr(r, k) for k in keys), _micros(r.event_timestamp)
+        keep.append(key not in newest or newest[key] - t <= LATENESS_US)
+        newest[key] = max(newest.get(key, t), t)
+    return delivered[keep]
+
+
+def _run_state(views: list[View], feed: list[Event]) -> tuple[dict, dict]:
+    """The feed through every key group's window state in micro-batches of 7 events: the
+    final row per (view, key, instant) as a dict, and the late events per group."""
+    groups = key_groups(views)
+    states: dict[tuple, KeyWindow] = {}
+    rows: dict[tuple, tuple] = {}
+    late: dict[tuple[str, ...], list[Event]] = {g.keys: [] for g in groups}
+    for i in range(0, len(feed), 7):  # micro-batches of 7, as they may arrive
+        for g in groups:
+            by_key: dict[tuple, list[Event]] = {}
+            for e in feed[i : i + 7]:
+                by_key.setdefault(g.entity(e), []).append(e)
+            for entity, batch in by_key.items():
+                state = states.setdefault((g.keys, entity), KeyWindow.of(g))
+                u = apply(state, batch, g, LATENESS_US)
+                rows.update({(g.keys, entity, t): r for t, r in u.rows.items()})
+                late[g.keys] += u.late
+    out = {}
+    for g in groups:
+        for v in g.views:
+            at = g.positions(v.name)
+            for (keys, entity, t), r in rows.items():
+                if keys == g.keys:
+                    out[(v.name, entity, t)] = {name: r[i] for name, i in at.items()}
+    return out, late
+
+
+def test_window_state_equals_pandas_for_every_key_group() -> None:
+    """The repo's streamed views (by user) and views keyed by merchant and by (user,
+    merchant) with max, min, mean and count_distinct, through the pure window state:
+    out-of-order events within the lateness, late ones past it (per key: a payment late
+    for its user may be timely for its merchant), ties, window edges ±1 µs and state trimmed
+    past the longest window, equal to pandas over the events each key counts."""
     end = datetime(2026, 11, 1, tzinfo=UTC)
-    events = _events(12, 60, seed=3, end=end)
+    events = pd.concat(
+        [_events(12, 60, seed=3, end=end), _edge_cases(end).iloc[:-4], _group_edges(end)],
+        ignore_index=True,
+    )  # (_edge_cases' last 4 rows are refused before the state: not fed here)
     order = _delivery_order(events, seed=4, skew_s=90)
     late = _late_copies(events, 5)
-    states: dict[int, UserWindow] = {}
-    rows: dict[tuple[int, int], dict] = {}
-    late_seen = []
-    feed = _as_events(order) + _as_events(late)
-    for i in range(0, len(feed), 7):  # micro-batches of 7, as they may arrive
-        by_user: dict[int, list[Event]] = {}
-        for e in feed[i : i + 7]:
-            by_user.setdefault(e.user_id, []).append(e)
-        for user, batch in by_user.items():
-            u = apply(states.setdefault(user, UserWindow()), batch, AGGS, LATENESS_S * 1_000_000)
-            rows.update({(user, t): r for t, r in u.rows.items()})
-            late_seen += u.late
-    assert len(late_seen) == len(late)  # every late event reported, none counted
-    want = reference.user_velocity(events)
-    assert len(rows) == len(want)  # a final row for every distinct (user, instant)
+    delivered = pd.concat([order, late], ignore_index=True)
+    views = _repo_streamed() + MERCHANT_VIEWS
+    assert {g.keys for g in key_groups(views)} == {
+        ("user_id",),
+        ("merchant_id",),
+        ("user_id", "merchant_id"),
+    }
+    got, late_seen = _run_state(views, _as_events(delivered))
+    assert len(late_seen[("user_id",)]) == len(late)  # every late event reported, none counted
+    assert len(late_seen[("merchant_id",)]) < len(late)  # merchant 99's first: a new key
+    for view in views:
+        keys = list(view.keys)
+        timely = _timely(delivered, keys)
+        late_here = len(delivered) - len(timely)
+        assert len(late_seen[view.keys]) == late_here, view.name
+        want = reference.per_event(view, timely)
+        mine = {k: r for k, r in got.items() if k[0] == view.name}
+        assert len(mine) == len(want), view.name  # a final row for every (key, instant)
+        for r in want.to_dict("records"):
+            row = mine[(view.name, tuple(r[k] for k in keys), _micros(r["event_timestamp"]))]
+            for a in view.aggs:
+                assert row[a.name] == pytest.approx(r[a.name], rel=1e-12), (view.name, r, a)
+    # the pre-refactor oracle agrees on the user views (ties, 0.00 payments, edges)
+    want = reference.user_velocity(delivered.iloc[: len(order)])
     for r in want.itertuples():
-        got = rows[(r.user_id, _micros(r.event_timestamp))]
         for f in FEATURES:
-            assert got[f] == pytest.approx(getattr(r, f), rel=1e-12), (r.user_id, f)
+            name = "user_merchant_spread" if "distinct" in f else "user_velocity"
+            got_value = got[(name, (r.user_id,), _micros(r.event_timestamp))][f]
+            assert got_value == pytest.approx(getattr(r, f), rel=1e-12), (r.user_id, f)
+
+
+def test_window_state_is_trimmed_to_the_longest_window_plus_lateness() -> None:
+    """A key keeps the events of its group's longest window plus the lateness, and only the
+    columns its aggregations read (counts read none)."""
+    (group,) = key_groups(MERCHANT_VIEWS[:1])
+    assert group.columns == ("amount", "user_id")
+    state = KeyWindow.of(group)
+    t0 = 1_800_000_000_000_000
+    times = [t0 + i * MINUTE_US for i in range(200)]
+    apply(state, [Event(1, 5, 1.0, t, 0.0) for t in times], group, LATENESS_US)
+    assert state.times[0] > times[-1] - HOUR_US - LATENESS_US
+    assert state.times[0] - MINUTE_US <= times[-1] - HOUR_US - LATENESS_US
+    assert len(state.values) == 2 and all(len(c) == len(state.times) for c in state.values)
+    (counts,) = key_groups([_declared("only_counts", ("user_id",), [("n", "amount", "count", 5)])])
+    assert counts.columns == ()
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"keys": ("transaction_id",)}, "keyed by 'transaction_id'"),
+        ({"aggs": (Agg("n_labels", "is_fraud", "sum", HOUR_US),)}, "aggregates 'is_fraud'"),
+        ({"aggs": (Agg("n_ids", "transaction_id", "count", HOUR_US),)}, "'transaction_id'"),
+    ],
+)
+def test_a_streamed_view_on_columns_the_events_lack_is_refused(change: dict, problem: str) -> None:
+    view = replace(_repo_streamed()[0], **change)
+    with pytest.raises(StreamDeclarationError) as e:
+        check(view)
+    assert problem in str(e.value) and "\n" not in str(e.value)
+    assert view.name in str(e.value)
 
 
 # ------------------------------------------------------------------ the real flow
@@ -477,40 +643,54 @@ def test_two_processes_equal_one(file_runs) -> None:
     events, one, two, fs_one = file_runs
     assert _mismatches(fs_one, _latest_expected(events)) == []
     a, b = _hashes(one.redis_url), _hashes(two.redis_url)
-    assert len(a) == events.user_id.nunique()
+    # one hash per key of every key group (user, merchant, (user, merchant)...) whose newest
+    # row was within one of its views' TTL
+    now = pd.Timestamp.now(tz="UTC")
+    keys = 0
+    for g in key_groups([v for v in declared.from_store(fs_one) if v.streamed]):
+        newest = _valid(events).groupby(list(g.keys)).event_timestamp.max()
+        ttl = pd.Timedelta(microseconds=max(v.ttl_us for v in g.views))
+        keys += int((now - newest <= ttl).sum())
+    assert len(a) == keys > events.user_id.nunique()
     assert a == b
 
 
 def test_spark_backfill_equals_the_stream(file_runs, spark) -> None:
-    """The Spark batch job's user_velocity over the same events (judged valid by the batch
-    job's own check) equals the rows the stream appended to the offline store, at every
-    event time: 0.00 amounts counted by both, ties, window edges, refused events by neither."""
-    from pipelines import batch_features
+    """Per streamed view, the Spark compiler (``batch_compile.compute``) over the same events
+    (judged valid by the batch job's own check) equals the rows the stream appended to that
+    view's own offline table, at every key and event time, and both equal pandas: 0.00
+    amounts counted by both, ties, window edges, refused events by neither."""
+    from pipelines.batch_compile import compute
     from pipelines.batch_job import judge
 
-    events, one, _, _ = file_runs
+    events, one, _, fs_one = file_runs
     judged = judge(spark.createDataFrame(events), RULES, datetime.now(UTC))
     tx = judged.filter("code is null").drop("code", "reason")
     day = events.event_timestamp.dt.date
-    spark_rows = (
-        batch_features.user_velocity(tx, day.min(), day.max()).toPandas().drop(columns="date")
-    )
-    offline = pd.read_parquet(Path(one.offline_dir) / "user_velocity")
-    offline = offline[offline.user_id.between(FIRST_USER, FIRST_USER + 999)]
-    streamed = offline.sort_values("created").groupby(["user_id", "event_timestamp"]).tail(1)
-    key = ["user_id", "event_timestamp"]
-    spark_rows["event_timestamp"] = pd.to_datetime(spark_rows.event_timestamp, utc=True)
-    for df in (spark_rows, streamed):
-        df["event_timestamp"] = df.event_timestamp.astype("datetime64[us, UTC]")
-    merged = spark_rows.merge(streamed, on=key, suffixes=("_spark", "_stream"), how="outer")
-    want = reference.user_velocity(_valid(events))
-    assert len(merged) == len(spark_rows) == len(streamed) == len(want)
-    for f in FEATURES:
-        np.testing.assert_allclose(merged[f"{f}_stream"], merged[f"{f}_spark"], rtol=1e-12)
-    want["event_timestamp"] = want.event_timestamp.astype("datetime64[us, UTC]")
-    merged = merged.merge(want, on=key, validate="1:1")
-    for f in FEATURES:
-        np.testing.assert_allclose(merged[f"{f}_spark"], merged[f], rtol=1e-12, err_msg=f)
+    views = [v for v in declared.from_store(fs_one) if v.streamed]
+    assert {"user_velocity", "user_merchant_spread"} <= {v.name for v in views}
+    for view in views:
+        names = [a.name for a in view.aggs]
+        key = [*view.keys, "event_timestamp"]
+        spark_rows = compute(view, tx, day.min(), day.max()).toPandas().drop(columns="date")
+        assert Path(view.table) == Path(one.offline_dir) / view.name  # its own table
+        files = list(Path(view.table).glob("date=*/stream-*.parquet"))  # the stream's rows
+        offline = pd.concat(map(pd.read_parquet, files))
+        streamed = offline.sort_values("created").groupby(key).tail(1)
+        for df in (spark_rows, streamed):
+            df["event_timestamp"] = pd.to_datetime(df.event_timestamp, utc=True).astype(
+                "datetime64[us, UTC]"
+            )
+        merged = spark_rows.merge(streamed, on=key, suffixes=("_spark", "_stream"), how="outer")
+        want = reference.per_event(view, _valid(events))
+        assert len(merged) == len(spark_rows) == len(streamed) == len(want), view.name
+        for f in names:
+            np.testing.assert_allclose(merged[f"{f}_stream"], merged[f"{f}_spark"], rtol=1e-12)
+        want["event_timestamp"] = want.event_timestamp.astype("datetime64[us, UTC]")
+        merged = merged.merge(want, on=key, validate="1:1")
+        for f in names:
+            np.testing.assert_allclose(merged[f"{f}_spark"], merged[f], rtol=1e-12, err_msg=f)
+        assert set(offline.columns) == {*key, "created", *names}  # its own features only
 
 
 def _unseen(events: pd.DataFrame) -> pd.DataFrame:
@@ -583,8 +763,8 @@ def test_offline_answer_does_not_depend_on_writer_order(file_runs, stream_root, 
     days = pd.concat([events, late]).event_timestamp.dt.date
 
     refused = []
-    run_batch(spark, s.repo, s.raw_dir, s.offline_dir, days.min(), days.max(), ["user_velocity"],
-              on_refused=refused.append)  # fmt: skip
+    run_batch(spark, s.repo, s.raw_dir, s.offline_dir, days.min(), days.max(),
+              ["user_velocity", "user_merchant_spread"], on_refused=refused.append)  # fmt: skip
     key = ["user_id", "event_timestamp"]
     answers = {"stream, then backfill": _historical(fs, want)}
     path = _write_events(events, tmp_path / "events")  # the stream never sees ``late``
@@ -616,6 +796,100 @@ def test_kafka_unreachable_fails_fast(stream_root) -> None:
     assert "Kafka broker unreachable" in r.stderr + r.stdout
     assert "Traceback" not in r.stderr
     assert time.monotonic() - t0 < 30
+
+
+MORE_STREAMED = """
+from entities import merchant
+
+test_merchant_stats = aggregated_view(
+    name="test_merchant_stats",
+    entities=[merchant],
+    events=transactions,
+    cadence=PER_EVENT,
+    stream=True,
+    aggregations=[
+        Aggregation("amount", "max", 10 * MINUTE, name="m_amount_max_10m"),
+        Aggregation("amount", "min", HOUR, name="m_amount_min_1h"),
+        Aggregation("amount", "mean", 10 * MINUTE, name="m_amount_mean_10m"),
+        Aggregation("user_id", "count_distinct", HOUR, name="m_distinct_users_1h"),
+    ],
+    ttl=24 * HOUR,
+    tags={"online_store": "redis"},
+)
+
+test_user_merchant = aggregated_view(
+    name="test_user_merchant",
+    entities=[user, merchant],
+    events=transactions,
+    cadence=PER_EVENT,
+    stream=True,
+    aggregations=[
+        Aggregation("amount", "sum", 10 * MINUTE, name="um_amount_sum_10m"),
+        Aggregation("amount", "count", HOUR, name="um_txn_count_1h"),
+    ],
+    ttl=24 * HOUR,
+    tags={"online_store": "redis"},
+)
+"""
+
+
+def test_one_flow_serves_views_keyed_by_different_entities(
+    stream_root, redis_url, tmp_path
+) -> None:
+    """A repo declaring streamed views keyed by merchant and by (user, merchant) beside the
+    user ones: one flow (Redis profile, offline on) computes them all; each view's online
+    values (its newest row per key) and its own offline table equal pandas."""
+    from bytewax.testing import run_main
+
+    from pipelines.stream.flow import StreamSettings, build_flow
+    from pipelines.stream.sinks import offline_schema
+
+    root = tmp_path / "project"
+    shutil.copytree(
+        stream_root,
+        root,
+        ignore=shutil.ignore_patterns("registry*", "online*", "__pycache__", "stream"),
+    )
+    source = root / "feature_repo" / "streaming_features.py"
+    source.write_text(source.read_text() + MORE_STREAMED)
+    s = _settings(root, redis_url, 9)
+    now = datetime.now(UTC)
+    events = pd.concat([_events(8, 30, seed=51, end=now), _group_edges(now)], ignore_index=True)
+    new = ("test_merchant_stats", "test_user_merchant")
+    for v in contract.computed_views(s.repo):  # `feast apply` reads a table's schema
+        if v.name in new:
+            folder = Path(v.table) / f"date={now.date().isoformat()}"
+            folder.mkdir(parents=True)
+            pq.write_table(offline_schema(v).empty_table(), folder / "empty.parquet")
+    fs = _open(s)
+    path = _write_events(_delivery_order(events, seed=52, skew_s=30), tmp_path / "events")
+    before = set(s.offline_dir.glob("*/date=*/stream-*.parquet"))  # earlier tests' runs
+    run_main(build_flow(s, StreamSettings(source="file", file=path, offline=True)))
+    views = {v.name: v for v in declared.from_store(fs) if v.streamed}
+    assert set(new) < set(views)
+    for name in (*new, "user_velocity"):
+        view = views[name]
+        keys, names = list(view.keys), [a.name for a in view.aggs]
+        want = reference.per_event(view, events).sort_values([*keys, "event_timestamp"])
+        want["event_timestamp"] = want.event_timestamp.astype("datetime64[us, UTC]")
+        files = set(Path(view.table).glob("date=*/stream-*.parquet")) - before
+        offline = pd.concat(map(pd.read_parquet, files)).sort_values("created")
+        offline = offline[offline.user_id >= FIRST_USER] if "user_id" in keys else offline
+        got = offline.groupby([*keys, "event_timestamp"]).tail(1)
+        assert sorted(got.columns) == sorted([*keys, "event_timestamp", "created", *names])
+        merged = want.merge(got, on=[*keys, "event_timestamp"], how="outer", suffixes=("", "_s"))
+        assert len(merged) == len(want) == len(got), name
+        for f in names:
+            np.testing.assert_allclose(merged[f + "_s"], merged[f], rtol=1e-12, err_msg=f)
+        latest = want.groupby(keys).tail(1)
+        online = fs.get_online_features(
+            features=[f"{name}:{f}" for f in names],
+            entity_rows=latest[keys].astype(int).to_dict("records"),
+        ).to_df()
+        for f in names:
+            np.testing.assert_allclose(
+                online[f].astype(float), latest[f].astype(float), rtol=1e-12, err_msg=f
+            )
 
 
 def test_embedded_profile_writes_sqlite_through_feast(file_runs, stream_root) -> None:
@@ -666,12 +940,14 @@ def test_rows_past_their_views_ttl_never_reach_the_online_store(
         fs = store.open_store(Settings(repo=stream_root / "feature_repo"))
         store.apply(fs)
     now = time.time()
-    writer = OnlineWriter(fs, stream_views(fs, "user_velocity_push"), clock=lambda: now)
+    views = stream_views(fs)
+    (group,) = [g for g in key_groups(views) if g.keys == ("user_id",)]
+    writer = OnlineWriter(fs, views, clock=lambda: now)
     hour, u = 3600 * 1_000_000, FIRST_USER + 960
 
     def row(user: int, age_us: int, n: int) -> Row:
-        values = {f: n if "sum" not in f else n * 1.5 for f in FEATURES}
-        return Row(user, int(now * 1e6) - age_us, values, 0.0)
+        values = tuple(n if "sum" not in a.name else n * 1.5 for a in group.aggs)
+        return Row(group.keys, (user,), int(now * 1e6) - age_us, values, 0.0)
 
     def skipped() -> list[float]:
         return [metrics.EXPIRED.labels(v)._value.get() for v in VIEW_TTL]
@@ -688,6 +964,45 @@ def test_rows_past_their_views_ttl_never_reach_the_online_store(
     if profile == "redis":  # an older row never overwrites (compare-and-set)
         writer.write([row(u, 2 * hour, 6), row(u, 30 * 1_000_000, 7)])
         assert _online(fs, [u]).loc[u, FEATURES].tolist() == [5, 7.5, 5, 7.5, 5]
+
+
+@pytest.mark.parametrize("profile", ["embedded", "redis"])
+def test_a_two_key_group_is_written_under_feasts_entity_key(
+    stream_root, redis_url, profile: str
+) -> None:
+    """Rows of a (user, merchant) key group, written by the stream's writer, are what Feast's
+    SDK reads for that entity (join keys serialized sorted, not in the view's order), next to
+    a user group's rows; a newer row wins."""
+    from pipelines.stream.sinks import OnlineWriter, Row
+
+    if profile == "redis":
+        fs = _open(_settings(stream_root, redis_url, 8))
+    else:
+        fs = store.open_store(Settings(repo=stream_root / "feature_repo"))
+        store.apply(fs)
+    pair = next(v for v in declared.from_store(fs) if v.name == "user_merchant_history")
+    assert pair.keys == ("user_id", "merchant_id")  # sorted, Feast puts merchant_id first
+    by_user = [v for v in declared.from_store(fs) if v.streamed and v.keys == ("user_id",)]
+    views = [pair, *by_user]
+    writer = OnlineWriter(fs, views)
+    (feature,) = [a.name for a in pair.aggs]
+    now_us, u, m = int(time.time() * 1e6), FIRST_USER + 970, 4242
+    (spread,) = [g for g in key_groups(views) if g.keys == ("user_id",)]
+    writer.write(
+        [
+            Row(pair.keys, (u, m), now_us - 5, (3,), 0.0),
+            Row(pair.keys, (u, m + 1), now_us - 5, (11,), 0.0),
+            Row(pair.keys, (u, m), now_us, (4,), 0.0),  # newer: wins
+            Row(spread.keys, (u,), now_us, tuple(range(len(spread.aggs))), 0.0),
+        ]
+    )
+    got = fs.get_online_features(
+        features=[f"user_merchant_history:{feature}"],
+        entity_rows=[{"user_id": u, "merchant_id": m}, {"user_id": u, "merchant_id": m + 1},
+                     {"user_id": m, "merchant_id": u}],
+    ).to_dict()  # fmt: skip
+    assert got[feature] == [4, 11, None]
+    assert _online(fs, [u]).loc[u, FEATURES].notna().all()
 
 
 # ------------------------------------------------------------------ crashes and stop requests

@@ -211,22 +211,19 @@ def test_stream_writes_reach_the_cluster_tier(stores, cluster) -> None:
     """The streaming flow's writer on a tiered store: compare-and-set on the Redis Cluster
     tier (a correction at the same event time overwrites, an older row does not), and the
     key's expiry set like the store's own writes."""
+    from pipelines.stream.aggregates import key_groups
     from pipelines.stream.flow import stream_views
     from pipelines.stream.sinks import OnlineWriter, Row
 
     tiered, _ = stores
-    views = stream_views(tiered, "user_velocity_push")
+    views = stream_views(tiered)
     writer = OnlineWriter(tiered, views)
+    (group,) = [g for g in key_groups(views) if g.keys == ("user_id",)]
     now_us = int(time.time() * 1e6)
-    names = [f.name for v in views for f in v.features]
 
-    def row(ts: int, n: int) -> Row:
-        return Row(
-            777_001,
-            ts,
-            {f: (n if "count" in f or "distinct" in f else n * 1.5) for f in names},
-            0.0,
-        )
+    def row(ts: int, n: int, user: int = 777_001) -> Row:
+        values = tuple(n if a.function.startswith("count") else n * 1.5 for a in group.aggs)
+        return Row(group.keys, (user,), ts, values, 0.0)
 
     def read() -> int:
         got = tiered.get_online_features(
@@ -241,15 +238,15 @@ def test_stream_writes_reach_the_cluster_tier(stores, cluster) -> None:
     writer.write([row(now_us - 10_000_000, 9)])  # older: ignored
     assert read() == 4
     client = redis.RedisCluster(host="127.0.0.1", port=cluster.ports[0], password=cluster.password)
-    key = layout.redis_key(tiered, views[0], (777_001,))
-    longest = max(v.ttl.total_seconds() for v in views)
+    user_view = tiered.get_feature_view(group.views[0].name)
+    key = layout.redis_key(tiered, user_view, (777_001,))
+    longest = max(v.ttl_us / 1e6 for v in group.views)
     assert abs(client.ttl(key) - longest) <= 3
     # rows already past a view's TTL do not reach it: 2 hours old (the 1-hour view stays
     # empty, the 24-hour one is written), 5 days old (nothing written, no key at all)
     hour = 3600 * 1_000_000
-    values = row(0, 5).values
-    writer.write([Row(777_002, now_us - 2 * hour, values, 0.0)])
-    writer.write([Row(777_003, now_us - 120 * hour, values, 0.0)])
+    writer.write([row(now_us - 2 * hour, 5, 777_002)])
+    writer.write([row(now_us - 120 * hour, 5, 777_003)])
     got = tiered.get_online_features(
         features=[
             "user_velocity:user_txn_count_5m",
@@ -259,7 +256,7 @@ def test_stream_writes_reach_the_cluster_tier(stores, cluster) -> None:
     ).to_dict()
     assert got["user_txn_count_5m"] == [None, None]
     assert got["user_distinct_merchants_24h"] == [5, None]
-    assert not client.exists(layout.redis_key(tiered, views[0], (777_003,)))  # five days old
+    assert not client.exists(layout.redis_key(tiered, user_view, (777_003,)))  # five days old
 
 
 def _env(**extra: str) -> dict[str, str]:

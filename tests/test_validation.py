@@ -122,6 +122,23 @@ def test_bad_batch_is_blocked_by_name(gate_project, corrupt, case: str) -> None:
     assert all(v.success for v in report.views if v.view != "user_spending_stats")
 
 
+def test_streamed_rows_superseded_by_the_backfill_pass_the_gate(gate_project) -> None:
+    """The stream appends rows the backfill later recomputes (same user and instant, older
+    ``created``): Feast keeps the newest, and so does the gate; it does not call them
+    duplicates (it did, after `hotpath demo`, on the next `hotpath materialize`)."""
+    project, fs = gate_project
+    folder = project.settings.offline_dir / "user_velocity" / f"date={project.now.date()}"
+    frame = pd.concat([pq.read_table(f).to_pandas() for f in folder.glob("*.parquet")])
+    streamed = frame.assign(created=pd.Timestamp.now(tz="UTC").floor("us"))
+    extra = folder / "stream-test.parquet"
+    pq.write_table(pa.Table.from_pandas(streamed, preserve_index=False), extra)
+    try:
+        report = _gate(project, fs)
+        assert report.success, report.summary()
+    finally:
+        extra.unlink()
+
+
 def test_materialize_refuses_a_failing_batch_until_overridden(gate_project, corrupt) -> None:
     project, _ = gate_project
     online_db = project.settings.data_dir / "online_store.db"

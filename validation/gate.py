@@ -95,7 +95,9 @@ def partition_days(view: FeatureView) -> list[date]:
 
 
 def read_partitions(view: FeatureView, start: date, end: date) -> pd.DataFrame:
-    """The view's offline rows for ``start..end`` with their ``date`` partition as text."""
+    """The view's offline rows for ``start..end`` with their ``date`` partition as text: for a
+    table with a ``created`` column (the stream appends, the backfill supersedes), only the
+    newest row per entity and instant, the one Feast's joins and materialization use."""
     root = Path(view.batch_source.path)
     frames = []
     for day in days(start, end):
@@ -106,7 +108,13 @@ def read_partitions(view: FeatureView, start: date, end: date) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame({"date": pd.Series([], dtype=object)})
     # inner: a column missing from any partition is missing from the batch
-    return pd.concat(frames, ignore_index=True, join="inner")
+    frame = pd.concat(frames, ignore_index=True, join="inner")
+    created = view.batch_source.created_timestamp_column
+    if created and created in frame:
+        keys = [c.name for c in view.entity_columns] + ["event_timestamp"]
+        frame = frame.sort_values(created, kind="stable").drop_duplicates(keys, keep="last")
+        frame = frame.sort_index().reset_index(drop=True)
+    return frame
 
 
 def _failure(result: Any) -> Failure:

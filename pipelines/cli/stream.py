@@ -58,7 +58,8 @@ def stream(
     lateness: Annotated[
         float | None,
         typer.Option(
-            help="Allowed out-of-order seconds per user.", show_default=_default("lateness_s")
+            help="Allowed out-of-order seconds per key (behind its newest event).",
+            show_default=_default("lateness_s"),
         ),
     ] = None,
     offline: Annotated[
@@ -85,7 +86,7 @@ def stream(
     ] = 2.0,
     backup_interval: Annotated[float, typer.Option(help="Seconds of old snapshots kept.")] = 0,
 ) -> None:
-    """Run the Bytewax flow: events -> per-user velocity features -> online (+offline) store."""
+    """Run the Bytewax flow: events -> the declared streamed views -> online (+offline) store."""
     from pipelines.stream.run import run_flow
 
     s = hotpath(ctx).settings

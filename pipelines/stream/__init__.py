@@ -1,4 +1,4 @@
-"""The Bytewax streaming pipeline: transaction events -> per-user velocity features, live.
+"""The Bytewax streaming pipeline: transaction events -> the declared streamed views, live.
 
 ``events`` validates raw events, ``aggregates`` is the keyed window state (pure),
 ``sources`` and ``sinks`` connect it to Redis Streams / files / Kafka and to the online

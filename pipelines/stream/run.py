@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -33,7 +34,7 @@ def run_flow(
     from bytewax.run import cli_main
 
     from pipelines.stream import metrics
-    from pipelines.stream.flow import build_flow
+    from pipelines.stream.flow import build_flow, freeze_heap
     from pipelines.stream.sources import stop_on_signals, stop_requested
 
     recovery = None
@@ -44,8 +45,10 @@ def run_flow(
         recovery = RecoveryConfig(str(recovery_dir), backup_interval)
     restore = stop_on_signals()  # before the build: a stop during start-up is clean too
     try:
+        flow = build_flow(settings, stream)
+        freeze_heap()
         cli_main(
-            build_flow(settings, stream),
+            flow,
             process_id=process_id,
             addresses=addresses,
             epoch_interval=epoch_interval,
@@ -53,5 +56,6 @@ def run_flow(
         )
         stopped = stop_requested()
     finally:
+        gc.unfreeze()
         restore()
     return FlowRun(stopped, recovery is not None, metrics.totals())

@@ -3,7 +3,7 @@ and the dead-letter output (rejected and late events, with the reason).
 
 Writes are idempotent, because recovery replays at-least-once: online, a row overwrites
 the stored one when its event time is the same or newer (never an increment); offline,
-each (user, event time) row carries a ``created`` time and Feast's point-in-time join
+each (key, event time) row carries a ``created`` time and Feast's point-in-time join
 keeps the newest, so a replayed or corrected row supersedes, never adds (a backfilled row,
 ``created`` fixed above any of these, supersedes them all). Online, a row already past a
 view's TTL is not written to that view. Dead letters are written once per source id.
@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,129 +30,205 @@ from bytewax.outputs import (
     StatefulSinkPartition,
     StatelessSinkPartition,
 )
-from feast import FeatureStore, FeatureView
+from feast import FeatureStore, ValueType
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-from feast.types import Int64
+from feast.types import Int32, Int64
 
 from online_store import layout
 from online_store.connect import redis_client
-from online_store.tiers import feast_write, placement
+from online_store.tiers import Placement, feast_write, placement
+from pipelines.declared import View
 from pipelines.stream import metrics
+from pipelines.stream.aggregates import Group, key_groups
 from pipelines.stream.events import Rejected
 
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """One user's stream aggregates as of ``ts_us`` (every stream view's features)."""
+    """One key's aggregates as of ``ts_us``: every aggregation of its key group (the
+    streamed views sharing ``join_keys``), in ``Group.aggs`` order."""
 
-    user_id: int
+    join_keys: tuple[str, ...]  # the key group's join keys (its views' entity order)
+    entity: tuple[Any, ...]  # their values
     ts_us: int
-    values: dict[str, Any]
+    values: tuple[Any, ...]
     ingest_s: float
 
 
-class OnlineWriter:
-    """Writes rows into the profile's online store in Feast's layout: Redis by
-    compare-and-set (``online_store.layout.COMPARE_AND_SET``), any other store through
-    Feast's own ``online_write_batch`` (SQLite upserts, which with one writer per user in
-    event order is the same).
+# ValueProto field of an entity's value type (the stream's keys are integers)
+_KEY_FIELD = {ValueType.INT64: "int64_val", ValueType.INT32: "int32_val"}
 
-    A row older than a view's TTL at write time (``clock``) is not written to that view: a
-    replay of old events must not leave values the store would serve as current (Feast's
-    SDK returns whatever is stored); the views of one push source have their own TTLs."""
 
-    def __init__(
-        self, store: FeatureStore, views: list[FeatureView], clock: Callable[[], float] = time.time
-    ) -> None:
-        self.store, self.views, self.clock = store, views, clock
-        self.project = store.project
-        self.ttl_us = [int(v.ttl.total_seconds() * 1e6) if v.ttl else None for v in views]
-        cfg, self.ttl_s = _stream_tier(store, views)
+def _proto(dtype: Any) -> Callable[[Any], ValueProto]:
+    """A feature value -> ValueProto for Feast's write (None: an empty value, a null)."""
+    encode = layout.value_proto(dtype)
+    return lambda v: ValueProto() if v is None else encode(v)
+
+
+class _GroupWriter:
+    """The online writes of one key group's views: one entity key per row, in the tier
+    the group's views live in."""
+
+    def __init__(self, store: FeatureStore, group: Group, clients: dict[Any, Any]) -> None:
+        self.group = group
+        self.views = [store.get_feature_view(v.name) for v in group.views]
+        self.ttl_us = [v.ttl_us for v in group.views]
+        index = [group.positions(v.name) for v in group.views]
+        # per view: [(feature, its index in Row.values, ValueProto of a value or None)]
+        self.features = [
+            [(f.name, at[f.name], _proto(f.dtype)) for f in fv.features]
+            for fv, at in zip(self.views, index, strict=True)
+        ]
+        placed, self.ttl_s = _stream_tier(store, group)
         self.redis: Any = None
-        if cfg.type == "redis":  # standalone or cluster: one key per call, routed by key
-            self.redis = redis_client(cfg)
-            self.cas = self.redis.register_script(layout.COMPARE_AND_SET)
-            self.user_key = layout.KeyEncoder.for_view(store, views[0])
-            # per view: (ts field, [(feature, hash field, encoder)])
+        if placed.kind == "redis":  # standalone or cluster: one key per call, routed by key
+            if placed.tier not in clients:  # groups in one tier share a client (one pipeline)
+                client = redis_client(placed.config)
+                clients[placed.tier] = (client, client.register_script(layout.COMPARE_AND_SET))
+            self.redis, self.cas = clients[placed.tier]
+            # redis-py refuses scripts in a cluster pipeline: one call per row there
+            self.cluster = isinstance(self.redis, redis.RedisCluster)
+            self.encoder = layout.KeyEncoder.for_view(store, self.views[0])
+            # Feast serializes join keys sorted: the entity's values in that order (None: as is)
+            order = [group.keys.index(k) for k in self.encoder.join_keys]
+            self.order = None if order == sorted(order) else order
+            # per view: (ts field, [(hash field, index in Row.values, serialized ValueProto)])
             self.layout = [
                 (
-                    layout.ts_field(v.name),
+                    layout.ts_field(fv.name),
                     [
-                        (f.name, layout.feature_field(v.name, f.name), layout.value_proto(f.dtype))
-                        for f in v.features
+                        (layout.feature_field(fv.name, f.name), at[f.name],
+                         layout.value_bytes(f.dtype))
+                        for f in fv.features
                     ],
                 )
-                for v in views
+                for fv, at in zip(self.views, index, strict=True)
+            ]  # fmt: skip
+        else:
+            types = {
+                store.get_entity(e).join_key: store.get_entity(e).value_type
+                for e in self.views[0].entities
+            }
+            if any(types[k] not in _KEY_FIELD for k in group.keys):
+                raise ValueError(
+                    f"the stream writes integer entity keys, not {[types[k] for k in group.keys]}"
+                )
+            self.key_fields = [_KEY_FIELD[types[k]] for k in group.keys]
+
+    def _key(self, entity: tuple[Any, ...]) -> EntityKeyProto:
+        return EntityKeyProto(
+            join_keys=list(self.group.keys),
+            entity_values=[
+                ValueProto(**{f: v}) for f, v in zip(self.key_fields, entity, strict=True)
+            ],
+        )
+
+    def write(
+        self, store: FeatureStore, newest: dict[tuple[Any, ...], Row], now_us: int, pipe: Any
+    ) -> list[Row]:
+        """Write each entity's newest row to the views it is still within the TTL of (age
+        == TTL is still served), Redis calls into ``pipe`` (None: one call per row); the
+        rows written."""
+        live: dict[tuple[Any, ...], list[int]] = {}
+        for entity, r in newest.items():
+            live[entity] = [
+                i for i, t in enumerate(self.ttl_us) if t is None or now_us - r.ts_us <= t
             ]
-        self.encoders = {f.name: layout.value_proto(f.dtype) for v in views for f in v.features}
-
-    def _key(self, user_id: int) -> EntityKeyProto:
-        return EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=user_id)])
-
-    def write(self, rows: Sequence[Row]) -> None:
-        newest: dict[int, Row] = {}
-        for r in rows:  # only each user's newest row matters online
-            if r.user_id not in newest or r.ts_us >= newest[r.user_id].ts_us:
-                newest[r.user_id] = r
-        if not newest:
-            return
-        # per row, the views it is still within the TTL of (age == TTL is still served)
-        now_us = int(self.clock() * 1e6)
-        live: dict[int, list[int]] = {}
-        for u, r in newest.items():
-            live[u] = [i for i, t in enumerate(self.ttl_us) if t is None or now_us - r.ts_us <= t]
         for i, view in enumerate(self.views):
             expired = sum(i not in views for views in live.values())
             if expired:
                 metrics.EXPIRED.labels(view.name).inc(expired)
-        written = [r for u, r in newest.items() if live[u]]
+        written = [r for entity, r in newest.items() if live[entity]]
         if self.redis is not None:
-            # redis-py refuses scripts in a cluster pipeline: one call per row there
-            cluster = isinstance(self.redis, redis.RedisCluster)
-            pipe = None if cluster else self.redis.pipeline(transaction=False)
-            project = self.project.encode()
+            project = store.project.encode()
+            order, encode_key = self.order, self.encoder.encode_values
             for r in written:
-                key = self.user_key.encode_values((r.user_id,)) + project
+                entity = r.entity if order is None else tuple(r.entity[i] for i in order)
+                key = encode_key(entity) + project
                 expire_at = layout.expire_at(r.ts_us / 1e6, self.ttl_s) if self.ttl_s else 0
                 args: list[Any] = [r.ts_us, layout.encode_stamp(r.ts_us), expire_at]
-                for i in live[r.user_id]:
+                for i in live[r.entity]:
                     ts_field, fields = self.layout[i]
                     args += [ts_field, len(fields)]
-                    for name, field, encode in fields:
-                        args += [field, encode(r.values[name]).SerializeToString()]
+                    for field, j, encode in fields:
+                        args += [field, encode(r.values[j])]
                 self.cas(keys=[key], args=args, client=pipe)
-            if pipe is not None:
-                pipe.execute()
         else:
             for i, view in enumerate(self.views):
                 data = [
                     (
-                        self._key(r.user_id),
-                        {f.name: self.encoders[f.name](r.values[f.name]) for f in view.features},
+                        self._key(r.entity),
+                        {name: encode(r.values[j]) for name, j, encode in self.features[i]},
                         datetime.fromtimestamp(r.ts_us / 1e6, UTC),
                         None,
                     )
                     for r in written
-                    if i in live[r.user_id]
+                    if i in live[r.entity]
                 ]
                 if data:
-                    feast_write(self.store, view, data)
+                    feast_write(store, view, data)
+        return written
+
+
+class OnlineWriter:
+    """Writes rows into the profile's online store in Feast's layout, per key group (the
+    entity key of that group's join keys): Redis by compare-and-set
+    (``online_store.layout.COMPARE_AND_SET``), any other store through Feast's own
+    ``online_write_batch`` (SQLite upserts, which with one writer per key in event order
+    is the same).
+
+    A row older than a view's TTL at write time (``clock``) is not written to that view: a
+    replay of old events must not leave values the store would serve as current (Feast's
+    SDK returns whatever is stored); the views of one key group have their own TTLs."""
+
+    def __init__(
+        self, store: FeatureStore, views: list[View], clock: Callable[[], float] = time.time
+    ) -> None:
+        self.store, self.clock = store, clock
+        clients: dict[Any, Any] = {}  # per tier: (Redis client, compare-and-set script)
+        self.groups = {g.keys: _GroupWriter(store, g, clients) for g in key_groups(views)}
+
+    def write(self, rows: Sequence[Row]) -> None:
+        newest: dict[tuple[str, ...], dict[tuple[Any, ...], Row]] = {}
+        for r in rows:  # only each key's newest row matters online
+            of_group = newest.setdefault(r.join_keys, {})
+            seen = of_group.get(r.entity)
+            if seen is None or r.ts_us >= seen.ts_us:
+                of_group[r.entity] = r
+        if not newest:
+            return
+        now_us = int(self.clock() * 1e6)
+        written: list[Row] = []
+        pipes: dict[int, Any] = {}  # one pipeline per Redis client, all groups' rows in it
+        for keys, of_group in newest.items():
+            g, pipe = self.groups[keys], None
+            if g.redis is not None and not g.cluster:
+                pipe = pipes.get(id(g.redis))
+                if pipe is None:
+                    pipe = pipes[id(g.redis)] = g.redis.pipeline(transaction=False)
+            written += g.write(self.store, of_group, now_us, pipe)
+        for pipe in pipes.values():
+            pipe.execute()
         now = time.time()
         metrics.WRITES.labels("online").inc(len(written))
         for r in written:
             metrics.LAG.observe(max(0.0, now - r.ingest_s))
 
 
-def _stream_tier(store: FeatureStore, views: list[FeatureView]) -> tuple[Any, float]:
-    """The online store config the stream views live in (their tier on a tiered store)
-    and the key expiry to keep there (the longest view TTL; 0 when the store sets none)."""
-    placed = [placement(store, v) for v in views]
+def _stream_tier(store: FeatureStore, group: Group) -> tuple[Placement, float]:
+    """Where a key group's views live (their tier on a tiered store) and the key expiry to
+    keep there (the longest view TTL; 0 when the store sets none)."""
+    placed = [placement(store, v.name) for v in group.views]
     tiers = {p.tier for p in placed}
     if len(tiers) != 1:
-        raise ValueError(f"the stream views must share one online store tier, not {tiers}")
-    ttl = max((v.ttl.total_seconds() for v in views if v.ttl), default=0.0)
-    return placed[0].config, ttl if placed[0].expires else 0.0
+        names = [v.name for v in group.views]
+        raise ValueError(
+            f"the streamed views keyed by {group.keys} ({names}) must share one online store "
+            f"tier, not {tiers}"
+        )
+    ttl = max((v.ttl_us / 1e6 for v in group.views if v.ttl_us), default=0.0)
+    return placed[0], ttl if placed[0].expires else 0.0
 
 
 class _OnlinePartition(StatelessSinkPartition[Row]):
@@ -170,40 +247,72 @@ class OnlineSink(DynamicSink[Row]):
         return _OnlinePartition(self.open_writer())
 
 
-class _OfflinePartition(StatefulSinkPartition[Row, None]):
-    """Buffers rows and writes one parquet file per ``date=`` partition at each epoch's
-    snapshot, so a committed epoch's rows are on disk (Bytewax commits an epoch only after
-    every snapshotted step has written it)."""
+@dataclass(frozen=True)
+class _Table:
+    """One view's offline table: where, its schema, and its features' places in a row."""
 
-    def __init__(self, path: Path, schema: pa.Schema, features: list[str]) -> None:
-        self.path, self.schema, self.features = path, schema, features
+    path: Path
+    schema: pa.Schema
+    keys: tuple[str, ...]
+    created: str
+    features: tuple[tuple[str, int], ...]  # (feature, index in Row.values)
+
+
+def _tables(views: list[View]) -> dict[tuple[str, ...], list[_Table]]:
+    """Per key group (its join keys), the offline tables of its views."""
+    out: dict[tuple[str, ...], list[_Table]] = {}
+    for g in key_groups(views):
+        for v in g.views:
+            if not v.created:
+                raise ValueError(
+                    f"streamed view {v.name}: its offline table needs a created timestamp "
+                    "column (streamed rows are appended; the newest created wins)"
+                )
+            features = tuple(g.positions(v.name).items())
+            table = _Table(Path(v.table), offline_schema(v), v.keys, v.created, features)
+            out.setdefault(g.keys, []).append(table)
+    return out
+
+
+_DAY_US = 86_400_000_000
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+
+
+class _OfflinePartition(StatefulSinkPartition[Row, None]):
+    """Buffers rows and writes, per view, one parquet file per ``date=`` partition of its
+    table at each epoch's snapshot, so a committed epoch's rows are on disk (Bytewax
+    commits an epoch only after every snapshotted step has written it)."""
+
+    def __init__(self, tables: dict[tuple[str, ...], list[_Table]]) -> None:
+        self.tables = tables
         self.buffer: list[Row] = []
 
-    def write_batch(self, items: list[Row]) -> None:  # routed by user key, keys stripped
+    def write_batch(self, items: list[Row]) -> None:  # routed by key, keys stripped
         self.buffer.extend(items)
 
     def snapshot(self) -> None:
         if not self.buffer:
             return None
         created = int(time.time() * 1e6)
-        by_day: dict[str, list[Row]] = {}
-        for r in self.buffer:
-            day = datetime.fromtimestamp(r.ts_us / 1e6, UTC).date().isoformat()
-            by_day.setdefault(day, []).append(r)
-        for day, rows in by_day.items():
-            columns: dict[str, list[Any]] = {
-                "user_id": [r.user_id for r in rows],
-                "event_timestamp": [r.ts_us for r in rows],
-                "created": [created] * len(rows),
-            }
-            for f in self.features:
-                columns[f] = [r.values[f] for r in rows]
-            table = pa.table(columns, schema=self.schema)
-            folder = self.path / f"date={day}"
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".stream-{uuid.uuid4().hex}.parquet.tmp"
-            pq.write_table(table, tmp)
-            tmp.rename(folder / f"stream-{uuid.uuid4().hex}.parquet")  # readers never see half
+        by_day: dict[tuple[tuple[str, ...], int], list[Row]] = {}
+        for r in self.buffer:  # by key group and UTC day (days since the epoch)
+            by_day.setdefault((r.join_keys, r.ts_us // _DAY_US), []).append(r)
+        for (keys, days), rows in by_day.items():
+            day = date.fromordinal(_EPOCH_ORDINAL + days).isoformat()
+            for t in self.tables[keys]:
+                columns: dict[str, list[Any]] = {
+                    k: [r.entity[i] for r in rows] for i, k in enumerate(t.keys)
+                }
+                columns["event_timestamp"] = [r.ts_us for r in rows]
+                columns[t.created] = [created] * len(rows)
+                for name, i in t.features:
+                    columns[name] = [r.values[i] for r in rows]
+                table = pa.table(columns, schema=t.schema)
+                folder = t.path / f"date={day}"
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = folder / f".stream-{uuid.uuid4().hex}.parquet.tmp"
+                pq.write_table(table, tmp)
+                tmp.rename(folder / f"stream-{uuid.uuid4().hex}.parquet")  # readers never see half
         metrics.WRITES.labels("offline").inc(len(self.buffer))
         self.buffer = []
         return None
@@ -213,32 +322,35 @@ class _OfflinePartition(StatefulSinkPartition[Row, None]):
 
 
 class OfflineSink(FixedPartitionedSink[Row, None]):
-    """Appends rows to the push source's offline table (parquet, ``date=`` partitions)."""
+    """Appends rows to each streamed view's own offline table (parquet, ``date=``
+    partitions): the view's keys, ``event_timestamp``, its ``created`` column and its
+    features."""
 
     PARTS = 4
 
-    def __init__(self, path: Path, schema: pa.Schema, features: list[str]) -> None:
-        self.path, self.schema, self.features = path, schema, features
+    def __init__(self, views: list[View]) -> None:
+        self.tables = _tables(views)  # checked now, not at the first epoch
 
     def list_parts(self) -> list[str]:
         return [str(i) for i in range(self.PARTS)]
 
     def part_fn(self, item_key: str) -> int:
-        return int(item_key) % self.PARTS
+        return zlib.crc32(item_key.encode()) % self.PARTS  # the same in every process
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _OfflinePartition:
-        return _OfflinePartition(self.path, self.schema, self.features)
+        return _OfflinePartition(self.tables)
 
 
-def offline_schema(views: list[FeatureView]) -> pa.Schema:
-    fields = [
-        pa.field("user_id", pa.int64()),
+def offline_schema(view: View) -> pa.Schema:
+    """A streamed view's offline table: its keys, event time, created time, features."""
+    fields = [pa.field(k, pa.int64()) for k in view.keys]
+    fields += [
         pa.field("event_timestamp", pa.timestamp("us", tz="UTC")),
-        pa.field("created", pa.timestamp("us", tz="UTC")),
+        pa.field(view.created, pa.timestamp("us", tz="UTC")),
     ]
-    for v in views:
-        for f in v.features:
-            fields.append(pa.field(f.name, pa.int64() if f.dtype == Int64 else pa.float64()))
+    for a in view.aggs:
+        is_int = view.dtypes.get(a.name) in (Int64, Int32)
+        fields.append(pa.field(a.name, pa.int64() if is_int else pa.float64()))
     return pa.schema(fields)
 
 
@@ -290,6 +402,8 @@ class _DeadLetterPartition(StatefulSinkPartition[tuple[str, Rejected], None]):
                     f.writelines(lines)
         for r in written:
             metrics.DEAD_LETTERS.labels(r.code).inc()
+            if r.code == "late":  # here, once per event however many key groups it was late for
+                metrics.LATE.inc()
 
     def snapshot(self) -> None:
         return None  # nothing to restore: the written ids are the store's own state

@@ -1,0 +1,45 @@
+"""The decision policy is the repo's declaration: reasons and the fallback rule follow it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import ROOT
+
+from serving.decision import load_policy
+
+POLICY = load_policy(ROOT / "feature_repo")
+
+# (feature values, amount) -> (reasons, fallback decision), written from the declaration
+CASES = [
+    ({}, 10.0, ["no_history"], "approve"),
+    ({}, 1_000.0, ["no_history"], "review"),
+    ({"user_txn_count_30d": 4, "amount_to_avg_30d": 5.0}, 10.0, [], "approve"),
+    ({"user_txn_count_30d": 4, "amount_to_avg_30d": 5.01}, 10.0, ["amount_far_above_usual"],
+     "review"),
+    ({"user_txn_count_30d": 4, "amount_to_avg_30d": 6, "is_new_merchant": 1}, 10.0,
+     ["amount_far_above_usual", "new_merchant"], "decline"),
+    ({"user_txn_count_30d": 4, "user_txn_count_5m": 3}, 10.0, ["velocity_burst"], "decline"),
+    ({"user_txn_count_30d": 4, "user_txn_count_5m": 2}, 10.0, [], "approve"),
+    ({"user_txn_count_30d": 0, "merchant_fraud_rate_30d": 0.06}, 10.0, ["risky_merchant"],
+     "review"),
+    ({"user_txn_count_30d": 1, "merchant_fraud_rate_30d": None, "is_new_merchant": 0}, 999.99,
+     [], "approve"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("values", "amount", "reasons", "fallback"), CASES)
+def test_reasons_and_fallback_follow_the_declaration(values, amount, reasons, fallback) -> None:
+    assert POLICY.reasons(values) == reasons
+    assert POLICY.fallback(values, amount) == fallback
+
+
+def test_a_malformed_policy_names_its_file(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("__pycache__"))
+    path = repo / "decision_policy.py"
+    path.write_text(path.read_text().replace('"missing", None', '"absent", None'))
+    with pytest.raises(ValueError, match=r"decision_policy.py: unknown comparison"):
+        load_policy(repo)
