@@ -105,7 +105,7 @@ def _aggs(view: FeatureView) -> list[Aggregation]:
     try:
         protos = json.loads(view.tags["hotpath.aggregations"])
         return [Aggregation.from_proto(ParseDict(p, AggregationProto())) for p in protos]
-    except (ValueError, TypeError, KeyError) as e:
+    except Exception as e:  # JSON, protobuf's ParseError, a wrong shape: one line
         raise DeclarationError(f"{view.name}: unreadable hotpath.aggregations tag ({e})") from None
 
 
@@ -126,9 +126,9 @@ def compile_view(
         raise fail(f"events source {source_name!r} is not declared in the repo")
     events = events_of(sources[source_name])
     try:
-        known_at: dict[str, str] = json.loads(tags.get("hotpath.known_at", "{}"))
-    except ValueError:
-        raise fail("unreadable hotpath.known_at tag") from None
+        known_at: dict[str, str] = dict(json.loads(tags.get("hotpath.known_at", "{}")))
+    except (ValueError, TypeError):
+        raise fail("unreadable hotpath.known_at tag (a JSON object: feature -> column)") from None
     keys: list[str] = []
     for entity in view.entities:
         key = join_keys.get(entity)

@@ -174,7 +174,9 @@ def apply(store: FeatureStore) -> None:
 
     repo = Path(store.repo_path)
     use_repo(repo)
-    computed_views(repo)  # a bad computation fails here, with the view and the problem
+    from pipelines.stream.aggregates import check_streamed
+
+    check_streamed(computed_views(repo))  # a bad declaration fails here, in one line
     check_tiers(store, repo)
     with _restoring_cwd():  # apply_total chdirs into the repo
         try:

@@ -156,24 +156,30 @@ merchant_floor = aggregated_view(
 """
 
 
-def test_a_new_declaration_is_backfilled_streamed_and_served(tmp_path: Path) -> None:
-    """Declared in a copy of the repo only: `hotpath batch`, `apply`, `materialize` and
-    `stream` compute it, and the online value equals pandas over the raw and streamed events."""
+def test_a_new_declaration_is_backfilled_streamed_and_served(tmp_path: Path, spark) -> None:
+    """Declared in a copy of the repo only: the backfill, `apply`, `materialize` (the library
+    calls behind those commands, in this process) and `hotpath stream` compute it, and the
+    online value equals pandas over the raw and streamed events."""
     import numpy as np
     import pandas as pd
     import reference
     from conftest import make_project
 
     from pipelines import store
+    from pipelines.batch_job import run_batch
 
     project = make_project(tmp_path, rows=1500, days=3, users=40, merchants=8, edges=False)
     repo = project.settings.repo
     (repo / "streaming_features.py").write_text(
         (repo / "streaming_features.py").read_text() + NEW_VIEW
     )
-    for step in (("batch",), ("apply",), ("materialize",)):
-        proc = hotpath(*step, repo=repo, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    s = project.settings
+    run_batch(
+        spark, repo, s.raw_dir, s.offline_dir, project.generated.start.date(), project.now.date()
+    )
+    fs = store.open_store(s)
+    store.apply(fs)
+    store.materialize(fs)
 
     # live payments minutes ago, on merchants the history knows and one it does not
     now = pd.Timestamp.now(tz="UTC").floor("us")
@@ -196,7 +202,6 @@ def test_a_new_declaration_is_backfilled_streamed_and_served(tmp_path: Path) -> 
     proc = hotpath("stream", "--source", "file", "--file", str(folder), repo=repo, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
-    fs = store.open_store(project.settings)
     view = next(v for v in contract.computed_views(repo) if v.name == "merchant_floor")
     events = pd.concat([project.transactions, live], ignore_index=True)
     events["event_timestamp"] = pd.to_datetime(events.event_timestamp, utc=True)
@@ -220,3 +225,38 @@ def test_a_new_declaration_is_backfilled_streamed_and_served(tmp_path: Path) -> 
             err_msg=a.name,
         )
     assert want.loc[0, "merchant_amount_min_10m"] == 0.0  # a 0.00 payment is a minimum
+
+
+def test_stream_only_problems_fail_at_apply(repo_copy: Path) -> None:
+    """A streamed view aggregating a column the live events do not carry passes the generic
+    checks but not the stream's: `apply` runs both, before registering anything."""
+    from pipelines import store
+    from pipelines.settings import Settings
+
+    _add_view(repo_copy, 'Aggregation("is_fraud", "sum", HOUR, name="user_fraud_1h")')
+    with pytest.raises(HotpathError, match="bad_view: user_fraud_1h aggregates 'is_fraud'"):
+        store.apply(store.open_store(Settings(repo=repo_copy)))
+
+
+def test_one_offline_row_per_key_and_instant_per_epoch(tmp_path: Path) -> None:
+    """A correction in the same epoch (an out-of-order event re-emits a later row) must not
+    leave two rows with one ``created``: Feast's pick between them would be arbitrary."""
+    import dataclasses
+
+    import pandas as pd
+
+    from pipelines.stream.sinks import OfflineSink, Row
+
+    view = next(
+        v for v in contract.computed_views(ROOT / "feature_repo") if v.name == "user_velocity"
+    )
+    view = dataclasses.replace(view, table=str(tmp_path / "user_velocity"))
+    part = OfflineSink([view]).build_part("offline", "0", None)
+    t = 1_700_000_000_000_000
+    first, corrected = (1, 10.0, 1, 10.0), (2, 15.0, 2, 15.0)
+    part.write_batch([Row(("user_id",), (7,), t, first, 0.0)])
+    part.write_batch([Row(("user_id",), (7,), t, corrected, 0.0)])
+    part.snapshot()
+    part.close()
+    rows = pd.read_parquet(tmp_path / "user_velocity")
+    assert len(rows) == 1 and rows.iloc[0]["user_txn_count_5m"] == 2, rows

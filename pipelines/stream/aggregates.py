@@ -135,6 +135,20 @@ def key_groups(views: Iterable[View]) -> list[Group]:
     return groups
 
 
+def check_streamed(views: Iterable[View]) -> None:
+    """Refuse streamed views the one flow cannot compute: each checked by :func:`check`, and
+    all over one events source (the flow reads one stream). ``hotpath apply`` runs this."""
+    streamed = [v for v in views if v.streamed]
+    for v in streamed:
+        check(v)
+    sources = {v.events.name for v in streamed}
+    if len(sources) > 1:
+        named = ", ".join(f"{v.name}: {v.events.name}" for v in streamed)
+        raise StreamDeclarationError(
+            f"streamed views read different events sources ({named}); the flow reads one"
+        )
+
+
 def check(view: View) -> None:
     """Refuse a streamed view the stream cannot compute."""
     seen = ", ".join(STREAM_COLUMNS)

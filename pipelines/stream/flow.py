@@ -27,7 +27,7 @@ from pipelines.declared import View
 from pipelines.errors import HotpathError
 from pipelines.settings import Settings, StreamSettings
 from pipelines.stream import metrics
-from pipelines.stream.aggregates import Group, KeyWindow, apply, check, key_groups
+from pipelines.stream.aggregates import Group, KeyWindow, apply, check_streamed, key_groups
 from pipelines.stream.events import Event, Rejected, parse
 from pipelines.stream.sinks import (
     DeadLetterSink,
@@ -55,8 +55,7 @@ def stream_views(store: Any) -> list[View]:
             "no streamed feature view in the registry (a per_event aggregated_view with "
             "stream=True)"
         )
-    for v in views:
-        check(v)
+    check_streamed(views)
     return views
 
 

@@ -294,8 +294,12 @@ class _OfflinePartition(StatefulSinkPartition[Row, None]):
         if not self.buffer:
             return None
         created = int(time.time() * 1e6)
+        # a key's row for one instant may come twice in an epoch (a correction after an
+        # out-of-order event, a tie in a later batch): only the last one, which supersedes,
+        # is written; equal ``created`` would leave Feast's pick between them arbitrary
+        latest = {(r.join_keys, r.entity, r.ts_us): r for r in self.buffer}
         by_day: dict[tuple[tuple[str, ...], int], list[Row]] = {}
-        for r in self.buffer:  # by key group and UTC day (days since the epoch)
+        for r in latest.values():  # by key group and UTC day (days since the epoch)
             by_day.setdefault((r.join_keys, r.ts_us // _DAY_US), []).append(r)
         for (keys, days), rows in by_day.items():
             day = date.fromordinal(_EPOCH_ORDINAL + days).isoformat()
