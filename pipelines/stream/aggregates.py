@@ -194,12 +194,6 @@ class Update:
     late: list[Event]
 
 
-def row_at(state: KeyWindow, t: int, group: Group) -> tuple[Any, ...]:
-    """The group's aggregates over ``(t - W, t]`` (in ``group.aggs`` order); an empty window
-    gives count 0, sum 0, and None for mean, max and min."""
-    return group.row(state.times, state.values, t)
-
-
 # Each function as a Python expression over the window: ``lo`` its first event's index, ``w``
 # its values of the aggregation's column (``values[col][lo:hi]``).
 _EXPRESSIONS = {
