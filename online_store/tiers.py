@@ -25,6 +25,7 @@ own writers do the same (:attr:`Placement.expires`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -66,9 +67,44 @@ def is_tiered(online_config: Any) -> bool:
     return online_config.type == TYPE
 
 
+class UnsetVariableError(ValueError):
+    """A tier's setting names an environment variable that is not set."""
+
+
+_PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
+CREDENTIALS = ("username", "password")
+
+
+def _resolved(conf: dict[str, Any]) -> dict[str, Any]:
+    """``conf`` with the ``${VAR}`` Feast's substitution left as written (it keeps an unset
+    variable's placeholder): an unset or empty credential is no credential, never the
+    placeholder sent as one; any other unset value, or one credential without the other,
+    is a one-line error naming the variable."""
+    out = dict(conf)
+    for key, value in conf.items():
+        unset = [m[1] for v in (value if isinstance(value, list) else [value])
+                 if isinstance(v, str) for m in _PLACEHOLDER.finditer(v)]  # fmt: skip
+        if unset and key in CREDENTIALS:
+            out[key] = None
+        elif unset:
+            raise UnsetVariableError(f"{conf['type']} store {key}: ${{{unset[0]}}} is not set")
+    for key in CREDENTIALS:
+        if out.get(key) == "":  # set to nothing: no credential either
+            out[key] = None
+    given = [k for k in CREDENTIALS if out.get(k) is not None]
+    if len(given) == 1:
+        missing = next(k for k in CREDENTIALS if k not in given)
+        why = f": {conf[missing]} is not set" if conf.get(missing) else ""
+        raise UnsetVariableError(
+            f"{conf['type']} store: {given[0]} given without {missing}{why} (give both or neither)"
+        )
+    return out
+
+
 def store_config(conf: dict[str, Any]) -> Any:
-    """One tier's Feast config object from its ``tiers`` entry."""
-    return get_online_config_from_type(conf["type"])(**conf)
+    """One tier's Feast config object from its ``tiers`` entry (unset variables resolved
+    by :func:`_resolved`)."""
+    return get_online_config_from_type(conf["type"])(**_resolved(conf))
 
 
 def tier_configs(online_config: Any) -> dict[str, Any]:

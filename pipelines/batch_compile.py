@@ -1,19 +1,24 @@
 """One compiler from a declared computation (:class:`pipelines.declared.View`) to Spark.
 
-:func:`compute` gives a view's offline rows for a range of days, point-in-time correct, by
-the semantics ``feature_repo/aggregated.py`` states:
+:func:`compute_shared` gives the offline rows of views that share their events, keys and
+cadence (a :func:`passes` group) in one pass over the events, one sort or one roll-up for
+all of them; :func:`view_rows` takes one view's table from it (:func:`compute`: one view).
+Point-in-time correct, by the semantics ``feature_repo/aggregated.py`` states:
 
 * ``per_event``: a row per key and event instant ``t``, each window ``(t - W, t]`` (a range
   window over unix microseconds, so ties at ``t`` are in);
 * ``daily``: a row per key and UTC midnight ``as_of`` while the key had an event in the
   longest window plus a day, each window ``[as_of - W, as_of)``. Events are first rolled
   into partial aggregates per key and day (and day their ``known_at`` value became known),
-  so a 30-day window costs ~31 bucket rows per key, not a rescan of the raw events.
+  so a 30-day window costs ~31 bucket rows per key, not a rescan of the raw events. The
+  buckets are partitioned by key, so each bucket is copied to the snapshots it is in and
+  summed there without a second shuffle.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from collections.abc import Sequence
+from datetime import UTC, date, datetime
 
 from feast.types import Bool, Float32, Float64, Int32, Int64, String
 from pyspark.sql import Column, DataFrame, Window
@@ -44,19 +49,64 @@ def lookback_days(view: View) -> int:
     return days + 1 if view.cadence == DAILY else days
 
 
+def passes(views: Sequence[View]) -> list[tuple[View, ...]]:
+    """``views`` grouped by what one pass can compute together: the same events, join keys
+    and cadence (one window sort, or one daily roll-up, for the whole group)."""
+    groups: dict[tuple[str, tuple[str, ...], str], list[View]] = {}
+    for view in views:
+        groups.setdefault((view.events.name, view.keys, view.cadence), []).append(view)
+    return [tuple(g) for g in groups.values()]
+
+
 def compute(view: View, events: DataFrame, first: date, last: date) -> DataFrame:
     """The offline rows of ``view`` for the days ``first..last`` (``events`` must reach
     :func:`lookback_days` before ``first``): join keys, ``event_timestamp``, the features,
     ``created`` (if the table has one) and the ``date`` partition."""
-    out = (_daily if view.cadence == DAILY else _per_event)(view, events, first, last)
+    return view_rows(compute_shared((view,), events, first, last), (view,), 0)
+
+
+def compute_shared(views: Sequence[View], events: DataFrame, first: date, last: date) -> DataFrame:
+    """The rows of every view of one :func:`passes` group (``events`` reaching the longest
+    :func:`lookback_days` of the group), in one frame: join keys, ``event_timestamp``,
+    ``date`` and each view's features under private names; :func:`view_rows` takes one
+    view's table out of it."""
+    if len(passes(views)) != 1:
+        raise ValueError(f"{[v.name for v in views]} are not one pass (events, keys, cadence)")
+    aggs = [(_col(i, j), a) for i, v in enumerate(views) for j, a in enumerate(v.aggs)]
+    cadence = views[0].cadence
+    return (_daily if cadence == DAILY else _per_event)(views, aggs, events, first, last)
+
+
+def view_rows(shared: DataFrame, views: Sequence[View], index: int) -> DataFrame:
+    """View ``views[index]``'s table out of :func:`compute_shared` ``(views, ...)``: its rows
+    (a daily view keeps a key while it had an event in its own longest window plus a day),
+    with its columns, types and ``created``."""
+    view = views[index]
+    if view.cadence == DAILY and _reach(view) < max(map(_reach, views)):
+        shared = shared.filter(F.col("_nearest") <= _reach(view))
     created = F.timestamp_micros(F.lit(int(BACKFILL_CREATED.timestamp()) * US))
-    return out.select(
+    return shared.select(
         *view.keys,
         "event_timestamp",
-        *(F.col(a.name).cast(SPARK_TYPES[view.dtypes[a.name]]) for a in view.aggs),
+        *(
+            F.col(_col(index, j)).cast(SPARK_TYPES[view.dtypes[a.name]]).alias(a.name)
+            for j, a in enumerate(view.aggs)
+        ),
         *([created.alias(view.created)] if view.created else []),
         "date",
     )
+
+
+def _col(view: int, agg: int) -> str:
+    """The private column of a view's aggregation in a shared pass (two views of one pass
+    may name a feature alike)."""
+    return f"_v{view}_{agg}"
+
+
+def _reach(view: View) -> int:
+    """Days a daily view keeps a key after its last event: the longest window plus the
+    closing day."""
+    return view.longest_us // DAY_US + 1
 
 
 def _summed(view: View, column: str) -> Column:
@@ -65,12 +115,18 @@ def _summed(view: View, column: str) -> Column:
     return F.col(column).cast("double" if floating else "bigint")
 
 
-def _per_event(view: View, events: DataFrame, first: date, last: date) -> DataFrame:
+def _per_event(
+    views: Sequence[View], aggs: list[tuple[str, Agg]], events: DataFrame, first: date, last: date
+) -> DataFrame:
+    """Every aggregation of the group over one window sort (Spark evaluates window
+    expressions sharing ``partitionBy``/``orderBy`` in one pass, whatever their frames)."""
+    view = views[0]
     ts = F.col(view.events.timestamp_field)
     events = events.withColumn("_us", F.unix_micros(ts))
+    ordered = Window.partitionBy(*view.keys).orderBy("_us")
 
-    def over(a: Agg) -> Column:
-        window = Window.partitionBy(*view.keys).orderBy("_us").rangeBetween(-(a.window_us - 1), 0)
+    def over(name: str, a: Agg) -> Column:
+        window = ordered.rangeBetween(-(a.window_us - 1), 0)
         value = {
             "count": F.count(F.lit(1)),
             "sum": F.sum(_summed(view, a.column)),
@@ -83,24 +139,34 @@ def _per_event(view: View, events: DataFrame, first: date, last: date) -> DataFr
             value = F.coalesce(value, F.lit(0))
         elif a.function == "count_distinct":
             value = F.size(value)
-        return value.alias(a.name)
+        return value.alias(name)
 
+    # Ties share their window's values: keep the first row of each key and instant, found in
+    # the same sort (a dropDuplicates would hash every row again).
+    instant = F.lag("_us").over(ordered)
     return (
-        events.select(*view.keys, ts.alias("event_timestamp"), *map(over, view.aggs))
+        events.select(
+            *view.keys,
+            ts.alias("event_timestamp"),
+            *(over(n, a) for n, a in aggs),
+            (instant.isNull() | (instant != F.col("_us"))).alias("_first"),
+        )
+        .filter(F.col("_first"))
+        .drop("_first")
         .withColumn("date", F.to_date("event_timestamp"))
         .filter(F.col("date").between(first, last))
-        .dropDuplicates([*view.keys, "event_timestamp"])  # ties share their window's values
     )
 
 
-def _daily(view: View, events: DataFrame, first: date, last: date) -> DataFrame:
-    spark = events.sparkSession
-    today = datetime.now(UTC).date()  # a snapshot as of a future midnight is unfinished
-    days = [first + timedelta(days=i) for i in range((min(last, today) - first).days + 1)]
-    snapshots = spark.createDataFrame([(d,) for d in days], "as_of date")
+def _daily(
+    views: Sequence[View], aggs: list[tuple[str, Agg]], events: DataFrame, first: date, last: date
+) -> DataFrame:
+    view = views[0]
+    # a snapshot as of a future midnight is unfinished
+    last = min(last, datetime.now(UTC).date())
 
     # Partial aggregates per bucket (key, event day, day each known_at column became known).
-    known_at = sorted({a.known_at for a in view.aggs if a.known_at})
+    known_at = sorted({a.known_at for _, a in aggs if a.known_at})
     known = {c: f"_known{i}" for i, c in enumerate(known_at)}
     partials: dict[tuple[str, str], str] = {}
 
@@ -129,7 +195,7 @@ def _daily(view: View, events: DataFrame, first: date, last: date) -> DataFrame:
         n = F.sum(F.when(inside, counted))
         return F.when(n > 0, total / n)
 
-    finals = [final(a).alias(a.name) for a in view.aggs]  # registers the partials used
+    finals = [final(a).alias(name) for name, a in aggs]  # registers the partials used
     exprs = {
         "rows": lambda c: F.count(F.lit(1)),
         "values": F.count,
@@ -139,20 +205,31 @@ def _daily(view: View, events: DataFrame, first: date, last: date) -> DataFrame:
         "set": F.collect_set,
     }
     ts = F.col(view.events.timestamp_field)
+    reach = max(map(_reach, views))
+    # Partitioned by key alone, so the buckets' copies below are summed where they are; in
+    # partitions of a fixed number (not left to adaptive coalescing, which sees the events,
+    # not the copies), more of them as each bucket is copied to more snapshots: the session's
+    # shuffle partitions per week of reach.
+    parts = int(events.sparkSession.conf.get("spark.sql.shuffle.partitions") or 8)
     buckets = (
         events.withColumn("_day", F.to_date(ts))
         .withColumns({k: F.to_date(c) for c, k in known.items()})
+        .repartition(parts * -(-reach // 7), *view.keys)
         .groupBy(*view.keys, "_day", *known.values())
         .agg(*(exprs[kind](c).alias(name) for (kind, c), name in partials.items()))
     )
-    reach = view.longest_us // DAY_US + 1  # the longest window plus the closing day
-    joined = buckets.join(
-        F.broadcast(snapshots),
-        (F.col("_day") < F.col("as_of")) & (F.col("_day") >= F.date_sub(F.col("as_of"), reach)),
-    ).withColumn("_lag", F.datediff(F.col("as_of"), F.col("_day")))
+    # A bucket is in the snapshots as of the `reach` days after it (the longest window plus
+    # the closing day) that fall in first..last.
+    lo = F.greatest(F.date_add("_day", 1), F.lit(first))
+    hi = F.least(F.date_add("_day", reach), F.lit(last))
+    copies = (
+        buckets.filter(lo <= hi)
+        .withColumn("as_of", F.explode(F.sequence(lo, hi)))
+        .withColumn("_lag", F.datediff(F.col("as_of"), F.col("_day")))
+    )
     return (
-        joined.groupBy(*view.keys, "as_of")
-        .agg(*finals)
+        copies.groupBy(*view.keys, "as_of")
+        .agg(*finals, F.min("_lag").alias("_nearest"))
         .withColumn("event_timestamp", F.to_timestamp("as_of"))
         .withColumnRenamed("as_of", "date")
     )

@@ -57,46 +57,51 @@ class Refused:
         return f"refused {self.total:,} raw events" + (f" ({codes})" if codes else "")
 
 
-def judge(tx: DataFrame, rules: EventRules, now: datetime) -> DataFrame:
-    """``tx`` plus ``code`` and ``reason``: null for a valid event, else why it is refused.
+def judge(events: DataFrame, rules: EventRules, now: datetime) -> DataFrame:
+    """``events`` plus ``code`` and ``reason``: null for a valid event, else why it is refused.
     The repo's declaration, checked in the stream's order with the stream's codes, so an
-    event the stream dead-letters is one the backfill refuses (future: against ``now``)."""
+    event the stream dead-letters is one the backfill refuses (future: against ``now``).
+    Generic over the declared fields by their type in ``events``: the timestamp first, then
+    each integer field against the id bounds and each floating one against the amount's."""
     us = batch_compile.US
-    ahead_us = int(now.timestamp() * us) + round(rules.max_future_s * us)
-    ts, amount = F.col("event_timestamp"), F.col("amount")
-    checks: list[tuple[Column, str, Column]] = [
-        (ts.isNull(), "bad_type", F.lit("event_timestamp is null")),
-        (
-            F.unix_micros(ts) > ahead_us,
-            "future_timestamp",
-            F.format_string(
-                "event_timestamp %s is more than %ss ahead", ts, F.lit(f"{rules.max_future_s:g}")
-            ),
-        ),
-    ]
-    for name in ("user_id", "merchant_id"):
-        c = F.col(name)
-        checks.append(
+    types = {f.name: f.dataType for f in events.schema.fields}
+    fields = [name for name in rules.fields if name in types]
+    stamps = [n for n in fields if isinstance(types[n], T.TimestampType | T.TimestampNTZType)]
+    checks: list[tuple[Column, str, Column]] = []
+    for name in stamps:
+        ts = F.col(name)
+        checks += [
+            (ts.isNull(), "bad_type", F.lit(f"{name} is null")),
             (
-                c.isNull() | (c < rules.id_min) | (c > rules.id_max),
-                "bad_type",
-                F.format_string(f"{name} %s outside [{rules.id_min}, {rules.id_max}]", c),
-            )
-        )
-    checks += [
-        (amount.isNull(), "bad_type", F.lit("amount is null")),
-        (
-            F.isnan(amount) | (amount < rules.amount_min) | (amount > rules.amount_max),
-            "bad_amount",
-            F.format_string(
-                f"amount %s outside [{rules.amount_min:g}, {rules.amount_max:g}]", amount
+                F.unix_micros(ts) > int(now.timestamp() * us) + round(rules.max_future_s * us),
+                "future_timestamp",
+                F.format_string(f"{name} %s is more than {rules.max_future_s:g}s ahead", ts),
             ),
-        ),
-    ]
-    code, reason = F.when(checks[0][0], F.lit(checks[0][1])), F.when(checks[0][0], checks[0][2])
-    for cond, c, r in checks[1:]:  # the first failing check names the event's code
-        code, reason = code.when(cond, F.lit(c)), reason.when(cond, r)
-    return tx.withColumn("code", code).withColumn("reason", reason)
+        ]
+    for name in fields:
+        c = F.col(name)
+        if isinstance(types[name], T.IntegralType):
+            checks.append(
+                (
+                    c.isNull() | (c < rules.id_min) | (c > rules.id_max),
+                    "bad_type",
+                    F.format_string(f"{name} %s outside [{rules.id_min}, {rules.id_max}]", c),
+                )
+            )
+        elif isinstance(types[name], T.FractionalType):
+            bounds = f"[{rules.amount_min:g}, {rules.amount_max:g}]"
+            checks += [
+                (c.isNull(), "bad_type", F.lit(f"{name} is null")),
+                (
+                    F.isnan(c) | (c < rules.amount_min) | (c > rules.amount_max),
+                    "bad_amount",
+                    F.format_string(f"{name} %s outside {bounds}", c),
+                ),
+            ]
+    code = reason = F.lit(None).cast("string")
+    for cond, c, r in reversed(checks):  # the first failing check names the event's code
+        code, reason = F.when(cond, F.lit(c)).otherwise(code), F.when(cond, r).otherwise(reason)
+    return events.withColumn("code", code).withColumn("reason", reason)
 
 
 def _days(first: date, last: date) -> list[date]:
@@ -161,17 +166,23 @@ def check_contract(
 
 
 def _replace_partitions(
-    spark: SparkSession, df: DataFrame | None, path: Path, days: list[date]
+    spark: SparkSession,
+    df: DataFrame | None,
+    path: Path,
+    days: list[date],
+    by_date: bool = True,
 ) -> None:
     """Delete the range's partitions (also those that will be empty), then write the new ones
-    (none when ``df`` is None)."""
+    (none when ``df`` is None), one file per day (``by_date``; else ``df`` is already
+    partitioned and sorted by ``date``)."""
     jvm = spark.sparkContext._jvm
     conf = spark.sparkContext._jsc.hadoopConfiguration()
     for d in days:
         p = jvm.org.apache.hadoop.fs.Path(str(path / f"date={d.isoformat()}"))
         p.getFileSystem(conf).delete(p, True)
     if df is not None:
-        df.repartition("date").write.mode("append").partitionBy("date").parquet(str(path))
+        df = df.repartition("date") if by_date else df
+        df.write.mode("append").partitionBy("date").parquet(str(path))
 
 
 def _write_refused(
@@ -232,22 +243,33 @@ def run_batch(
         if on_refused:
             on_refused(refused)
         valid = judged.filter(F.col("code").isNull()).drop("code", "reason")
-        for view in jobs:
-            t0 = time.perf_counter()
-            since = start - timedelta(days=batch_compile.lookback_days(view))
+        for group in batch_compile.passes(jobs):
+            since = start - timedelta(days=max(map(batch_compile.lookback_days, group)))
             source = valid.filter(valid.date.between(since, end)).drop("date")
-            out = batch_compile.compute(view, source, start, end)
-            readers = [
-                v for v in contract.values() if getattr(v.batch_source, "path", None) == view.table
-            ]
-            check_contract(out, view.name, readers, keys)
-            target = offline_dir / view.name
-            _replace_partitions(spark, out, target, _days(start, end))
-            rows = spark.read.parquet(str(target)).filter(F.col("date").between(start, end)).count()
-            result = ViewResult(view.name, rows, time.perf_counter() - t0, target)
-            results.append(result)
-            if progress:
-                progress(result)
+            shared = batch_compile.compute_shared(group, source, start, end)
+            if len(group) > 1:  # computed once, each view's table written from the copy
+                shared = shared.repartition("date").sortWithinPartitions("date").persist()
+            for i, view in enumerate(group):
+                t0 = time.perf_counter()
+                out = batch_compile.view_rows(shared, group, i)
+                readers = [
+                    v
+                    for v in contract.values()
+                    if getattr(v.batch_source, "path", None) == view.table
+                ]
+                check_contract(out, view.name, readers, keys)
+                target = offline_dir / view.name
+                _replace_partitions(spark, out, target, _days(start, end), len(group) == 1)
+                rows = (
+                    spark.read.parquet(str(target))
+                    .filter(F.col("date").between(start, end))
+                    .count()
+                )
+                result = ViewResult(view.name, rows, time.perf_counter() - t0, target)
+                results.append(result)
+                if progress:
+                    progress(result)
+            shared.unpersist()
     return results
 
 

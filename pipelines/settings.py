@@ -59,10 +59,12 @@ class StreamSettings(BaseSettings):
     streams: list[str] = ["transactions"]
     group: str = "hotpath"
     block_ms: int = 100
-    kafka_brokers: list[str] = ["127.0.0.1:9092"]
-    kafka_topics: list[str] = ["transactions"]
+    # default: the declared KafkaSource's bootstrap servers and topic (pipelines.stream.kafka)
+    kafka_brokers: list[str] | None = None
+    kafka_topics: list[str] | None = None
     lateness_s: float = 300  # out-of-order tolerance, per key (behind its newest event)
-    dead_letter: str | None = None  # Redis stream (redis source) or file; default derived
+    # Redis stream (redis source), Kafka topic (kafka source) or file; default derived
+    dead_letter: str | None = None
     offline: bool = True
     metrics_port: int | None = None
 
@@ -82,6 +84,9 @@ class Settings(BaseSettings):
     scylla_host: str = "127.0.0.1"  # production profile: HOTPATH_SCYLLA_HOST...
     scylla_keyspace: str = "hotpath"
     scylla_local_dc: str = "datacenter1"
+    # HOTPATH_SCYLLA_USERNAME / _PASSWORD: both or neither (unset: no credential is sent)
+    scylla_username: str | None = None
+    scylla_password: str | None = None
     feature_service: str = "fraud_detection_v1"  # what train, features and the demo use
     triton_venv: Path = PROJECT_ROOT / ".venv-triton"
     spark: SparkSettings = Field(default_factory=SparkSettings)

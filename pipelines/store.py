@@ -39,10 +39,11 @@ def open_store(settings: Settings) -> FeatureStore:
     try:
         fs = FeatureStore(repo_path=str(settings.repo.resolve()), fs_yaml_file=yaml_path)
         config = fs.config.online_store  # parses the online store section now
+        tiers = tier_configs(config)
     except Exception as e:
         raise HotpathError(f"cannot load {yaml_path}: {first_line(e)}") from None
     if settings.profile != "redis":
-        for tier, cfg in tier_configs(config).items():
+        for tier, cfg in tiers.items():
             check_tier(tier, cfg)
     return fs
 
@@ -57,6 +58,13 @@ def open_store_env(settings: Settings) -> None:
     os.environ["HOTPATH_SCYLLA_HOST"] = settings.scylla_host
     os.environ["HOTPATH_SCYLLA_KEYSPACE"] = settings.scylla_keyspace
     os.environ["HOTPATH_SCYLLA_LOCAL_DC"] = settings.scylla_local_dc
+    credentials = {"HOTPATH_SCYLLA_USERNAME": settings.scylla_username,
+                   "HOTPATH_SCYLLA_PASSWORD": settings.scylla_password}  # fmt: skip
+    for name, value in credentials.items():  # unset: none sent (online_store.tiers)
+        if value:
+            os.environ[name] = value
+        else:
+            os.environ.pop(name, None)
 
 
 def check_tier(name: str, cfg: Any, timeout_s: float = 3.0) -> str:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything hotpath needs on a Debian/Ubuntu machine, idempotently:
-#   - Java 17 (Spark) and, with --with-redis, redis-server (tests), from apt if missing;
+#   - Java 17 (Spark) and, with --with-redis, redis-server and kcat (tests: kcat hosts
+#     librdkafka's mock Kafka cluster), from apt if missing;
 #   - a virtual environment in .venv with hotpath and its dev tools;
 #   - with --with-triton, a second one in .venv-triton with the nvidia-pytriton wheel
 #     (its tritonserver runs the local Triton; it pins numpy < 2, feast needs >= 2).
@@ -30,8 +31,9 @@ java_ok() {
 
 packages=()
 java_ok || packages+=(openjdk-17-jre-headless)
-if [[ $with_redis -eq 1 ]] && ! command -v redis-server >/dev/null 2>&1; then
-  packages+=(redis-server)
+if [[ $with_redis -eq 1 ]]; then
+  command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+  command -v kcat >/dev/null 2>&1 || packages+=(kcat)
 fi
 if ((${#packages[@]})); then
   echo "==> apt-get install ${packages[*]}"

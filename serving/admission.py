@@ -12,12 +12,18 @@ with 503 + ``Retry-After`` (a ``Problem`` body) instead of queueing it. Probes
 (``/health``, ``/ready``, ``/metrics``) are never refused. Deadlines count from the stamp
 (:func:`arrival`). uvicorn's own ``limit_concurrency`` counts open connections too, so
 it would refuse every request of a client pool larger than the limit.
+
+The protocol also knows which requests are about to reach the scorer (:func:`company`):
+the predict requests in flight, and one per connection answered moments ago that has
+not asked again (a client in a request loop asks again at once). The scorer waits a
+moment for them so that they share one store round trip and one model call.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +40,12 @@ OVERLOADED = json.dumps(
 _limit = 64
 _backlogged: Callable[[], bool] = lambda: False  # noqa: E731
 _refused = 0  # since the last take_refused(): a plain count, cheaper than a metric per 503
+_refused_at = float("-inf")  # time.perf_counter() of the last refusal
+QUIET_AFTER_REFUSAL_S = 1.0  # no waiting for company this long after a refusal
+_in_flight = 0  # admitted predict requests not answered yet (probes are not counted)
+# connections whose last predict request was answered, and when (oldest first; dropped
+# when they ask again, close, or are looked at past the window)
+_idle: OrderedDict[AdmissionProtocol, float] = OrderedDict()
 
 
 def take_refused() -> int:
@@ -48,6 +60,22 @@ def configure(max_in_flight: int, backlogged: Callable[[], bool]) -> None:
     process and configures its own)."""
     global _limit, _backlogged
     _limit, _backlogged = max_in_flight, backlogged
+
+
+def company(window_s: float) -> int:
+    """How many predict requests this worker may expect at its scorer shortly: those in
+    flight (some already queued) plus one per connection answered within ``window_s``
+    that has not asked again. 0 for a while after a refusal: an overloaded worker's
+    batches fill by themselves, and a refused client is no company."""
+    now = time.perf_counter()
+    if now - _refused_at < QUIET_AFTER_REFUSAL_S:
+        return 0
+    while _idle:
+        conn, since = next(iter(_idle.items()))
+        if now - since <= window_s:
+            break
+        del _idle[conn]
+    return _in_flight + len(_idle)
 
 
 def arrival(scope: dict[str, Any]) -> float:
@@ -72,21 +100,31 @@ _KEEP_ALIVE, _CLOSE = _response(True), _response(False)
 
 
 class AdmissionProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with an arrival stamp and a bound on what waits."""
+    """uvicorn's httptools protocol with an arrival stamp, a bound on what waits, and the
+    count of what is about to arrive (:func:`company`)."""
+
+    _counted = False  # a predict request of this connection is in ``_in_flight``
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope[ARRIVAL] = time.perf_counter()  # type: ignore[literal-required]
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
-        if cycle.scope.get("path") in EXEMPT or (len(self.tasks) < _limit and not _backlogged()):
+        global _in_flight, _refused, _refused_at
+        if cycle.scope.get("path") in EXEMPT:
+            super()._start_asgi_task(cycle, app)
+            return
+        _idle.pop(self, None)
+        if len(self.tasks) < _limit and not _backlogged():
+            self._counted = True
+            _in_flight += 1
             super()._start_asgi_task(cycle, app)
             return
         # Refused where it was parsed: no task, no routing, no body parsing, no metric
         # write; a refusal storm (clients that ignore Retry-After) costs one write per
         # request, so the admitted requests keep the CPU.
-        global _refused
         _refused += 1
+        _refused_at = time.perf_counter()
         cycle.response_complete = True  # the rest of its body, if any, is skipped
         self.transport.write(_KEEP_ALIVE if cycle.keep_alive else _CLOSE)
         if not cycle.keep_alive:
@@ -100,3 +138,19 @@ class AdmissionProtocol(HttpToolsProtocol):
         if self.pipeline:
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
+
+    def on_response_complete(self) -> None:
+        global _in_flight
+        if self._counted:
+            self._counted = False
+            _in_flight -= 1
+            _idle[self] = time.perf_counter()
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        global _in_flight
+        if self._counted:
+            self._counted = False
+            _in_flight -= 1
+        _idle.pop(self, None)
+        super().connection_lost(exc)

@@ -97,7 +97,7 @@ def build_runtime(settings: ServingSettings) -> Runtime:
             f"decision policy names features {meta.feature_service} does not serve: {unknown}"
         )
     metrics = Metrics(meta.feature_names, reader.view_names, settings.metrics_dir)
-    scorer = Scorer(settings, reader, meta, backend, metrics, policy)
+    scorer = Scorer(settings, reader, meta, backend, metrics, policy, admission.company)
     admission.configure(settings.max_in_flight, scorer.backlogged)
     return Runtime(settings, scorer, Health(scorer), metrics)
 

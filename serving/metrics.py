@@ -27,6 +27,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    values,
 )
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -39,6 +40,12 @@ DECISIONS = ("approve", "review", "decline")
 
 
 disable_created_metrics()  # creation timestamps: noise, and meaningless once summed
+# Importing Feast (feast.metrics, pulled in by FeatureStore) sets PROMETHEUS_MULTIPROC_DIR
+# in the environment, which switches prometheus_client to memory-mapped values for every
+# metric made afterwards, in this process and in the workers it spawns: the locked file
+# writes this module exists to avoid (a tenth of a worker's CPU at load). Values stay in
+# memory whatever the environment says.
+values.ValueClass = values.MutexValue
 # how a gauge combines over workers (default: the worst, max)
 GAUGE_RULE: dict[str, Callable[[float, float], float]] = {"hotpath_ready": min}
 

@@ -73,6 +73,11 @@ class OnlineFeatures:
             )
         self._ttls = {n: v.ttl_s for v in self.views for n in v.features}
         self.view_names = [v.name for v in self.views]
+        # per view, for read_served: its features, all missing, its name and TTL
+        self._served_plans = [
+            (v.features, dict.fromkeys(v.features), v.name, v.ttl_s) for v in self.views
+        ]
+        self._on_demand_none = dict.fromkeys(n for o in self.on_demand for n in o.outputs)
         # distinct entity keys (views on the same join keys share one serialized key)
         self._encoders = {
             v.join_keys: KeyEncoder(v.join_keys, v.key_types, self.version) for v in self.views
@@ -90,14 +95,7 @@ class OnlineFeatures:
     def read(self, rows: Sequence[dict[str, Any]]) -> list[Vector]:
         """Stored and on-demand values for each row (``row`` holds join keys and request
         fields); no TTL applied, like Feast."""
-        keys = self.entity_keys(rows)
-        # every tier's request goes out before any answer is awaited: one round trip each,
-        # concurrently
-        pending = [(backend.send(keys), backend, members) for backend, members in self._backends]
-        stored: list[Found] = [[] for _ in self.views]
-        for handle, backend, members in pending:
-            for i, found in zip(members, backend.receive(handle), strict=True):
-                stored[i] = found
+        stored = self._stored(rows)
         vectors = []
         for i in range(len(rows)):
             values: dict[str, Any] = {}
@@ -111,20 +109,74 @@ class OnlineFeatures:
                     values.update(zip(plan.features, feature_values, strict=True))
                     ts.update(dict.fromkeys(plan.features, stamp))
             vectors.append(Vector(values, ts))
+        self._add_on_demand(rows, [v.values for v in vectors])
+        for vec in vectors:
+            vec.ts.update(self._on_demand_none)
+        return vectors
+
+    def read_served(
+        self, rows: Sequence[dict[str, Any]], now: float | None = None
+    ) -> tuple[list[dict[str, Any]], list[dict[str, float | None]]]:
+        """What the model is served for each row, in one pass (the request path's
+        :meth:`read` + :func:`served`): the values, each view's TTL applied (an expired
+        view's values are missing; on-demand features see them before, as with
+        :meth:`read`), and each view's age in seconds (None: no value, or expired)."""
+        stored = self._stored(rows)
+        now = time.time() if now is None else now
+        plans = self._served_plans
+        values: list[dict[str, Any]] = []
+        for i in range(len(rows)):
+            vals: dict[str, Any] = {}
+            for (features, none, _, _), found in zip(plans, stored, strict=True):
+                feature_values = found[i][1]
+                if feature_values is None:
+                    vals.update(none)
+                else:
+                    vals.update(zip(features, feature_values, strict=True))
+            values.append(vals)
+        self._add_on_demand(rows, values)
+        ages: list[dict[str, float | None]] = []
+        for i, vals in enumerate(values):
+            row_ages: dict[str, float | None] = {}
+            for (_, none, name, ttl), found in zip(plans, stored, strict=True):
+                stamp, feature_values = found[i]
+                age = None
+                if feature_values is not None and stamp is not None:
+                    if _expired(stamp, ttl, now):
+                        vals.update(none)
+                    elif feature_values[0] is not None:
+                        age = round(max(0.0, now - stamp), 3)
+                row_ages[name] = age
+            ages.append(row_ages)
+        return values, ages
+
+    def _stored(self, rows: Sequence[dict[str, Any]]) -> list[Found]:
+        """Per view (plan order), per row: (event time, values) or (None, None)."""
+        keys = self.entity_keys(rows)
+        # every tier's request goes out before any answer is awaited: one round trip each,
+        # concurrently
+        pending = [(backend.send(keys), backend, members) for backend, members in self._backends]
+        stored: list[Found] = [[] for _ in self.views]
+        for handle, backend, members in pending:
+            for i, found in zip(members, backend.receive(handle), strict=True):
+                stored[i] = found
+        return stored
+
+    def _add_on_demand(self, rows: Sequence[dict[str, Any]], values: list[dict[str, Any]]) -> None:
+        """Each on-demand view's outputs into ``values`` (one dict per row), its function
+        run once for all rows."""
         for od in self.on_demand:
             if len(rows) == 1:
-                inputs = {k: [v] for k, v in (rows[0] | vectors[0].values).items()}
+                inputs = {k: [v] for k, v in (rows[0] | values[0]).items()}
             else:
                 inputs = {}
-                for vec, row in zip(vectors, rows, strict=True):
-                    for k, v in (row | vec.values).items():
+                for vals, row in zip(values, rows, strict=True):
+                    for k, v in (row | vals).items():
                         inputs.setdefault(k, []).append(v)
             out = od.udf(inputs)
-            for i, vec in enumerate(vectors):
+            for i, vals in enumerate(values):
                 for name in od.outputs:
-                    vec.values[name] = out[name][i]
-                    vec.ts[name] = None
-        return vectors
+                    vals[name] = out[name][i]
 
     def ttl_of(self) -> dict[str, float | None]:
         """Each stored feature's view TTL in seconds (computed once, at start-up)."""
@@ -151,7 +203,14 @@ def served(vector: Vector, ttls: dict[str, float | None], now: float | None = No
     expired = set()
     for name, ttl in ttls.items():
         ts = vector.ts.get(name)
-        if ttl and ts is not None and now - ts > ttl and vector.values.get(name) is not None:
+        if ts is not None and _expired(ts, ttl, now) and vector.values.get(name) is not None:
             vector.values[name] = None
             expired.add(name)
     return expired
+
+
+def _expired(stamp: float, ttl: float | None, now: float) -> bool:
+    """Is a value stamped ``stamp`` past its view's TTL at ``now``? (No TTL: never.)"""
+    if not ttl:
+        return False
+    return now - stamp > ttl

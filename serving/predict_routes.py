@@ -10,11 +10,11 @@ FastAPI's. Errors are answered through :mod:`serving.problems`, like FastAPI's.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from starlette.exceptions import HTTPException
 
 from serving import admission
@@ -57,7 +57,7 @@ class PredictRoutes:
             if self._key is not None and _header(scope, b"x-api-key") != self._key:
                 raise Unauthorized
             answer = await route(await _body(receive), admission.arrival(scope))
-            status, out, headers = 200, _dumps(answer), None
+            status, out, headers = 200, orjson.dumps(answer), None
         except ClientGone:
             return
         except Exception as e:
@@ -96,10 +96,6 @@ async def _body(receive: Receive) -> bytes:
         chunks.append(msg.get("body", b""))
         if not msg.get("more_body"):
             return b"".join(chunks)
-
-
-def _dumps(answer: Any) -> bytes:
-    return json.dumps(answer, separators=(",", ":")).encode()
 
 
 async def _send(

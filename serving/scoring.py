@@ -7,6 +7,15 @@ grow by themselves (what waits while one batch runs forms the next), so the per-
 cost falls as load rises instead of queueing delay growing — the same idea as Triton's
 dynamic batching, applied to the store read and the HTTP service too.
 
+Batches that would stay small wait a moment for company (``coalesce_wait_ms`` at most,
+Nagle's idea): when requests are about to arrive — in flight in the HTTP layer, or from
+clients answered moments ago that ask again at once (``admission.company``) — the drain
+waits until they are queued or the wait is over. At a few requests per worker, that is
+a round trip and a model call for several requests instead of one or two, which is most
+of a request's cost; an overloaded worker never waits (its batches fill by themselves),
+and a worker whose waits keep running out stops waiting for a while (clients that do not
+ask again at once gain nothing from it).
+
 Budgets: a request still waiting ``queue_budget_ms`` after it arrived is shed (503,
 never a fallback, never counted against a backend); the store read and the model call
 each have their own budget, and only they move the breakers.
@@ -18,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,9 +39,17 @@ from serving.logs import Throttled
 from serving.metrics import Metrics
 from serving.model_backend import ModelBackend
 from serving.model_repository import ModelMetadata
-from serving.online_features import OnlineFeatures, served
+from serving.online_features import OnlineFeatures
 from serving.resilience import CircuitBreaker
 from serving.settings import ServingSettings
+
+MISSES_BEFORE_PAUSE = 3  # waits in a row that ran out before the company came
+PAUSE_S = 0.1  # then no waiting this long
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class Shed(Exception):
@@ -57,6 +74,7 @@ class Scorer:
         backend: ModelBackend,
         metrics: Metrics,
         policy: decision.Policy,
+        company: Callable[[float], int] = lambda _: 0,
     ) -> None:
         self.settings, self.features, self.meta = settings, features, meta
         self.policy = policy
@@ -67,10 +85,15 @@ class Scorer:
         self.recording = True  # off during warm-up: dummy requests are not traffic
         self._queue: list[_Job] = []
         self._drainer: asyncio.Task[None] | None = None
-        self._ttls = features.ttl_of()
+        self._company_of = company  # requests expected shortly (see admission.company)
+        self._wait_s = max(0.0, settings.coalesce_wait_ms / 1000)
+        self._limit = settings.max_in_flight
+        self._company: asyncio.Future[None] | None = None  # resolved once _wanted are queued
+        self._wanted = 0
+        self._misses = 0  # waits in a row that ran out
+        self._no_wait_until = 0.0
         self._names = meta.feature_names
         self._defaults = [(f.name, f.default) for f in meta.features]
-        self._views = [(v.name, v.features[0]) for v in features.views]
         self._queue_s = settings.queue_budget_ms / 1000
         self._max_rows = settings.max_batch
         self._features_s = settings.features_budget_ms / 1000
@@ -105,12 +128,17 @@ class Scorer:
         self._queue.append(job)
         if self._drainer is None:
             self._drainer = loop.create_task(self._drain())
+        elif self._company is not None and len(self._queue) >= self._wanted:
+            _resolve(self._company)  # the company has come
         return await job.future
 
     async def _drain(self) -> None:
         try:
             while self._queue:
-                jobs, size, limit = [], 0, self._max_rows
+                if self._wait_s:
+                    await self._wait_for_company()
+                jobs: list[_Job] = []
+                size, limit = 0, self._max_rows
                 while self._queue and (not jobs or size + len(self._queue[0].rows) <= limit):
                     job = self._queue.pop(0)
                     jobs.append(job)
@@ -124,6 +152,32 @@ class Scorer:
                             job.future.set_exception(e)
         finally:
             self._drainer = None
+
+    async def _wait_for_company(self) -> None:
+        """Until the requests expected shortly are queued, ``coalesce_wait_ms`` at most."""
+        now = time.perf_counter()
+        if now < self._no_wait_until:
+            return
+        wanted = min(self._company_of(self._wait_s), self._limit)
+        q = self._queue
+        if len(q) >= wanted or sum(len(j.rows) for j in q) >= self._max_rows:
+            return
+        loop = asyncio.get_running_loop()
+        self._wanted = wanted
+        self._company = company = loop.create_future()
+        timer = loop.call_later(self._wait_s, _resolve, company)
+        try:
+            await company
+        finally:
+            timer.cancel()
+            self._company = None
+        if len(self._queue) >= wanted:
+            self._misses = 0
+            return
+        self._misses += 1
+        if self._misses >= MISSES_BEFORE_PAUSE:  # company does not come: stop waiting a while
+            self._misses = 0
+            self._no_wait_until = time.perf_counter() + PAUSE_S
 
     async def _run(self, jobs: list[_Job]) -> None:
         t0 = time.perf_counter()
@@ -170,44 +224,35 @@ class Scorer:
         self, rows: list[dict[str, Any]]
     ) -> tuple[list[dict[str, Any]] | None, list[dict[str, float | None]], str | None]:
         """Served values (TTL applied) and per-view ages, or None and the cause."""
-        ages: list[dict[str, float | None]] = [
-            dict.fromkeys(self.features.view_names) for _ in rows
-        ]
         if self.store_empty:
-            return None, ages, "online_store_not_materialized"
+            return None, self._no_ages(rows), "online_store_not_materialized"
         if not self.store_breaker.allow():
-            return None, ages, "online_store_breaker_open"
+            return None, self._no_ages(rows), "online_store_breaker_open"
         t0 = time.perf_counter()
         # Inline: one local round trip for the whole batch, cheaper than a thread hop. The
         # store's socket timeout is the features budget, so a hung store can't hold the
         # loop longer, and the breaker stops asking after a few misses.
         try:
-            vectors = self.features.read(rows)
+            values, ages = self.features.read_served(rows)
         except (TimeoutError, BlockingIOError):
             self.store_breaker.failure("timeout")
-            return None, ages, "online_store_deadline"
+            return None, self._no_ages(rows), "online_store_deadline"
         except Exception as e:  # a store outage must not fail the request
             self.store_breaker.failure(type(e).__name__)
             self._log(logging.WARNING, "store_error", type(e).__name__, error=first_line(e))
-            return None, ages, "online_store_error"
+            return None, self._no_ages(rows), "online_store_error"
         if time.perf_counter() - t0 > self._features_s:
             self.store_breaker.failure("slow")
-            return None, ages, "online_store_deadline"
+            return None, self._no_ages(rows), "online_store_deadline"
         self.store_breaker.success()
-        now = time.time()
-        sample = self.recording  # ages go to the metric for one row per batch
-        out = []
-        for vec, row_ages in zip(vectors, ages, strict=True):
-            served(vec, self._ttls, now)
-            for view, first in self._views:
-                ts = vec.ts.get(first)
-                if ts is not None and vec.values.get(first) is not None:
-                    row_ages[view] = age = round(max(0.0, now - ts), 3)
-                    if sample:
-                        self.metrics.age_of[view].observe(age)
-            sample = False
-            out.append(vec.values)
-        return out, ages, None
+        if self.recording:  # ages go to the metric for one row per batch (a sample)
+            for view, age in ages[0].items():
+                if age is not None:
+                    self.metrics.age_of[view].observe(age)
+        return values, ages, None
+
+    def _no_ages(self, rows: list[dict[str, Any]]) -> list[dict[str, float | None]]:
+        return [dict.fromkeys(self.features.view_names) for _ in rows]
 
     async def _score(self, values: list[dict[str, Any]]) -> tuple[Any, str | None]:
         """Model scores for every row, or None and the cause of the fallback."""
@@ -263,9 +308,10 @@ class Scorer:
             vals = values[i] if values is not None else {}
             missing = [n for n in self._names if vals.get(n) is None]
             why = self.policy.reasons(vals)
+            p: float | None
             if scores is not None:
-                p: float | None = float(scores[i])
-                verdict = decision.decide(p, s.review_threshold, s.decline_threshold)
+                p = score = float(scores[i])
+                verdict = decision.decide(score, s.review_threshold, s.decline_threshold)
             else:
                 p, verdict = None, self.policy.fallback(vals, row["amount"])
                 why = [f"fallback:{cause}", *why]

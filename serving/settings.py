@@ -48,6 +48,9 @@ class ServingSettings(BaseSettings):
     # admitted, unanswered requests per worker (waiting or running); past it 503 at once
     max_in_flight: int = 64
     max_batch: int = 256  # rows per /predict/batch request; also the largest coalesced batch
+    # a small coalesced batch waits at most this long for requests about to arrive (0:
+    # never); uvloop's timers count whole milliseconds
+    coalesce_wait_ms: float = 1.0
     queue_budget_ms: float = 100.0  # not started this long after arrival: 503, not a fallback
     features_budget_ms: float = 50.0  # store read past it: fallback decision
     model_budget_ms: float = 50.0  # model call past it: fallback decision

@@ -1,6 +1,7 @@
 """What the tests and the benchmarks share to run real servers and the CLI: free loopback
-ports, redis-server alone or as a 3-master Redis Cluster, the local Triton, the ``hotpath``
-command as a subprocess, and HTTP servers waited on until they answer.
+ports, redis-server alone or as a 3-master Redis Cluster, librdkafka's mock Kafka cluster,
+the local Triton, the ``hotpath`` command as a subprocess, and HTTP servers waited on until
+they answer.
 
 Tests import it as ``helpers`` (pytest puts ``tests/`` on ``sys.path``, as for
 ``conftest`` and ``reference``); benchmarks, run as ``python -m benchmarks.<name>`` from
@@ -11,6 +12,7 @@ the project root, import it as ``tests.helpers``. Failures raise :class:`ServerE
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,10 +48,10 @@ def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
             proc.wait()
 
 
-def _binary(name: str) -> str:
+def _binary(name: str, package: str = "redis-server") -> str:
     path = shutil.which(name)
     if path is None:
-        raise ServerError(f"{name} not found: run scripts/setup.sh (apt-get install redis-server)")
+        raise ServerError(f"{name} not found: run scripts/setup.sh (apt-get install {package})")
     return path
 
 
@@ -92,7 +94,8 @@ def start_redis_server(
 
 @dataclass
 class RedisCluster:
-    """A real 3-master Redis Cluster on loopback (redis-server in cluster mode)."""
+    """A real Redis Cluster on loopback (redis-server in cluster mode): 3 masters, and
+    ``replicas`` replicas of each (``procs``/``ports``: masters first as created)."""
 
     procs: list[subprocess.Popen]
     ports: list[int]
@@ -102,45 +105,101 @@ class RedisCluster:
     def nodes(self) -> str:
         return ",".join(f"127.0.0.1:{p}" for p in self.ports)
 
+    def client(self, port: int) -> redis.Redis:
+        return redis.Redis(port=port, password=self.password)
+
+    def masters(self) -> list[int]:
+        """The ports of the nodes that are masters now (a failover changes them)."""
+        alive = [p for p, proc in zip(self.ports, self.procs, strict=True) if proc.poll() is None]
+        return [p for p in alive if self.client(p).info("replication")["role"] == "master"]
+
+    def kill(self, port: int) -> None:
+        """kill -9 the node on ``port``."""
+        proc = self.procs[self.ports.index(port)]
+        proc.kill()
+        proc.wait(timeout=10)
+
     def stop(self) -> None:
         for p in self.procs:
             stop(p, timeout=10)
 
 
-def start_redis_cluster(workdir: Path, password: str | None = "cluster-secret") -> RedisCluster:
-    """Three masters, slots assigned by ``redis-cli --cluster create``, once the cluster
-    says ``cluster_state:ok``; the caller stops it."""
+def start_redis_cluster(
+    workdir: Path, password: str | None = "cluster-secret", replicas: int = 0
+) -> RedisCluster:
+    """Three masters with ``replicas`` replicas each, slots assigned by ``redis-cli
+    --cluster create``, once the cluster says ``cluster_state:ok`` and every replica's link
+    to its master is up (a replica still syncing refuses to take over); the caller stops it.
+    A node unreachable for 1 s is failed over (Redis' default is 15 s)."""
     cli = _binary("redis-cli")
-    ports = [cluster_port() for _ in range(3)]
+    ports = [cluster_port() for _ in range(3 * (1 + replicas))]
     procs = []
     for port in ports:
         node = workdir / str(port)
         node.mkdir(parents=True, exist_ok=True)
         argv = _redis_argv(port, node, password)
-        argv += ["--cluster-enabled", "yes", "--cluster-config-file", str(node / "nodes.conf")]
+        argv += ["--cluster-enabled", "yes", "--cluster-config-file", str(node / "nodes.conf"),
+                 "--cluster-node-timeout", "1000"]  # fmt: skip
         procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
     cluster = RedisCluster(procs, ports, password)
     for port in ports:
-        _wait_ping(redis.Redis(port=port, password=password), procs, f"cluster node {port}")
+        _wait_ping(cluster.client(port), procs, f"cluster node {port}")
     auth = ["-a", password, "--no-auth-warning"] if password else []
     created = subprocess.run(
         [cli, *auth, "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
-         "--cluster-replicas", "0", "--cluster-yes"],
+         "--cluster-replicas", str(replicas), "--cluster-yes"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     if created.returncode != 0:
         cluster.stop()
         raise ServerError(f"redis-cli --cluster create failed: {created.stdout[-500:]}")
+
+    def ready() -> bool:
+        infos = [cluster.client(p).cluster("info") for p in ports]
+        links = [cluster.client(p).info("replication") for p in ports]
+        return all(i.get("cluster_state") == "ok" for i in infos) and all(
+            r["role"] == "master" or r.get("master_link_status") == "up" for r in links
+        )
+
     deadline = time.monotonic() + 30
-    while any(
-        redis.Redis(port=p, password=password).cluster("info").get("cluster_state") != "ok"
-        for p in ports
-    ):
+    while not ready():
         if time.monotonic() > deadline:
             cluster.stop()
-            raise ServerError("the Redis Cluster did not reach cluster_state:ok")
+            raise ServerError("the Redis Cluster did not reach cluster_state:ok with replicas up")
         time.sleep(0.1)
     return cluster
+
+
+@dataclass
+class MockKafka:
+    """librdkafka's mock Kafka cluster (not Apache Kafka: see the README) served by kcat."""
+
+    proc: subprocess.Popen
+    brokers: list[str]
+
+    def stop(self) -> None:
+        stop(self.proc, timeout=10)
+
+
+def start_mock_kafka(workdir: Path, brokers: int = 3) -> MockKafka:
+    """A mock cluster of ``brokers`` brokers on loopback ports of its choosing, hosted by a
+    kcat consumer that serves until stopped (topics are auto-created with 4 partitions on
+    first use); its bootstrap servers are read from kcat's notice on stderr."""
+    log = workdir / "mock-kafka.log"
+    with log.open("wb") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [_binary("kcat", "kcat"), "-C", "-q", "-b", "localhost:1", "-t", "_keepalive",
+             "-X", f"test.mock.num.brokers={brokers}"],
+            stdout=subprocess.DEVNULL, stderr=out,
+        )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = re.search(r"replaced with (\S+)", log.read_text(errors="replace"))
+        if found:
+            return MockKafka(proc, found[1].split(","))
+        time.sleep(0.02)
+    stop(proc)
+    raise ServerError(f"kcat's mock Kafka cluster did not start: {log.read_text()[-500:]}")
 
 
 def local_triton(workdir: Path) -> LocalTriton:

@@ -116,54 +116,6 @@ def test_materialize_before_apply(empty_repo: Path) -> None:
     assert_one_line_error(proc, "hotpath apply")
 
 
-def test_spark_submit_runs_the_same_job(batch_done: Project, tmp_path: Path) -> None:
-    """The batch job submitted with spark-submit writes what the in-process run wrote, and
-    reports the raw events it refused (one with a negative amount is added here)."""
-    import pandas as pd
-
-    repo = tmp_path / "feature_repo"
-    shutil.copytree(batch_done.settings.repo, repo, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(batch_done.settings.raw_dir, tmp_path / "data" / "raw")
-    day = batch_done.edge_day.date().isoformat()
-    refused = pd.read_parquet(tmp_path / "data" / "raw" / "transactions" / f"date={day}").head(1)
-    refused = refused.assign(amount=-1.0, transaction_id=9 * 10**12)
-    pq.write_table(
-        pa.Table.from_pandas(refused[TRANSACTION_SCHEMA.names], TRANSACTION_SCHEMA, False),
-        tmp_path / "data" / "raw" / "transactions" / f"date={day}" / "part-refused.parquet",
-    )
-    spark_submit = Path(sys.executable).with_name("spark-submit")
-    proc = subprocess.run(
-        [
-            str(spark_submit),
-            "--master",
-            "local[2]",
-            str(ROOT / "pipelines" / "batch_job.py"),
-            "--start",
-            day,
-            "--end",
-            day,
-            "--repo",
-            str(repo),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**__import__("os").environ, "PYSPARK_PYTHON": sys.executable},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "refused 1 raw events (bad_amount: 1)" in proc.stdout, proc.stdout
-    rejected = pd.read_parquet(tmp_path / "data" / "rejected" / "transactions")
-    assert rejected.transaction_id.tolist() == [9 * 10**12] and rejected.code[0] == "bad_amount"
-    for table in ("user_spending_stats", "user_velocity"):
-        mine = pd.read_parquet(tmp_path / "data" / "offline" / table / f"date={day}")
-        ref = pd.read_parquet(batch_done.settings.offline_dir / table / f"date={day}")
-        cols = list(ref.columns)
-        pd.testing.assert_frame_equal(
-            mine[cols].sort_values(cols).reset_index(drop=True),
-            ref.sort_values(cols).reset_index(drop=True),
-        )
-
-
 def test_train_into_unwritable_repository(applied, batch_done: Project, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("x")

@@ -245,7 +245,7 @@ def test_one_offline_row_per_key_and_instant_per_epoch(tmp_path: Path) -> None:
 
     import pandas as pd
 
-    from pipelines.stream.sinks import OfflineSink, Row
+    from pipelines.stream.sinks import Emitted, OfflineSink, Row
 
     view = next(
         v for v in contract.computed_views(ROOT / "feature_repo") if v.name == "user_velocity"
@@ -254,8 +254,8 @@ def test_one_offline_row_per_key_and_instant_per_epoch(tmp_path: Path) -> None:
     part = OfflineSink([view]).build_part("offline", "0", None)
     t = 1_700_000_000_000_000
     first, corrected = (1, 10.0, 1, 10.0), (2, 15.0, 2, 15.0)
-    part.write_batch([Row(("user_id",), (7,), t, first, 0.0)])
-    part.write_batch([Row(("user_id",), (7,), t, corrected, 0.0)])
+    part.write_batch([Emitted([Row(("user_id",), (7,), t, first, 0.0)], [])])
+    part.write_batch([Emitted([Row(("user_id",), (7,), t, corrected, 0.0)], [])])
     part.snapshot()
     part.close()
     rows = pd.read_parquet(tmp_path / "user_velocity")

@@ -35,7 +35,13 @@ from pipelines import contract, declared, store
 from pipelines.contract import event_rules
 from pipelines.declared import Agg, View
 from pipelines.settings import Settings
-from pipelines.stream.aggregates import KeyWindow, StreamDeclarationError, apply, check, key_groups
+from pipelines.stream.aggregates import (
+    KeyState,
+    StreamDeclarationError,
+    check,
+    key_groups,
+    keyed_steps,
+)
 from pipelines.stream.events import Event, Rejected, parse
 from pipelines.stream.sinks import DeadLetterSink
 
@@ -313,22 +319,34 @@ def _timely(delivered: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def _run_state(views: list[View], feed: list[Event]) -> tuple[dict, dict]:
-    """The feed through every key group's window state in micro-batches of 7 events: the
-    final row per (view, key, instant) as a dict, and the late events per group."""
+    """The feed through the flow's keyed steps (``KeyState`` per key) in micro-batches of 7
+    events, every third batch ending an epoch: each key changed is snapshotted, the
+    snapshot pickled as recovery does, and half of those keys resumed from the pickle.
+    Returns the final row per (view, key, instant) as a dict and the late events per
+    group; asserts no snapshot changed after it was taken (copy on write)."""
     groups = key_groups(views)
-    states: dict[tuple, KeyWindow] = {}
+    steps = keyed_steps(groups)
+    states: dict[tuple, KeyState] = {}
     rows: dict[tuple, tuple] = {}
     late: dict[tuple[str, ...], list[Event]] = {g.keys: [] for g in groups}
-    for i in range(0, len(feed), 7):  # micro-batches of 7, as they may arrive
-        for g in groups:
-            by_key: dict[tuple, list[Event]] = {}
+    taken: list[tuple[object, bytes]] = []
+    for n, i in enumerate(range(0, len(feed), 7)):  # micro-batches of 7, as they may arrive
+        for step in steps:
+            by_key: dict[str, list[Event]] = {}
             for e in feed[i : i + 7]:
-                by_key.setdefault(g.entity(e), []).append(e)
-            for entity, batch in by_key.items():
-                state = states.setdefault((g.keys, entity), KeyWindow.of(g))
-                u = apply(state, batch, g, LATENESS_US)
-                rows.update({(g.keys, entity, t): r for t, r in u.rows.items()})
-                late[g.keys] += u.late
+                by_key.setdefault(step.own.key(e), []).append(e)
+            for key, batch in by_key.items():
+                state = states.setdefault((step.name, key), KeyState(step))
+                made, late_here = state.apply(batch, LATENESS_US)
+                rows.update({(r.join_keys, r.entity, r.ts_us): r.values for r in made})
+                for x in late_here:
+                    late[x.group.keys].append(x.event)
+                if n % 3 == 2:  # the epoch ends
+                    snap = state.snapshot()
+                    taken.append((snap, pickle.dumps(snap)))
+                    if len(taken) % 2:
+                        states[(step.name, key)] = KeyState(step, pickle.loads(taken[-1][1]))
+    assert all(pickle.dumps(snap) == saved for snap, saved in taken)
     out = {}
     for g in groups:
         for v in g.views:
@@ -354,11 +372,9 @@ def test_window_state_equals_pandas_for_every_key_group() -> None:
     late = _late_copies(events, 5)
     delivered = pd.concat([order, late], ignore_index=True)
     views = _repo_streamed() + MERCHANT_VIEWS
-    assert {g.keys for g in key_groups(views)} == {
-        ("user_id",),
-        ("merchant_id",),
-        ("user_id", "merchant_id"),
-    }
+    # three key groups, two keyed steps: the pairs' windows live in their user's state
+    steps = {s.own.keys: [g.keys for g in s.nested] for s in keyed_steps(key_groups(views))}
+    assert steps == {("merchant_id",): [], ("user_id",): [("user_id", "merchant_id")]}
     got, late_seen = _run_state(views, _as_events(delivered))
     assert len(late_seen[("user_id",)]) == len(late)  # every late event reported, none counted
     assert len(late_seen[("merchant_id",)]) < len(late)  # merchant 99's first: a new key
@@ -388,13 +404,15 @@ def test_window_state_is_trimmed_to_the_longest_window_plus_lateness() -> None:
     columns its aggregations read (counts read none)."""
     (group,) = key_groups(MERCHANT_VIEWS[:1])
     assert group.columns == ("amount", "user_id")
-    state = KeyWindow.of(group)
+    (step,) = keyed_steps([group])
+    state = KeyState(step)
     t0 = 1_800_000_000_000_000
     times = [t0 + i * MINUTE_US for i in range(200)]
-    apply(state, [Event(1, 5, 1.0, t, 0.0) for t in times], group, LATENESS_US)
-    assert state.times[0] > times[-1] - HOUR_US - LATENESS_US
-    assert state.times[0] - MINUTE_US <= times[-1] - HOUR_US - LATENESS_US
-    assert len(state.values) == 2 and all(len(c) == len(state.times) for c in state.values)
+    state.apply([Event(1, 5, 1.0, t, 0.0) for t in times], LATENESS_US)
+    kept = state.own[0]  # (times, *columns)
+    assert kept[0] > times[-1] - HOUR_US - LATENESS_US
+    assert kept[0] - MINUTE_US <= times[-1] - HOUR_US - LATENESS_US
+    assert len(state.own) == 3 and all(len(c) == len(kept) for c in state.own)
     (counts,) = key_groups([_declared("only_counts", ("user_id",), [("n", "amount", "count", 5)])])
     assert counts.columns == ()
 
@@ -1003,6 +1021,14 @@ def test_a_two_key_group_is_written_under_feasts_entity_key(
     ).to_dict()  # fmt: skip
     assert got[feature] == [4, 11, None]
     assert _online(fs, [u]).loc[u, FEATURES].notna().all()
+    if profile == "redis":  # a server that lost the scripts (a restart, SCRIPT FLUSH)
+        redis.Redis.from_url(redis_url).script_flush()
+        writer.write([Row(pair.keys, (u, m), now_us + 1, (5,), 0.0)])
+        got = fs.get_online_features(
+            features=[f"user_merchant_history:{feature}"],
+            entity_rows=[{"user_id": u, "merchant_id": m}],
+        ).to_dict()
+        assert got[feature] == [5]
 
 
 # ------------------------------------------------------------------ crashes and stop requests

@@ -65,6 +65,11 @@ def step(title: str) -> Iterator[None]:
     typer.echo(f"    done in {time.perf_counter() - t0:.1f}s")
 
 
+def split(value: str | None, sep: str = ",") -> list[str] | None:
+    """A list option given as one separated string (None: not given)."""
+    return None if value is None else [x.strip() for x in value.split(sep) if x.strip()]
+
+
 def parse_date(value: str | None, what: str) -> date | None:
     if value is None:
         return None

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from pipelines.cli.context import default_of, hotpath, parse_date, parse_time, step
-from pipelines.errors import check_order
+from pipelines.cli.context import default_of, hotpath, parse_date, parse_time, split, step
+from pipelines.errors import HotpathError, check_order
 from pipelines.settings import SparkSettings
 
 
@@ -104,32 +104,62 @@ def batch(
 
 def replay(
     ctx: typer.Context,
+    to: Annotated[str, typer.Option(help="redis (a stream) or kafka (a topic).")] = "redis",
     rate: Annotated[
         float, typer.Option(min=0, help="Events per second (0: as fast as possible).")
     ] = (1000),
     stream_key: Annotated[str, typer.Option("--stream", help="Redis stream key.")] = "transactions",
+    brokers: Annotated[
+        str | None,
+        typer.Option(
+            help="Kafka brokers, comma-separated.",
+            show_default="HOTPATH_STREAM_KAFKA_BROKERS, else the declared KafkaSource's",
+        ),
+    ] = None,
+    topic: Annotated[
+        str | None,
+        typer.Option(help="Kafka topic.", show_default="the declared KafkaSource's"),
+    ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            help="Event field each Kafka message is keyed (partitioned) by.",
+            show_default="the event's first declared field",
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Stop after this many events.")] = None,
     file: Annotated[
         Path | None, typer.Option(help="Parquet to replay (default: the raw transactions).")
     ] = None,
 ) -> None:
-    """Push generated transactions into a Redis stream at a steady rate (demos, benchmarks)."""
+    """Push generated transactions into a Redis stream or a Kafka topic at a steady rate
+    (demos, benchmarks)."""
     from pipelines.contract import event_rules
-    from pipelines.stream.replay import replay_to_stream
+    from pipelines.stream.replay import replay as run_replay
+    from pipelines.stream.replay import to_kafka, to_stream
 
     s = hotpath(ctx).settings
-    r = replay_to_stream(
-        s.redis_url,
-        file or s.raw_dir / "transactions",
-        event_rules(s.repo).fields,
-        stream_key,
-        rate,
-        limit,
-        on_start=lambda n: typer.echo(
-            f"replaying {n:,} events into {stream_key} at {rate or 'max'} events/s"
-        ),
+    fields = event_rules(s.repo).fields
+    if to not in ("redis", "kafka"):
+        raise HotpathError(f"unknown target {to!r} (redis or kafka)")
+    if to == "redis":
+        send, where = to_stream(s.redis_url, stream_key), stream_key
+    else:
+        from pipelines.stream.kafka import declared_topic
+
+        given = {"kafka_brokers": split(brokers), "kafka_topics": [topic] if topic else None}
+        stream = s.stream.model_copy(update={k: v for k, v in given.items() if v is not None})
+        kafka = declared_topic(s.repo, stream)
+        if key is not None and key not in fields:
+            raise HotpathError(f"--key {key!r} is not an event field ({', '.join(fields)})")
+        send = to_kafka(kafka.brokers, kafka.topics[0], key or fields[0])
+        where = f"Kafka topic {kafka.topics[0]} on {kafka.where}"
+    pace = f"{rate:g} events/s" if rate else "max rate"
+    r = run_replay(
+        send, file or s.raw_dir / "transactions", fields, rate, limit,
+        on_start=lambda n: typer.echo(f"replaying {n:,} events into {where} at {pace}"),
         progress=lambda sent, n, t: typer.echo(
             f"    {sent:,} / {n:,} sent ({sent / t:,.0f} events/s)"
         ),
-    )
+    )  # fmt: skip
     typer.echo(f"sent {r.events:,} events in {r.seconds:.1f}s ({r.rate:,.0f} events/s)")

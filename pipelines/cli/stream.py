@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from pipelines.cli.context import default_of, hotpath
+from pipelines.cli.context import default_of, hotpath, split
 from pipelines.errors import HotpathError
 from pipelines.settings import StreamSettings
 
@@ -48,12 +48,14 @@ def stream(
     brokers: Annotated[
         str | None,
         typer.Option(
-            help="Kafka brokers, comma-separated.", show_default=_default("kafka_brokers")
+            help="Kafka brokers, comma-separated.", show_default="the declared KafkaSource's"
         ),
     ] = None,
     topics: Annotated[
         str | None,
-        typer.Option(help="Kafka topics, comma-separated.", show_default=_default("kafka_topics")),
+        typer.Option(
+            help="Kafka topics, comma-separated.", show_default="the declared KafkaSource's"
+        ),
     ] = None,
     lateness: Annotated[
         float | None,
@@ -92,9 +94,6 @@ def stream(
     s = hotpath(ctx).settings
     if source is not None and source not in ("file", "redis", "kafka"):
         raise HotpathError(f"unknown source {source!r} (file, redis or kafka)")
-
-    def split(value: str | None, sep: str = ",") -> list[str] | None:
-        return None if value is None else [x for x in value.split(sep) if x]
 
     given = {
         "source": source,

@@ -8,6 +8,10 @@ computes every aggregation of its views. Each key of a group (``user_id=1``,
 emits the key's row at once: each aggregation over ``(t - W, t]`` for its window ``W``, ties
 at ``t`` included, the frame the Spark compiler (``pipelines.batch_compile``) uses.
 
+The flow keys events once per *minimal* key set (:func:`keyed_steps`): a group whose join
+keys contain another group's (user x merchant contains user) keeps its keys' windows
+inside that group's keyed state (:class:`KeyState`), so three groups cost two keyed steps.
+
 Why a keyed state of exact event times rather than Bytewax's windowing: built-in windows
 emit when a window closes (a 5-minute window is up to 5 minutes stale) and a 1-hour window
 sliding by 5 minutes touches 12 windows per event. Here a key keeps the events of its
@@ -30,8 +34,9 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from operator import attrgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 from feast.types import Float32, Float64
 
@@ -63,9 +68,12 @@ class Group:
     key: Callable[[Event], str] = field(repr=False, compare=False)  # "user_id=1|merchant_id=7"
     entity: Callable[[Event], tuple[Any, ...]] = field(repr=False, compare=False)  # key values
     read: Callable[[Event], tuple[Any, ...]] = field(repr=False, compare=False)  # columns' values
-    row: Callable[[list[int], list[list[Any]], int], tuple[Any, ...]] = field(
+    add: Callable[[Window, int, Event], Window] = field(
         repr=False, compare=False
-    )  # (times, values, t) -> the aggregates over (t - W, t]: ``plan`` compiled
+    )  # (window, t, event) -> the window with the event appended (the newest)
+    row: Callable[[Window, int], tuple[Any, ...]] = field(
+        repr=False, compare=False
+    )  # (window, t) -> the aggregates over (t - W, t]: ``plan`` compiled
 
     @property
     def name(self) -> str:
@@ -129,7 +137,7 @@ def key_groups(views: Iterable[View]) -> list[Group]:
             Group(
                 keys, members, aggs, columns, horizon, plan,
                 key=_key_of(keys), entity=_values_of(keys), read=_values_of(columns),
-                row=_compile_row(plan),
+                add=_compile_add(columns), row=_compile_row(plan),
             )
         )  # fmt: skip
     return groups
@@ -166,36 +174,177 @@ def check(view: View) -> None:
             )
 
 
-@dataclass
-class KeyWindow:
-    """One key's recent events, sorted by event time (the keyed state; picklable)."""
+class Row(NamedTuple):
+    """One key's aggregates as of ``ts_us``: every aggregation of its key group (the
+    streamed views sharing ``join_keys``), in ``Group.aggs`` order."""
 
-    columns: tuple[str, ...]  # which event columns ``values`` holds (its group's)
-    times: list[int] = field(default_factory=list)
-    values: list[list[Any]] = field(default_factory=list)  # per column, aligned with times
-    newest: int = -1
-
-    @classmethod
-    def of(cls, group: Group) -> KeyWindow:
-        return cls(group.columns, [], [[] for _ in group.columns])
-
-    def copy(self) -> KeyWindow:
-        """An independent copy: the lists hold numbers (immutable), so copying the lists is
-        a full copy, without ``copy.deepcopy``'s per-element cost."""
-        return KeyWindow(
-            self.columns, self.times.copy(), [v.copy() for v in self.values], self.newest
-        )
+    join_keys: tuple[str, ...]  # the key group's join keys (its views' entity order)
+    entity: tuple[Any, ...]  # their values
+    ts_us: int
+    values: tuple[Any, ...]
+    ingest_s: float  # when the event that made this row entered the stream
 
 
-@dataclass
-class Update:
-    rows: dict[int, tuple[Any, ...]]  # event time (µs) -> the group's aggregates as of it
-    ingest_s: dict[int, float]  # event time -> ingest time of the event that caused the row
-    late: list[Event]
+# One (sub)key's recent events sorted by event time: (times, *columns), tuples of numbers,
+# replaced (never changed) by each event. Immutable, so a snapshot is the state itself (no
+# copy); and the garbage collector stops tracking a tuple of numbers at its first pass, so
+# full collections never walk the state. Lists (tracked, copied on write every epoch) made
+# each full collection walk millions of objects: 100-500 ms pauses, several a minute.
+Window = tuple[tuple[Any, ...], ...]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One keyed step of the flow: ``own`` (a group keyed by a minimal key set) and the
+    groups ``nested`` in its keys' state, those whose join keys contain ``own``'s (all of a
+    (user, merchant) pair's events are its user's), each by the rest of its key values. One
+    keyed step per minimal key set instead of one per group: an event is keyed, routed,
+    snapshotted and emitted once per step."""
+
+    own: Group
+    nested: tuple[Group, ...]
+
+    @property
+    def name(self) -> str:
+        return self.own.name
+
+    @cached_property
+    def layout(self) -> tuple[Any, ...]:
+        """What a saved state must have been built for to be resumed (builtins only)."""
+        return tuple((g.keys, g.columns) for g in (self.own, *self.nested))
+
+
+def keyed_steps(groups: Iterable[Group]) -> list[Step]:
+    """The groups as keyed steps: a group whose join keys strictly contain another's is
+    nested in a group keyed by a minimal key set inside its own, the one whose keys come
+    first in its key order (a (user, merchant) view nests under user): deterministic, so a
+    restarted flow resumes the same state."""
+    groups = list(groups)
+    minimal = [g for g in groups if not any(set(h.keys) < set(g.keys) for h in groups)]
+    nested: dict[tuple[str, ...], list[Group]] = {g.keys: [] for g in minimal}
+    for g in groups:
+        if g in minimal:
+            continue
+        hosts = [h for h in minimal if set(h.keys) < set(g.keys)]
+        host = min(hosts, key=lambda h: sorted(g.keys.index(k) for k in h.keys))
+        nested[host.keys].append(g)
+    return [Step(g, tuple(nested[g.keys])) for g in minimal]
+
+
+class KeyState:
+    """One key of a keyed step: its own group's window and, per nested group, the windows
+    of its sub-keys by their key values. :meth:`snapshot` returns the state itself (Bytewax
+    calls it for every key changed in an epoch, at the epoch's end, on the worker thread):
+    windows are immutable, and the nested dicts are copied before their first change after
+    a snapshot (copy on write), so a snapshot never changes."""
+
+    __slots__ = ("step", "own", "nested", "shared")
+
+    def __init__(self, step: Step, saved: Any = None) -> None:
+        self.step = step
+        # a state saved for other groups or columns (the declarations changed) cannot
+        # answer these aggregations: the key starts over (the backfill fixes it)
+        fits = isinstance(saved, tuple) and len(saved) == 3 and saved[0] == step.layout
+        if fits:
+            self.own, self.nested = saved[1], saved[2]
+        else:
+            self.own = _empty(step.own)
+            self.nested = tuple({} for _ in step.nested)
+        self.shared = fits  # the nested dicts are (also) the last snapshot's
+
+    def snapshot(self) -> tuple[Any, ...]:
+        """Builtins only (tuples of numbers, dicts): any later version can load it, and
+        :attr:`Step.layout` says whether it fits."""
+        self.shared = True
+        return (self.step.layout, self.own, self.nested)
+
+    def apply(self, events: list[Event], lateness_us: int) -> tuple[list[Row], list[Late]]:
+        """Add one key's ``events`` (in arrival order) to every window they belong to; the
+        rows to write and the events late for a window (not counted there)."""
+        rows: list[Row] = []
+        late: list[Late] = []
+        step = self.step
+        g = step.own
+        self.own = _advance(self.own, events, g, g.entity(events[0]), lateness_us, rows, late)
+        if not step.nested:
+            return rows, late
+        if self.shared:  # copy on write
+            self.nested, self.shared = tuple([d.copy() for d in self.nested]), False
+        for g, windows in zip(step.nested, self.nested, strict=True):
+            entity_of = g.entity
+            if len(events) == 1:
+                by_entity = {entity_of(events[0]): events}
+            else:
+                by_entity = {}
+                for e in events:
+                    by_entity.setdefault(entity_of(e), []).append(e)
+            for entity, sub in by_entity.items():
+                w = windows.get(entity) or _empty(g)
+                windows[entity] = _advance(w, sub, g, entity, lateness_us, rows, late)
+        return rows, late
+
+
+class Late(NamedTuple):
+    """An event later than the lateness behind the newest event of its key in ``group``."""
+
+    event: Event
+    group: Group
+    newest_us: int
+
+
+def _empty(group: Group) -> Window:
+    return ((),) * (1 + len(group.columns))
+
+
+def _advance(
+    w: Window,
+    events: list[Event],
+    group: Group,
+    entity: tuple[Any, ...],
+    lateness_us: int,
+    rows: list[Row],
+    late: list[Late],
+) -> Window:
+    """One (sub)key's window ``w`` with its ``events`` inserted, appending the rows they
+    make or change to ``rows`` (an instant's row may come more than once: the last is
+    final) and the events too late for it to ``late``, and without what no window (plus
+    the lateness) reaches any more; the newest event always stays."""
+    newest = w[0][-1] if w[0] else None
+    keys, add, row = group.keys, group.add, group.row
+    for e in events:
+        t = e.ts_us
+        if newest is None or t >= newest:  # in order: one new row
+            w = add(w, t, e)
+            newest = t
+            rows.append(_row(Row, (keys, entity, t, row(w, t), e.ingest_s)))
+        elif newest - t > lateness_us:
+            late.append(Late(e, group, newest))
+        else:  # out of order: this row and every later one change
+            i = bisect_right(w[0], t)
+            values = (t, *group.read(e))
+            w = tuple([c[:i] + (v,) + c[i:] for c, v in zip(w, values, strict=True)])
+            for c in sorted(set(w[0][i:])):
+                rows.append(Row(keys, entity, c, row(w, c), e.ingest_s))
+    if newest is not None and w[0][0] <= (oldest := newest - group.horizon_us - lateness_us):
+        cut = bisect_right(w[0], oldest)
+        w = tuple([c[cut:] for c in w])
+    return w
+
+
+_row = tuple.__new__  # Row(...) without NamedTuple's Python-level __new__ (a third of it)
+
+
+def _compile_add(columns: tuple[str, ...]) -> Callable[[Window, int, Event], Window]:
+    """``add(window, t, event)``: the window with the event appended, straight-line (the
+    source holds only integers; the columns' getters come in its namespace)."""
+    parts = ["w[0] + (t,)", *(f"w[{i + 1}] + (g{i}(e),)" for i in range(len(columns)))]
+    namespace: dict[str, Any] = {f"g{i}": attrgetter(c) for i, c in enumerate(columns)}
+    exec(f"def add(w, t, e):\n    return ({', '.join(parts)},)", namespace)  # noqa: S102
+    return namespace["add"]
 
 
 # Each function as a Python expression over the window: ``lo`` its first event's index, ``w``
-# its values of the aggregation's column (``values[col][lo:hi]``).
+# its values of the aggregation's column (``window[1 + col][lo:hi]``).
 _EXPRESSIONS = {
     "count": "hi - {lo}",
     "sum": "{cast}(sum({w}))",
@@ -212,15 +361,15 @@ def _mean(w: list[Any]) -> float | None:
 
 def _compile_row(
     plan: tuple[tuple[str, int, int, bool], ...],
-) -> Callable[[list[int], list[list[Any]], int], tuple[Any, ...]]:
-    """A plan as one straight-line function ``row(times, values, t)``: one bisect per
+) -> Callable[[Window, int], tuple[Any, ...]]:
+    """A plan as one straight-line function ``row(window, t)``: one bisect per
     distinct window, one expression per aggregation. It is the stream's hot loop: the
     interpreted plan (a loop testing each function per row) costs ~1.5x. The source holds
     only integers of the plan and the fixed expressions above."""
     windows = sorted({w for _, _, w, _ in plan})
-    lines = ["def row(times, values, t):", "    hi = bisect_right(times, t)"]
+    lines = ["def row(w, t):", "    times = w[0]", "    hi = bisect_right(times, t)"]
     lines += [f"    lo{i} = bisect_right(times, t - {w}, 0, hi)" for i, w in enumerate(windows)]
-    lines += [f"    c{c} = values[{c}]" for c in sorted({c for _, c, _, _ in plan if c >= 0})]
+    lines += [f"    c{c} = w[{c + 1}]" for c in sorted({c for _, c, _, _ in plan if c >= 0})]
     out = []
     for function, col, window, is_float in plan:
         lo = f"lo{windows.index(window)}"
@@ -230,33 +379,3 @@ def _compile_row(
     namespace: dict[str, Any] = {"bisect_right": bisect_right, "_mean": _mean}
     exec("\n".join(lines), namespace)  # noqa: S102 - our own source (see the docstring)
     return namespace["row"]
-
-
-def apply(state: KeyWindow, events: list[Event], group: Group, lateness_us: int) -> Update:
-    """Add one key's ``events`` to its ``state`` (in place) and return the rows to write."""
-    read, row = group.read, group.row
-    times, values = state.times, state.values
-    update = Update({}, {}, [])
-    for e in events:
-        t = e.ts_us
-        if state.newest >= 0 and state.newest - t > lateness_us:
-            update.late.append(e)
-            continue
-        i = bisect_right(times, t)
-        times.insert(i, t)
-        for column, value in zip(values, read(e), strict=False):  # same length: one per column
-            column.insert(i, value)
-        if t >= state.newest:
-            state.newest = t
-            changed = [t]
-        else:  # out of order: this row and every later one change
-            changed = sorted(set(times[i:]))
-        for c in changed:
-            update.rows[c] = row(times, values, c)
-            update.ingest_s[c] = e.ingest_s
-    cut = bisect_right(times, state.newest - group.horizon_us - lateness_us)
-    if cut:
-        del times[:cut]
-        for column in values:
-            del column[:cut]
-    return update

@@ -1,12 +1,15 @@
-"""The streaming dataflow: events -> validate -> key per key group -> window state -> stores.
+"""The streaming dataflow: events -> validate -> key per keyed step -> window state -> stores.
 
-    input -> parse -> branch(valid?) -> per key group: key_on(group) -> stateful_batch(windows)
+    input -> parse (per batch) -> per keyed step: key -> stateful_batch(windows)
           -> rows: online store (each batch, fresh) + each view's offline table (each epoch)
           -> rejected and late events: dead-letter output (once per event)
 
 It serves every streamed view the registry declares (``pipelines.declared``), grouped by
-join keys (``aggregates.key_groups``): one event feeds one keyed state per group, so one
-flow computes views keyed by user, by merchant and by (user, merchant) alike.
+join keys (``aggregates.key_groups``) into one keyed step per minimal key set
+(``aggregates.keyed_steps``): views keyed by user, by merchant and by (user, merchant) are
+two keyed steps, the pairs' windows inside their user's state. Per-item work is done in
+batches (``flat_map_batch``) and a key's rows of one batch travel as one item: Bytewax
+costs about a microsecond per item and step.
 
 Run it with ``hotpath stream`` or, configured by ``HOTPATH_STREAM_*`` variables, directly:
 ``python -m bytewax.run "pipelines.stream.flow:get_flow()" [-i/-a ...] [-r/-s/-b ...]``.
@@ -15,6 +18,7 @@ Run it with ``hotpath stream`` or, configured by ``HOTPATH_STREAM_*`` variables,
 from __future__ import annotations
 
 import gc
+import time
 from typing import Any
 
 import bytewax.operators as op
@@ -27,14 +31,22 @@ from pipelines.declared import View
 from pipelines.errors import HotpathError
 from pipelines.settings import Settings, StreamSettings
 from pipelines.stream import metrics
-from pipelines.stream.aggregates import Group, KeyWindow, apply, check_streamed, key_groups
+from pipelines.stream.aggregates import (
+    KeyState,
+    Late,
+    Step,
+    check_streamed,
+    key_groups,
+    keyed_steps,
+)
 from pipelines.stream.events import Event, Rejected, parse
+from pipelines.stream.kafka import declared_topic
 from pipelines.stream.sinks import (
     DeadLetterSink,
+    Emitted,
     OfflineSink,
     OnlineSink,
     OnlineWriter,
-    Row,
 )
 from pipelines.stream.sources import (
     FileReplaySource,
@@ -59,60 +71,64 @@ def stream_views(store: Any) -> list[View]:
     return views
 
 
-class _Windows(StatefulBatchLogic[tuple[str, Event], Any, KeyWindow]):
-    """One key of one key group: its window state, its rows and its late events."""
+class _Windows(KeyState, StatefulBatchLogic[tuple[str, Event], Emitted, Any]):
+    """One key of one keyed step: its window state, its rows and its late events, emitted
+    as one item per batch. Its ``snapshot`` is ``KeyState.snapshot``: the state itself,
+    not a copy (Bytewax calls it for every key changed in an epoch, at the epoch's end, on
+    the worker thread, with or without recovery; a ``deepcopy`` there stopped the flow for
+    100-300 ms every epoch, and every microsecond of it is one more per key)."""
 
-    def __init__(self, group: Group, lateness_us: int, state: KeyWindow | None):
-        self.group, self.lateness_us = group, lateness_us
-        # a state saved by a flow whose group kept other columns (the declarations changed)
-        # cannot answer this group's aggregations: the key starts over (the backfill fixes it)
-        fits = state is not None and state.columns == group.columns
-        self.state = state if fits else KeyWindow.of(group)
-        # True while ``state`` is also a snapshot (the one resumed from, or the last one
-        # returned): it is copied before its next change, so a snapshot is never mutated
-        self.shared = fits
+    __slots__ = ("lateness_us",)
 
-    def on_batch(self, values: list[tuple[str, Event]]) -> tuple[list[Any], bool]:
-        if self.shared:  # copy on write
-            self.state, self.shared = self.state.copy(), False
-        events = [e for _, e in values]  # values: (source id, event)
-        u = apply(self.state, events, self.group, self.lateness_us)
-        g = self.group
-        keys, entity, ingest_s = g.keys, g.entity(events[0]), u.ingest_s
-        out: list[Any] = [
-            Row(keys, entity, t, row, ingest_s[t]) for t, row in sorted(u.rows.items())
-        ]
-        source_ids = {id(e): sid for sid, e in values} if u.late else {}  # late: same objects
-        for e in u.late:
-            late_by = (self.state.newest - e.ts_us) / 1e6
-            out.append(
-                (
-                    source_ids[id(e)],
-                    Rejected(
-                        {
-                            "user_id": e.user_id,
-                            "merchant_id": e.merchant_id,
-                            "amount": e.amount,
-                            "event_timestamp": e.ts_us,
-                        },
-                        f"late: {late_by:.0f}s behind the newest event of {g.key(e)} "
-                        f"(allowed {self.lateness_us / 1e6:g}s)",
-                        e.ingest_s,
-                        "late",
-                    ),
-                )
-            )
-        return out, StatefulBatchLogic.RETAIN
+    def __init__(self, step: Step, lateness_us: int, saved: Any):
+        KeyState.__init__(self, step, saved)
+        self.lateness_us = lateness_us
 
-    def snapshot(self) -> KeyWindow:
-        """The state itself, not a copy: the next ``on_batch`` copies it before changing it.
+    def on_batch(self, values: list[tuple[str, Event]]) -> tuple[list[Emitted], bool]:
+        freeze_survivors()
+        rows, late = self.apply([e for _, e in values], self.lateness_us)
+        dead = _late_letters(values, late, self.lateness_us) if late else []
+        return [Emitted(rows, dead)], StatefulBatchLogic.RETAIN
 
-        Bytewax calls this for every key changed in the epoch, at the epoch's end, on the
-        worker thread, with or without recovery: a ``deepcopy`` here (15-40 µs a key, more
-        with long windows) stopped the flow for 100-300 ms every epoch, which was the
-        freshness p99. Copy on write costs one list copy per key per epoch, spread out."""
-        self.shared = True
-        return self.state
+
+def _late_letters(
+    values: list[tuple[str, Event]], late: list[Late], lateness_us: int
+) -> list[tuple[str, Rejected]]:
+    """Dead letters for the late events, by their source ids (``late`` holds the very
+    event objects of ``values``)."""
+    source_ids = {id(e): sid for sid, e in values}
+    out = []
+    for x in late:
+        e = x.event
+        raw = {
+            "user_id": e.user_id,
+            "merchant_id": e.merchant_id,
+            "amount": e.amount,
+            "event_timestamp": e.ts_us,
+        }
+        reason = (
+            f"late: {(x.newest_us - e.ts_us) / 1e6:.0f}s behind the newest event of "
+            f"{x.group.key(e)} (allowed {lateness_us / 1e6:g}s)"
+        )
+        out.append((source_ids[id(e)], Rejected(raw, reason, e.ingest_s, "late")))
+    return out
+
+
+def _parser(rules: Any) -> Any:
+    """Raw events -> (source id, Event | Rejected), a batch at a time; counts the valid."""
+
+    def parse_batch(raws: list[Any]) -> list[tuple[str, Event | Rejected]]:
+        out = [(r[2], parse(r[0], r[1], rules)) for r in raws]
+        metrics.EVENTS_IN.inc(sum(e.__class__ is Event for _, e in out))
+        return out
+
+    return parse_batch
+
+
+def _keyer(step: Step) -> Any:
+    """A batch's valid events keyed by ``step``'s key."""
+    key = step.own.key
+    return lambda xs: [(key(x[1]), x) for x in xs if x[1].__class__ is Event]
 
 
 def build_flow(settings: Settings, stream: StreamSettings) -> Dataflow:
@@ -130,18 +146,21 @@ def build_flow(settings: Settings, stream: StreamSettings) -> Dataflow:
         source = RedisStreamSource(
             redis_url, stream.streams, stream.group, block_ms=stream.block_ms
         )
-    else:
-        source = kafka_source(stream.kafka_brokers, stream.kafka_topics)
+    else:  # the declared KafkaSource's topic (settings may name others)
+        kafka = declared_topic(settings.repo, stream)
+        source = kafka_source(kafka)
     fs = feast_store.open_store(settings)
     views = stream_views(fs)
     groups = key_groups(views)
     lateness_us = int(stream.lateness_s * 1e6)
 
+    dlq_redis, dlq_kafka = None, None
     if stream.source == "redis":
         dead_letter, dlq_redis = stream.dead_letter or f"{stream.streams[0]}:dead-letter", redis_url
+    elif stream.source == "kafka":
+        dead_letter, dlq_kafka = kafka.dead_letters, kafka.brokers
     else:
         dead_letter = stream.dead_letter or str(settings.data_dir / "stream" / "dead_letter.jsonl")
-        dlq_redis = None
     if stream.metrics_port:
         metrics.serve(stream.metrics_port)
 
@@ -157,28 +176,27 @@ def build_flow(settings: Settings, stream: StreamSettings) -> Dataflow:
             lambda m: (m.value, m.timestamp[1] / 1000, f"{m.topic}:{m.partition}:{m.offset}"),
         )
     # (source id, Event | Rejected): the id keys the dead-letter output (idempotent on replay)
-    parsed = op.map("parse", raw, lambda r: (r[2], parse(r[0], r[1], rules)))
-    checked = op.branch("valid", parsed, lambda x: isinstance(x[1], Event))
-    valid = op.inspect("count_in", checked.trues, lambda _s, _e: metrics.EVENTS_IN.inc())
-    # one keyed window state per key group; each event goes to every group
+    parsed = op.flat_map_batch("parse", raw, _parser(rules))
+    rejected = op.flat_map_batch(
+        "rejected", parsed, lambda xs: [x for x in xs if x[1].__class__ is not Event]
+    )
+    # one keyed window state per keyed step; each valid event goes to every step
     windows = [
         op.stateful_batch(
-            f"windows_{g.name}",
-            op.key_on(f"by_{g.name}", valid, lambda x, g=g: g.key(x[1])),
-            lambda state, g=g: _Windows(g, lateness_us, state),
+            f"windows_{step.name}",
+            op.flat_map_batch(f"by_{step.name}", parsed, _keyer(step)),
+            lambda saved, step=step: _Windows(step, lateness_us, saved),
         )
-        for g in groups
+        for step in keyed_steps(groups)
     ]
     out = windows[0] if len(windows) == 1 else op.merge("windows", *windows)
-    split = op.branch("rows_or_late", out, lambda kv: isinstance(kv[1], Row))
-    rows = split.trues
-    op.output("online", op.map("row", rows, lambda kv: kv[1]), OnlineSink(open_writer))
+    op.output("online", out, OnlineSink(open_writer))
     if stream.offline:
-        op.output("offline", rows, OfflineSink(views))
-    late = op.map("late", split.falses, lambda kv: kv[1])
-    dead = op.merge("dead", checked.falses, late)
+        op.output("offline", out, OfflineSink(views))
+    late = op.flat_map_batch("late", out, lambda kvs: [d for _, em in kvs for d in em.late])
+    dead = op.merge("dead", rejected, late)
     to_writer = op.key_on("dead_letter_part", dead, lambda _: "dead-letter")  # one partition
-    op.output("dead_letter", to_writer, DeadLetterSink(dead_letter, dlq_redis))
+    op.output("dead_letter", to_writer, DeadLetterSink(dead_letter, dlq_redis, dlq_kafka))
     return flow
 
 
@@ -193,9 +211,27 @@ def get_flow() -> Dataflow:
 
 
 def freeze_heap() -> None:
-    """Move everything allocated so far (imports, the Feast store, the flow) out of the
+    """Collect, then move everything alive (imports, the Feast store, the flow) out of the
     garbage collector's reach: a full collection otherwise walks that whole heap, a
-    50-300 ms pause on the worker thread a few times a minute. Objects alive now live for
-    the whole run anyway (``run_flow`` unfreezes at its end)."""
+    50-300 ms pause on the worker thread a few times a minute. ``run_flow`` unfreezes at
+    its end."""
     gc.collect()
     gc.freeze()
+
+
+_FREEZE_EVERY_S = 0.25
+_frozen_at = [float("-inf")]
+
+
+def freeze_survivors() -> None:
+    """Every quarter second of work: :func:`freeze_heap` again, so a full collection walks
+    only what is newer. What survives is mostly the keys' state, acyclic and freed by
+    reference counting when replaced: walking it found nothing, yet with a few hundred
+    thousand keys each walk was a 100-500 ms pause, several a minute, growing with the
+    state. Here each collection walks a quarter second's survivors (1-3 ms at 5,000
+    events/s; once an epoch it was 10-15 ms). A cycle frozen alive is never collected, which
+    the flow's own objects never form."""
+    now = time.monotonic()
+    if now - _frozen_at[0] >= _FREEZE_EVERY_S:
+        _frozen_at[0] = now
+        freeze_heap()

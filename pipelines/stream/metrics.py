@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram, start_http_server, values
+
+# Feast's import sets PROMETHEUS_MULTIPROC_DIR, which makes every metric created afterwards
+# a locked write to a memory-mapped file; the flow's values live in this process's memory
+# (each process serves its own port), as serving's do.
+values.ValueClass = values.MutexValue
 
 EVENTS_IN = Counter("hotpath_stream_events_total", "Valid events read")
 LATE = Counter("hotpath_stream_late_events_total", "Events later than the allowed lateness")

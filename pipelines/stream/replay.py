@@ -1,8 +1,11 @@
-"""``hotpath replay``: push generated transactions into a Redis stream at a steady rate.
+"""``hotpath replay``: push generated transactions into a Redis stream or a Kafka topic at a
+steady rate.
 
-The producer side of the ``redis`` source (demos, benchmarks): each entry carries one JSON
-event in the field the source reads (``EVENT_FIELD``), with the declared fields, read in
-event-time order by the file source's own reader.
+The producer side of the ``redis`` and ``kafka`` sources (demos, tests, benchmarks): each
+message carries one JSON event with the declared fields, read in event-time order by the
+file source's own reader. In Redis it sits in the field the source reads (``EVENT_FIELD``);
+in Kafka it is the message value, keyed by ``key_field`` (one key's events stay in order in
+one partition).
 """
 
 from __future__ import annotations
@@ -12,12 +15,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from pipelines.errors import HotpathError
 from pipelines.store import check_redis
 from pipelines.stream.sources import EVENT_FIELD, read_events
+
+# a target: writes a chunk of events (plain dicts) and returns once they are accepted
+Send = Callable[[list[dict[str, Any]]], None]
 
 
 @dataclass(frozen=True)
@@ -30,11 +37,49 @@ class ReplayResult:
         return self.events / max(self.seconds, 1e-9)
 
 
-def replay_to_stream(
-    url: str,
+def to_stream(url: str, stream_key: str) -> Send:
+    """XADD each event to ``stream_key``, pipelined per chunk (Redis checked now, by URL)."""
+    check_redis(url)  # a clear error naming the URL, before reading anything
+    client = redis.Redis.from_url(url)
+
+    def send(events: list[dict[str, Any]]) -> None:
+        pipe = client.pipeline(transaction=False)
+        for e in events:
+            pipe.xadd(stream_key, {EVENT_FIELD: json.dumps(e)})
+        pipe.execute()
+
+    return send
+
+
+def to_kafka(brokers: list[str], topic: str, key_field: str) -> Send:
+    """Produce each event to ``topic`` (which must exist, or be auto-created by the
+    brokers: checked now) keyed by its ``key_field``; a chunk returns once acknowledged."""
+    from pipelines.stream.kafka import cluster_metadata, flush, producer
+
+    meta = cluster_metadata(brokers, topic).topics.get(topic)
+    if meta is None or meta.error is not None:
+        raise HotpathError(f"Kafka topic {topic} not found on {','.join(brokers)}")
+    p = producer(brokers)
+    errors: list[Any] = []
+
+    def delivered(err: Any, _msg: Any) -> None:
+        if err is not None:
+            errors.append(err)
+
+    def send(events: list[dict[str, Any]]) -> None:
+        for e in events:
+            p.produce(
+                topic, json.dumps(e).encode(), str(e[key_field]).encode(), on_delivery=delivered
+            )
+        flush(p, f"Kafka topic {topic}", errors)
+
+    return send
+
+
+def replay(
+    send: Send,
     path: Path,
     fields: tuple[str, ...],
-    stream_key: str,
     rate: float = 0,
     limit: int | None = None,
     on_start: Callable[[int], None] | None = None,
@@ -42,16 +87,14 @@ def replay_to_stream(
     chunk: int = 500,
     report_every_s: float = 5.0,
 ) -> ReplayResult:
-    """XADD the events at ``path`` to ``stream_key`` at ``rate`` events/s (0: as fast as
-    possible), pipelined ``chunk`` at a time, never ahead of the schedule. ``on_start`` gets
-    the number of events, ``progress`` (sent, total, seconds) every ``report_every_s``."""
+    """The events at ``path`` (the first ``limit``) through ``send`` at ``rate`` events/s
+    (0: as fast as possible), ``chunk`` at a time, never ahead of the schedule. ``on_start``
+    gets the number of events, ``progress`` (sent, total, seconds) every ``report_every_s``."""
     if not path.exists():
         raise HotpathError(f"no transactions at {path} (run `hotpath generate` first)")
-    check_redis(url)  # a clear error naming the URL, before reading anything
     n, columns = read_events(path, fields, limit)
     if on_start:
         on_start(n)
-    client = redis.Redis.from_url(url)
     sent = 0
     t0 = last_report = time.monotonic()
     while sent < n:
@@ -62,11 +105,7 @@ def replay_to_stream(
                 time.sleep(min(0.002, (sent + 1 - due) / rate))
                 continue
             stop = min(stop, due)
-        pipe = client.pipeline(transaction=False)
-        for i in range(sent, stop):
-            event = {f: columns[f][i] for f in fields}
-            pipe.xadd(stream_key, {EVENT_FIELD: json.dumps(event)})
-        pipe.execute()
+        send([{f: columns[f][i] for f in fields} for i in range(sent, stop)])
         sent = stop
         if progress and time.monotonic() - last_report >= report_every_s:
             last_report = time.monotonic()

@@ -12,6 +12,7 @@ view's TTL is not written to that view. Dead letters are written once per source
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 import zlib
@@ -19,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,24 +40,27 @@ from online_store import layout
 from online_store.connect import redis_client
 from online_store.tiers import Placement, feast_write, placement
 from pipelines.declared import View
+from pipelines.errors import first_line
 from pipelines.stream import metrics
-from pipelines.stream.aggregates import Group, key_groups
+from pipelines.stream.aggregates import Group, Row, key_groups
 from pipelines.stream.events import Rejected
 
+if TYPE_CHECKING:
+    from pipelines.stream.kafka import DeadLetterTopic
 
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One key's aggregates as of ``ts_us``: every aggregation of its key group (the
-    streamed views sharing ``join_keys``), in ``Group.aggs`` order."""
 
-    join_keys: tuple[str, ...]  # the key group's join keys (its views' entity order)
-    entity: tuple[Any, ...]  # their values
-    ts_us: int
-    values: tuple[Any, ...]
-    ingest_s: float
+class Emitted(NamedTuple):
+    """What a keyed step emits for one key and batch: its rows (of every group in the
+    step), and the dead letters of its late events."""
+
+    rows: list[Row]
+    late: list[tuple[str, Rejected]]
 
 
 # ValueProto field of an entity's value type (the stream's keys are integers)
+# What a Redis Cluster failover or a node restart raises until the cluster answers again.
+RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError)
+RETRY_S = 30.0
 _KEY_FIELD = {ValueType.INT64: "int64_val", ValueType.INT32: "int32_val"}
 
 
@@ -125,16 +129,24 @@ class _GroupWriter:
         )
 
     def write(
-        self, store: FeatureStore, newest: dict[tuple[Any, ...], Row], now_us: int, pipe: Any
+        self,
+        store: FeatureStore,
+        newest: dict[tuple[Any, ...], Row],
+        now_us: int,
+        calls: list[tuple[Any, ...]] | None,
     ) -> list[Row]:
         """Write each entity's newest row to the views it is still within the TTL of (age
-        == TTL is still served), Redis calls into ``pipe`` (None: one call per row); the
-        rows written."""
+        == TTL is still served), Redis calls appended to ``calls`` (None: one call per row,
+        on a cluster); the rows written."""
+        every, youngest = list(range(len(self.ttl_us))), min(self.ttl_us, key=_no_ttl_last)
         live: dict[tuple[Any, ...], list[int]] = {}
         for entity, r in newest.items():
-            live[entity] = [
-                i for i, t in enumerate(self.ttl_us) if t is None or now_us - r.ts_us <= t
-            ]
+            age = now_us - r.ts_us
+            live[entity] = (
+                every
+                if youngest is None or age <= youngest
+                else [i for i, t in enumerate(self.ttl_us) if t is None or age <= t]
+            )
         for i, view in enumerate(self.views):
             expired = sum(i not in views for views in live.values())
             if expired:
@@ -148,12 +160,16 @@ class _GroupWriter:
                 key = encode_key(entity) + project
                 expire_at = layout.expire_at(r.ts_us / 1e6, self.ttl_s) if self.ttl_s else 0
                 args: list[Any] = [r.ts_us, layout.encode_stamp(r.ts_us), expire_at]
+                values = r.values
                 for i in live[r.entity]:
                     ts_field, fields = self.layout[i]
                     args += [ts_field, len(fields)]
                     for field, j, encode in fields:
-                        args += [field, encode(r.values[j])]
-                self.cas(keys=[key], args=args, client=pipe)
+                        args += [field, encode(values[j])]
+                if calls is None:
+                    self.cas(keys=[key], args=args)
+                else:  # EVALSHA itself: redis-py's script call asks SCRIPT EXISTS per pipeline
+                    calls.append(("EVALSHA", self.cas.sha, 1, key, *args))
         else:
             for i, view in enumerate(self.views):
                 data = [
@@ -190,6 +206,27 @@ class OnlineWriter:
         self.groups = {g.keys: _GroupWriter(store, g, clients) for g in key_groups(views)}
 
     def write(self, rows: Sequence[Row]) -> None:
+        """Write ``rows``; an unreachable node (a Redis Cluster failover, a restart) is
+        retried for up to ``RETRY_S`` seconds before the error stops the flow: the writes
+        are compare-and-set, so writing a batch again is harmless."""
+        deadline = time.monotonic() + RETRY_S
+        pause = 0.05
+        while True:
+            try:
+                return self._write(rows)
+            except RETRYABLE as e:
+                if time.monotonic() + pause > deadline:
+                    raise
+                left = deadline - time.monotonic()
+                print(
+                    f"warning: online store write failed ({type(e).__name__}: "
+                    f"{first_line(e)}); retrying for up to {left:.0f} s",
+                    file=sys.stderr, flush=True,
+                )  # fmt: skip
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+
+    def _write(self, rows: Sequence[Row]) -> None:
         newest: dict[tuple[str, ...], dict[tuple[Any, ...], Row]] = {}
         for r in rows:  # only each key's newest row matters online
             of_group = newest.setdefault(r.join_keys, {})
@@ -200,20 +237,40 @@ class OnlineWriter:
             return
         now_us = int(self.clock() * 1e6)
         written: list[Row] = []
-        pipes: dict[int, Any] = {}  # one pipeline per Redis client, all groups' rows in it
+        # one pipeline per Redis client, all groups' rows in it
+        calls: dict[int, tuple[_GroupWriter, list[tuple[Any, ...]]]] = {}
         for keys, of_group in newest.items():
-            g, pipe = self.groups[keys], None
+            g, out = self.groups[keys], None
             if g.redis is not None and not g.cluster:
-                pipe = pipes.get(id(g.redis))
-                if pipe is None:
-                    pipe = pipes[id(g.redis)] = g.redis.pipeline(transaction=False)
-            written += g.write(self.store, of_group, now_us, pipe)
-        for pipe in pipes.values():
-            pipe.execute()
+                out = calls.setdefault(id(g.redis), (g, []))[1]
+            written += g.write(self.store, of_group, now_us, out)
+        for g, out in calls.values():
+            _pipelined(g.redis, g.cas, out)
         now = time.time()
         metrics.WRITES.labels("online").inc(len(written))
         for r in written:
             metrics.LAG.observe(max(0.0, now - r.ingest_s))
+
+
+def _no_ttl_last(ttl: int | None) -> float:
+    return float("inf") if ttl is None else ttl
+
+
+def _pipelined(client: Any, script: Any, calls: list[tuple[Any, ...]]) -> None:
+    """``calls`` in one round trip. A server that lost the compare-and-set script (a
+    restart, ``SCRIPT FLUSH``) refuses its EVALSHAs: it is loaded and they are sent again
+    (compare-and-set writes are idempotent)."""
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        for call in calls:
+            pipe.execute_command(*call)
+        try:
+            pipe.execute()
+            return
+        except redis.exceptions.NoScriptError:
+            if attempt == 2:
+                raise
+            client.script_load(script.script)
 
 
 def _stream_tier(store: FeatureStore, group: Group) -> tuple[Placement, float]:
@@ -231,15 +288,15 @@ def _stream_tier(store: FeatureStore, group: Group) -> tuple[Placement, float]:
     return placed[0], ttl if placed[0].expires else 0.0
 
 
-class _OnlinePartition(StatelessSinkPartition[Row]):
+class _OnlinePartition(StatelessSinkPartition[tuple[str, Emitted]]):
     def __init__(self, writer: OnlineWriter) -> None:
         self.writer = writer
 
-    def write_batch(self, items: list[Row]) -> None:
-        self.writer.write(items)
+    def write_batch(self, items: list[tuple[str, Emitted]]) -> None:
+        self.writer.write([r for _, emitted in items for r in emitted.rows])
 
 
-class OnlineSink(DynamicSink[Row]):
+class OnlineSink(DynamicSink[tuple[str, Emitted]]):
     def __init__(self, open_writer: Any) -> None:
         self.open_writer = open_writer  # called once per worker: each opens its own store
 
@@ -278,7 +335,7 @@ _DAY_US = 86_400_000_000
 _EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 
 
-class _OfflinePartition(StatefulSinkPartition[Row, None]):
+class _OfflinePartition(StatefulSinkPartition[Emitted, None]):
     """Buffers rows and writes, per view, one parquet file per ``date=`` partition of its
     table at each epoch's snapshot, so a committed epoch's rows are on disk (Bytewax
     commits an epoch only after every snapshotted step has written it)."""
@@ -287,8 +344,9 @@ class _OfflinePartition(StatefulSinkPartition[Row, None]):
         self.tables = tables
         self.buffer: list[Row] = []
 
-    def write_batch(self, items: list[Row]) -> None:  # routed by key, keys stripped
-        self.buffer.extend(items)
+    def write_batch(self, items: list[Emitted]) -> None:  # routed by key, keys stripped
+        for emitted in items:
+            self.buffer += emitted.rows
 
     def snapshot(self) -> None:
         if not self.buffer:
@@ -325,7 +383,7 @@ class _OfflinePartition(StatefulSinkPartition[Row, None]):
         self.snapshot()
 
 
-class OfflineSink(FixedPartitionedSink[Row, None]):
+class OfflineSink(FixedPartitionedSink[Emitted, None]):
     """Appends rows to each streamed view's own offline table (parquet, ``date=``
     partitions): the view's keys, ``event_timestamp``, its ``created`` column and its
     features."""
@@ -371,16 +429,17 @@ return 1
 class _DeadLetterPartition(StatefulSinkPartition[tuple[str, Rejected], None]):
     """Writes each source id at most once, because a recovered run replays whatever its
     last commit had not covered: in Redis by the script above (the id hash is
-    ``<stream>:ids``), in a file by skipping the ids already in it at start-up."""
+    ``<stream>:ids``), in a file or a Kafka topic by skipping the ids already in it at
+    start-up."""
 
-    def __init__(self, target: str, redis_url: str | None) -> None:
-        self.target = target
+    def __init__(self, target: str, redis_url: str | None, topic: DeadLetterTopic | None) -> None:
+        self.target, self.topic = target, topic
         self.client = redis.Redis.from_url(redis_url) if redis_url else None
         if self.client is not None:
             self.once = self.client.register_script(_DEAD_LETTER_ONCE)
             self.ids_key = f"{target}:ids"
         else:
-            self.seen = _ids_in_file(Path(target))
+            self.seen = topic.ids() if topic is not None else _ids_in_file(Path(target))
 
     def write_batch(self, items: list[tuple[str, Rejected]]) -> None:
         if self.client is not None:
@@ -390,20 +449,21 @@ class _DeadLetterPartition(StatefulSinkPartition[tuple[str, Rejected], None]):
                 self.once(keys=[self.target, self.ids_key], args=[sid, *fields], client=pipe)
             written = [r for (_, r), new in zip(items, pipe.execute(), strict=True) if new]
         else:
-            written, lines = [], []
+            written, records = [], []
             for sid, r in items:
                 if sid in self.seen:
                     continue
                 self.seen.add(sid)
                 written.append(r)
                 rec = {"id": sid, "reason": r.reason, "code": r.code}
-                rec |= {"event": _jsonable(r.raw), "ingest_s": r.ingest_s}
-                lines.append(json.dumps(rec) + "\n")
-            if lines:
+                records.append(rec | {"event": _jsonable(r.raw), "ingest_s": r.ingest_s})
+            if records and self.topic is not None:
+                self.topic.write(records)
+            elif records:
                 path = Path(self.target)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with path.open("a") as f:
-                    f.writelines(lines)
+                    f.writelines(json.dumps(rec) + "\n" for rec in records)
         for r in written:
             metrics.DEAD_LETTERS.labels(r.code).inc()
             if r.code == "late":  # here, once per event however many key groups it was late for
@@ -433,15 +493,23 @@ def _ids_in_file(path: Path) -> set[str]:
 
 
 class DeadLetterSink(FixedPartitionedSink[tuple[str, Rejected], None]):
-    """A Redis stream (``redis_url`` given) or a JSON-lines file: the source id (``id``),
-    the reason, its code and the original event; once per source id.
+    """A Redis stream (``redis_url`` given), a Kafka topic (``kafka_brokers`` given: checked
+    now, see ``pipelines.stream.kafka.DeadLetterTopic``) or a JSON-lines file: the source id
+    (``id``), the reason, its code and the original event; once per source id.
 
     One partition: one writer (one file, however many workers). A partitioned sink is
     snapshotted at each epoch's end, after that epoch's writes, so Bytewax commits an epoch
     only once its dead letters are written (a dynamic sink's writes are not waited for)."""
 
-    def __init__(self, target: str, redis_url: str | None = None) -> None:
+    def __init__(
+        self, target: str, redis_url: str | None = None, kafka_brokers: list[str] | None = None
+    ) -> None:
         self.target, self.redis_url = target, redis_url
+        self.topic: DeadLetterTopic | None = None
+        if kafka_brokers:
+            from pipelines.stream.kafka import DeadLetterTopic
+
+            self.topic = DeadLetterTopic(kafka_brokers, target)  # exists (or is created) now
 
     def list_parts(self) -> list[str]:
         return ["dead-letter"]
@@ -450,7 +518,7 @@ class DeadLetterSink(FixedPartitionedSink[tuple[str, Rejected], None]):
         return 0
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _DeadLetterPartition:
-        return _DeadLetterPartition(self.target, self.redis_url)
+        return _DeadLetterPartition(self.target, self.redis_url, self.topic)
 
 
 def _jsonable(raw: Any) -> Any:
