@@ -25,6 +25,10 @@ alternately, and each pair is printed on its own so drift on a shared machine sh
 - answers: /predict's answers counted by the Lua ``response`` callback: 200 real
   predictions, 200 fallbacks (rule-based decisions), 503 with/without ``Retry-After``,
   other (with every status seen); the ceiling's statuses too;
+- connections per worker: how the kernel handed wrk's connections to the workers,
+  sampled a second into the run (whichever worker accepts first takes them): with two
+  workers, an 8+0 split leaves one idle and that run near one worker's figure, on either
+  server;
 - mean of pairs: each ratio averaged over the pairs, and whether it meets the goal.
 
 **Overload** (skipped with ``--overload-connections 0``): a fresh ``hotpath serve``, one
@@ -59,12 +63,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from statistics import mean
 
+import psutil
 import requests
 
 from benchmarks.harness import Project, WrkResult, redis_project, run_wrk
@@ -97,13 +103,42 @@ class Pair:
 
 
 @contextmanager
-def running(started: tuple[subprocess.Popen, str]) -> Iterator[str]:
-    """The server's URL for the block; the server stopped after it."""
+def running(started: tuple[subprocess.Popen, str]) -> Iterator[tuple[str, int]]:
+    """The server's URL and process id for the block; the server stopped after it."""
     proc, url = started
     try:
-        yield url
+        yield url, proc.pid
     finally:
         stop(proc)
+
+
+def split_later(pid: int, url: str, after_s: float = 1.0) -> Callable[[], str]:
+    """Starts sampling, ``after_s`` from now, how many connections each worker of the
+    server ``pid`` holds on its port; the returned call waits for it ("5+3")."""
+    port = int(url.rsplit(":", 1)[1])
+    found: list[str] = []
+
+    def sample() -> None:
+        server = psutil.Process(pid)
+        spawned = [c for c in server.children() if "spawn_main" in " ".join(c.cmdline())]
+        counts = [
+            sum(
+                1
+                for c in w.net_connections("tcp")
+                if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
+            )
+            for w in spawned or [server]
+        ]
+        found.append("+".join(map(str, sorted(counts, reverse=True))))
+
+    timer = threading.Timer(after_s, sample)
+    timer.start()
+
+    def result() -> str:
+        timer.join()
+        return found[0] if found else "?"
+
+    return result
 
 
 def ceiling(workers: int) -> tuple[subprocess.Popen, str]:
@@ -141,22 +176,28 @@ def against_ceiling(p: Project, workers: int, args: argparse.Namespace) -> list[
     print(f"\n{workers} uvicorn worker(s), wrk -t1 -c{args.connections} -d{args.seconds}s")
     pairs: list[Pair] = []
     with (
-        running(ceiling(workers)) as ceiling_url,
-        running(serve(p.settings.repo, p.env, workers)) as predict_url,
+        running(ceiling(workers)) as (ceiling_url, ceiling_pid),
+        running(serve(p.settings.repo, p.env, workers)) as (predict_url, predict_pid),
     ):
         for url in (ceiling_url, predict_url):
             run_wrk(url, p.bodies, args.connections, WARM_UP_S)
         for i in range(1, args.pairs + 1):
             load = os.getloadavg()[0]
+            c_split = split_later(ceiling_pid, ceiling_url)
             c = run_wrk(ceiling_url, p.bodies, args.connections, args.seconds)
+            q_split = split_later(predict_pid, predict_url)
             q = run_wrk(predict_url, p.bodies, args.connections, args.seconds)
             pair = Pair(c, q)
             pairs.append(pair)
             print(f"  pair {i} (1-min load average {load:.1f} before it)")
-            print(f"    ceiling   {figures(c)}   statuses {c.statuses}")
+            print(
+                f"    ceiling   {figures(c)}   statuses {c.statuses}, "
+                f"connections per worker {c_split()}"
+            )
             print(
                 f"    /predict  {figures(q)}   ratio {pair.rate_ratio:.2f}x req/s "
-                f"({pair.real_rate_ratio:.2f}x real predictions only), {pair.p99_ratio:.2f}x p99"
+                f"({pair.real_rate_ratio:.2f}x real predictions only), {pair.p99_ratio:.2f}x p99, "
+                f"connections per worker {q_split()}"
             )
             print(f"              {answers(q)}")
     rate = mean(x.rate_ratio for x in pairs)
@@ -199,7 +240,7 @@ def overload(p: Project, args: argparse.Namespace, base: list[Pair]) -> None:
         f"\n  ratios against this run's 1-worker ceiling (mean of its {len(base)} runs: "
         f"{c_rate:,.0f} req/s, p99 {c_p99:.2f} ms)"
     )
-    with running(serve(p.settings.repo, p.env, 1)) as url:
+    with running(serve(p.settings.repo, p.env, 1)) as (url, _):
         run_wrk(url, p.bodies, args.connections, WARM_UP_S)
         r = run_wrk(url, p.bodies, n, secs)
         ready_s, polls, first_bad = time_to_ready(url, time.monotonic())
