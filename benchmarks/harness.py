@@ -23,7 +23,7 @@ from pipelines import store
 from pipelines.generate import GenerateResult
 from pipelines.settings import DEFAULT_REPO, Settings, feast_redis_connection
 from pipelines.training import train
-from tests.helpers import ServerError, start_redis_server, stop
+from tests.helpers import RedisCluster, ServerError, start_redis_cluster, start_redis_server, stop
 
 
 @dataclass(frozen=True)
@@ -47,32 +47,66 @@ def redis_project(rows: int, bodies: int) -> Iterator[Project]:
     root = Path(tempfile.mkdtemp(prefix="hotpath-bench-"))
     redis_proc: subprocess.Popen | None = None
     try:
-        shutil.copytree(
-            DEFAULT_REPO, root / "feature_repo", ignore=shutil.ignore_patterns("__pycache__")
-        )
         try:
             redis_proc, redis_url = start_redis_server(root)
         except ServerError as e:
             sys.exit(str(e))
         s = Settings(repo=root / "feature_repo", profile="redis", redis_url=redis_url)
-        try:
-            gen, drawn = backfilled_project(s, rows, bodies)
-            fs = store.open_store(s)
-            store.apply(fs)
-            store.materialize(fs)
-            train(fs, s.raw_dir, s.model_repository, log=lambda _: None)
-        finally:
-            stop_spark()
         env = {
             "HOTPATH_PROFILE": "redis",
             "HOTPATH_REDIS_URL": redis_url,
             "HOTPATH_REDIS_CONNECTION": feast_redis_connection(redis_url),
         }
-        yield Project(root, s, fs, gen, drawn, redis_proc.pid, env)
+        yield _trained(root, s, rows, bodies, redis_proc.pid, env)
     finally:
         if redis_proc is not None:
             stop(redis_proc)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def cluster_project(
+    rows: int, bodies: int, replicas: int = 1
+) -> Iterator[tuple[Project, RedisCluster]]:
+    """As :func:`redis_project`, on a Redis Cluster of 3 masters with ``replicas`` each
+    (``tests.helpers.start_redis_cluster``: a node unreachable for 1 s is failed over)."""
+    root = Path(tempfile.mkdtemp(prefix="hotpath-bench-"))
+    cluster: RedisCluster | None = None
+    try:
+        try:
+            cluster = start_redis_cluster(root / "cluster", replicas=replicas)
+        except ServerError as e:
+            sys.exit(str(e))
+        s = Settings(
+            repo=root / "feature_repo", profile="redis-cluster",
+            redis_cluster_nodes=cluster.nodes, redis_password=cluster.password,
+        )  # fmt: skip
+        env = {
+            "HOTPATH_PROFILE": "redis-cluster",
+            "HOTPATH_REDIS_CLUSTER_NODES": cluster.nodes,
+            "HOTPATH_REDIS_PASSWORD": cluster.password or "",
+        }
+        yield _trained(root, s, rows, bodies, cluster.procs[0].pid, env), cluster
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _trained(
+    root: Path, s: Settings, rows: int, bodies: int, redis_pid: int, env: dict[str, str]
+) -> Project:
+    """Copy the feature repo into ``root``, generate, backfill, apply, materialize, train."""
+    shutil.copytree(DEFAULT_REPO, s.repo, ignore=shutil.ignore_patterns("__pycache__"))
+    try:
+        gen, drawn = backfilled_project(s, rows, bodies)
+        fs = store.open_store(s)
+        store.apply(fs)
+        store.materialize(fs)
+        train(fs, s.model_repository, log=lambda _: None)
+    finally:
+        stop_spark()
+    return Project(root, s, fs, gen, drawn, redis_pid, env)
 
 
 def stop_spark() -> None:

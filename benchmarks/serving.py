@@ -17,6 +17,19 @@ and ``/predict`` (d) under concurrent clients with 1 and 2 uvicorn workers: wrk 
 connections when installed, else Python client threads (which compete for the 2 cores).
 (a) and (c) are measured unpinned and pinned with redis-server to one CPU (see
 ``feature_retrieval.py``). Needs redis-server, and ``.venv-triton`` for (e).
+
+Then the ranking case, ``--ranking-calls`` requests of one user, ``CANDIDATES`` candidate
+merchants and the session's platform (``merchant_ranking_v1``: user, merchant and
+user x merchant views), single client, unpinned:
+
+  (a) Feast SDK ``get_online_features`` for the 100 (user, merchant) rows
+  (b) ``feast serve`` over HTTP for the same rows
+  (c) the hotpath fast path in-process (``OnlineFeatures.read``, one pipelined round trip)
+  (d) the whole ranking request over HTTP with in-process ONNX (pending until a model on
+      ``merchant_ranking_v1`` is declared and ``/v1/models/{name}/predict`` serves it)
+
+against the physical ceiling, raw Redis: the fast path's own pre-packed pipeline of HMGETs
+sent and answered with nothing decoded, and the same with each distinct key read once.
 """
 
 from __future__ import annotations
@@ -28,19 +41,23 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import requests
 
 from benchmarks.feature_retrieval import compare, report, timed
-from benchmarks.harness import Project, redis_project, with_wrk
+from benchmarks.harness import Project, redis_project, stop_spark, with_wrk
 from serving.online_features import OnlineFeatures
 from serving.triton_local import LocalTriton
-from tests.helpers import free_port, local_triton, serve, stop, wait_http
+from tests.helpers import ServerError, free_port, local_triton, serve, stop, wait_http
 
 SERVICE = "fraud_detection_v1"
+RANKING_SERVICE = "merchant_ranking_v1"
+CANDIDATES = 100
 
 
 def concurrent(url: str, rows: list[dict], clients: int) -> tuple[float, float]:
@@ -63,18 +80,43 @@ def concurrent(url: str, rows: list[dict], clients: int) -> tuple[float, float]:
     return len(rows) / elapsed, float(np.percentile(latencies, 99) * 1000)
 
 
+def feast_serve(p: Project, procs: list[subprocess.Popen]) -> str:
+    """``feast serve`` on the project's repo and Redis, on a free port (added to
+    ``procs``), once healthy; its URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("feast")), "-f", str(p.settings.feature_store_yaml)]
+        + ["serve", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=p.settings.repo,
+        env={**os.environ, **p.env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    procs.append(proc)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health", proc=proc)
+    return url
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=30_000)
     parser.add_argument("--calls", type=int, default=2_000)
     parser.add_argument("--clients", type=int, default=8, help="concurrent connections")
+    parser.add_argument("--ranking-calls", type=int, default=500, help="ranking requests")
+    parser.add_argument(
+        "--ranking-only", action="store_true", help="skip the single-transaction peers"
+    )
     args = parser.parse_args()
+    print(f"load average at start: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
 
     with redis_project(args.rows, args.calls) as p:
         procs: list[subprocess.Popen] = []
         triton = local_triton(p.root / "triton")
         try:
-            measure(p, triton, procs, args.clients)
+            if not args.ranking_only:
+                measure(p, triton, procs, args.clients)
+            measure_ranking(p, procs, args.ranking_calls)
         finally:
             for proc in procs:
                 stop(proc)
@@ -98,26 +140,7 @@ def measure(p: Project, triton: LocalTriton, procs: list[subprocess.Popen], clie
         p.redis_pid,
     )
 
-    port = free_port()
-    feast_proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("feast")),
-            "-f",
-            str(s.feature_store_yaml),
-            "serve",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
-        cwd=s.repo,
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    procs.append(feast_proc)
-    feast_url = f"http://127.0.0.1:{port}"
-    wait_http(f"{feast_url}/health", proc=feast_proc)
+    feast_url = feast_serve(p, procs)
     http = requests.Session()
     b = report(
         "(b) feast serve HTTP",
@@ -177,6 +200,193 @@ def measure(p: Project, triton: LocalTriton, procs: list[subprocess.Popen], clie
         ("/predict Triton vs /predict ONNX", e, d),
     ):
         print(f"  {name:<34} {num[0] / den[0]:5.1f}x  {num[1] / den[1]:5.1f}x")
+
+
+def ranking_requests(p: Project, n: int) -> tuple[list[list[dict]], int]:
+    """``n`` ranking requests, each ``CANDIDATES`` rows (user_id, merchant_id, platform):
+    a user and platform of a generated impression, and distinct candidate merchants in a
+    random order, cold-start ids (no data) filling up when fewer merchants exist. Returns
+    them and how many candidates per request are known merchants."""
+    rng = np.random.default_rng(5)
+    shown = pd.read_parquet(p.settings.raw_dir / "impressions", columns=["user_id", "platform"])
+    sessions = shown.sample(n, random_state=5, replace=len(shown) < n)
+    known = min(CANDIDATES, p.gen.merchants)
+    cold = np.arange(p.gen.merchants, p.gen.merchants + CANDIDATES - known)
+    out = []
+    for s in sessions.itertuples():
+        merchants = np.concatenate([rng.permutation(p.gen.merchants)[:known], cold])
+        out.append(
+            [
+                {"user_id": int(s.user_id), "merchant_id": int(m), "platform": s.platform}
+                for m in rng.permutation(merchants)
+            ]
+        )
+    return out, known
+
+
+class _Recorder:
+    """Stands in for the reader's Redis client to capture the bytes it would send."""
+
+    packed = b""
+
+    def send(self, packed: bytes) -> None:
+        self.packed = packed
+
+
+def raw_redis_calls(
+    fast: OnlineFeatures, requests_: list[list[dict]], distinct: bool
+) -> tuple[Callable[[tuple[bytes, int]], object], list[tuple[bytes, int]], int]:
+    """The ceiling: each request's HMGET pipeline exactly as the fast path's Redis reader
+    packs it (``distinct``: each distinct entity key once), sent and answered on the
+    reader's own connection, nothing decoded. Returns the call, its inputs, the HMGETs."""
+    [(reader, _)] = fast._backends  # one store (the redis profile): one reader
+    client, recorder = reader.client, _Recorder()
+    packed = []
+    reader.client = recorder
+    try:
+        for rows in requests_:
+            keys = fast.entity_keys(rows)
+            if distinct:
+                keys = {jk: list(dict.fromkeys(ks)) for jk, ks in keys.items()}
+            _, n = reader.send(keys)
+            packed.append((recorder.packed, n))
+    finally:
+        reader.client = client
+    return lambda job: client.execute(*job), packed, packed[0][1]
+
+
+def train_ranking_model(p: Project) -> str | None:
+    """The model ``feature_repo/models.py`` declares on ``RANKING_SERVICE``, trained and
+    published here (the harness trains the default model only); None, with the reason
+    printed, when there is none or it cannot be trained yet.
+
+    TODO(issue 12, items 1-2, in progress elsewhere): drop the fallbacks once the ranking
+    model is declared and ``hotpath train --model`` trains ranking tasks."""
+    from pipelines.contract import models
+    from pipelines.training import train
+
+    try:
+        declared = models(p.settings.repo)
+    except Exception as e:
+        print(f"  no model declarations readable ({e}): (d) pending")
+        return None
+    names = [n for n, m in declared.items() if m.feature_service.name == RANKING_SERVICE]
+    if not names:
+        print(f"  no model declared on {RANKING_SERVICE} yet: (d) pending")
+        return None
+    try:
+        train(p.fs, p.settings.model_repository, model=names[0], log=lambda _: None)
+    except Exception as e:
+        print(f"  training {names[0]} failed ({e}): (d) pending")
+        return None
+    finally:
+        stop_spark()
+    return names[0]
+
+
+def ranking_over_http(
+    p: Project,
+    procs: list[subprocess.Popen],
+    http: requests.Session,
+    model: str | None,
+    rows: list[list[dict]],
+) -> tuple[float, float] | None:
+    """(d) the whole ranking request over HTTP, in-process ONNX; None (printed "pending")
+    until it can run.
+
+    TODO(issue 12, items 1-2, in progress elsewhere): post the agreed ranking body (one
+    user, the candidates, the platform, ``top_k``) to ``/v1/models/{name}/predict``; until
+    its shape is agreed, the batch route's ``{batch_field: rows}`` is posted."""
+    if model is None:
+        print("    (d) ranking request over HTTP      pending: no ranking model trained")
+        return None
+    try:
+        proc, url = serve(p.settings.repo, p.env)
+    except ServerError as e:
+        print(f"    (d) ranking request over HTTP      pending: hotpath serve failed ({e})")
+        return None
+    procs.append(proc)
+    try:
+        paths = http.get(f"{url}/openapi.json", timeout=10).json().get("paths", {})
+        if "/v1/models/{name}/predict" not in paths:
+            print("    (d) ranking request over HTTP      pending: no /v1/models/{name}/predict")
+            return None
+        served = http.get(f"{url}/v1/models", timeout=10).json().get("models", [])
+        ranking = [m for m in served if m.get("name") == model]
+        if not ranking:
+            print(f"    (d) ranking request over HTTP      pending: {model} not served")
+            return None
+        field = ranking[0]["batch_field"]
+        target = f"{url}/v1/models/{model}/predict/batch"
+        probe = http.post(target, json={field: rows[0]}, timeout=10)
+        if probe.status_code != 200:
+            print(f"    (d) ranking request over HTTP      pending: {probe.status_code}")
+            return None
+        return report(
+            "(d) ranking request HTTP, ONNX",
+            timed(
+                lambda r: http.post(target, json={field: r}, timeout=10).raise_for_status(), rows
+            ),
+        )
+    finally:
+        stop(proc)
+
+
+def measure_ranking(p: Project, procs: list[subprocess.Popen], calls: int) -> None:
+    """The ranking case: (a), (b), (c), raw Redis, (d), on the same Redis and repo."""
+    fs = p.fs
+    model = train_ranking_model(p)  # first: Spark's JVM is gone before anything is timed
+    rows, known = ranking_requests(p, calls)
+    print(
+        f"ranking: {calls:,} requests of {CANDIDATES} (user, merchant) rows "
+        f"({known} known merchants, {CANDIDATES - known} cold-start), {RANKING_SERVICE}, "
+        "single client, unpinned"
+    )
+    service = fs.get_feature_service(RANKING_SERVICE)
+    fast = OnlineFeatures(fs, RANKING_SERVICE)
+    first = fast.read(rows[0])  # the fast path answers what Feast answers
+    feast_first = fs.get_online_features(features=service, entity_rows=rows[0]).to_dict()
+    differ = [n for n in fast.feature_names if [v.values[n] for v in first] != feast_first[n]]
+    print(
+        f"  fast path = Feast SDK on a request's {len(fast.feature_names)} features: "
+        + (f"NO, differ: {differ}" if differ else "yes")
+    )
+    a = report(
+        "(a) Feast SDK get_online_features",
+        timed(lambda r: fs.get_online_features(features=service, entity_rows=r), rows),
+    )
+    feast_url = feast_serve(p, procs)
+    http = requests.Session()
+    columns = [{k: [row[k] for row in r] for k in r[0]} for r in rows]
+    by_id = {id(r): c for r, c in zip(rows, columns, strict=True)}
+    b = report(
+        "(b) feast serve HTTP",
+        timed(
+            lambda r: http.post(
+                f"{feast_url}/get-online-features",
+                json={"feature_service": RANKING_SERVICE, "entities": by_id[id(r)]},
+                timeout=10,
+            ).raise_for_status(),
+            rows,
+        ),
+    )
+    gc.collect()
+    c = report("(c) fast path, in-process", timed(fast.read, rows))
+    ceilings = []
+    for distinct in (False, True):
+        call, jobs, hmgets = raw_redis_calls(fast, rows, distinct)
+        label = f"raw Redis: {hmgets} HMGETs, 1 trip"
+        ceilings.append((label, report(label, timed(call, jobs))))
+    d = ranking_over_http(p, procs, http, model, rows)
+    print("ranking ratios (p50, p99):")
+    pairs = [("Feast SDK vs fast path", a, c), ("feast serve vs fast path", b, c)]
+    pairs += [(f"fast path vs {label}", c, ceiling) for label, ceiling in ceilings]
+    if d is not None:
+        pairs += [("Feast SDK vs ranking request HTTP", a, d)]
+    for name, num, den in pairs:
+        print(f"  {name:<48} {num[0] / den[0]:5.1f}x  {num[1] / den[1]:5.1f}x")
+    if d is None:
+        print("  Feast SDK vs ranking request HTTP                pending")
 
 
 if __name__ == "__main__":

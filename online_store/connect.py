@@ -22,6 +22,8 @@ from typing import Any
 
 import hiredis
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 def redis_nodes(connection_string: str) -> tuple[list[dict[str, str]], dict[str, Any]]:
@@ -35,7 +37,10 @@ def redis_nodes(connection_string: str) -> tuple[list[dict[str, str]], dict[str,
 def redis_client(config: Any, timeout_s: float | None = None) -> Any:
     """A redis-py client for a Feast Redis config (standalone, cluster or sentinel).
     Without ``timeout_s``, Feast's own client, exactly as its store connects; with it,
-    one that fails within ``timeout_s`` (start-up checks)."""
+    one that fails within ``timeout_s`` (start-up checks, the serving read). A cluster
+    client with ``timeout_s`` retries an unreachable node once, at once, after re-reading
+    the slot map: redis-py's default backs off for up to seconds per retry, which on the
+    serving event loop stalls every request while a replica takes over."""
     if timeout_s is None:
         from feast.infra.online_stores.redis import RedisOnlineStore
 
@@ -51,6 +56,7 @@ def redis_client(config: Any, timeout_s: float | None = None) -> Any:
     if config.redis_type == "redis_cluster":
         return redis.RedisCluster(
             startup_nodes=[redis.cluster.ClusterNode(n["host"], int(n["port"])) for n in nodes],
+            retry=Retry(NoBackoff(), retries=1),
             **kw,
         )
     return redis.Redis(

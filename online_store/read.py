@@ -203,7 +203,11 @@ class RedisClusterReader(RedisReader):
         self.cluster.ping()
 
     def unmaterialized(self, views: list[str]) -> list[str]:
-        stamps = self.cluster.hmget(materialized_key(self.project_bytes.decode()), views)
+        # through a pipeline: redis-py's single-command path sleeps 0.25 s (hard-coded) on
+        # each CLUSTERDOWN reply, which during a failover stalled the serving event loop
+        pipe = self.cluster.pipeline(transaction=False)
+        pipe.hmget(materialized_key(self.project_bytes.decode()), views)
+        (stamps,) = pipe.execute()
         return [v for v, stamp in zip(views, stamps, strict=True) if not stamp]
 
     def send(self, keys):
@@ -292,7 +296,7 @@ def _reader(
         return SqliteReader(_sqlite_path(store, cfg), project, views)
     if where.kind == "redis":
         if cfg.redis_type == "redis_cluster":
-            return RedisClusterReader(redis_client(cfg), project, views)
+            return RedisClusterReader(redis_client(cfg, timeout_s), project, views)
         if cfg.redis_type == "redis":
             return RedisReader(
                 RespClient.from_feast(cfg.connection_string, timeout_s), project, views

@@ -13,6 +13,7 @@ import importlib
 import sys
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 from feast import Entity, FeatureView
 from feast.data_source import DataSource
@@ -75,6 +76,33 @@ def _objects(repo: Path) -> dict[str, FeatureView | Entity | DataSource]:
             if isinstance(value, FeatureView | Entity | DataSource):
                 found[value.name] = value
     return found
+
+
+MODELS = "models"  # the module of the repo that declares its models
+
+
+def models(repo: Path) -> dict[str, Any]:
+    """The models ``repo`` declares (``models.py``: ``model_declaration.Model`` objects), by
+    name; a one-line error when the module is missing or fails to import."""
+    repo = repo.resolve()
+    if not (repo / f"{MODELS}.py").exists():
+        raise HotpathError(f"no model declarations at {repo / (MODELS + '.py')}")
+    use_repo(repo)
+    try:
+        module = importlib.import_module(MODELS)
+        kind = importlib.import_module("model_declaration").Model
+    except Exception as e:
+        raise HotpathError(f"{repo / (MODELS + '.py')}: {type(e).__name__}: {e}") from None
+    return {v.name: v for v in vars(module).values() if isinstance(v, kind)}
+
+
+def default_model(repo: Path) -> str:
+    """The model declared ``default`` (served at ``/predict``); the only one when one."""
+    declared = models(repo)
+    chosen = [m.name for m in declared.values() if m.default] or list(declared)[:1]
+    if len(chosen) != 1:
+        raise HotpathError(f"{repo}: no model declared in {MODELS}.py")
+    return chosen[0]
 
 
 def event_rules(repo: Path) -> EventRules:

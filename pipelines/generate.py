@@ -13,13 +13,22 @@ can learn from the features in ``feature_repo``:
 
 Labels arrive late: ``label_ts`` is when the outcome became known (fraud through a
 chargeback hours to weeks later, legitimate payments after the 1-3 day statement cycle).
+
+Recommendation impressions (``impressions/``, day-partitioned like the payments) are slates
+of candidate merchants shown to a user at an instant, labelled from the payments themselves:
+``purchased`` is whether the user paid that merchant within ``PURCHASE_HORIZON`` after the
+impression, known (``label_ts``) once the horizon has passed. A slate mixes the user's
+habitual merchants with popular ones, so the pair's payment history and the merchant's
+volume predict the label; app sessions are more often opened just before a payment than
+web ones (shopping intent), so the request's platform predicts it too. Drawn from their own
+seeded generators, they leave the payments' bytes unchanged.
 """
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -34,6 +43,8 @@ CATEGORIES = np.array(
     ["grocery", "fuel", "restaurant", "travel", "electronics", "fashion", "digital", "gambling"]
 )
 FAVOURITES = 8  # merchants a user habitually pays
+PLATFORMS = np.array(["app", "web"])
+PURCHASE_HORIZON = timedelta(hours=24)
 
 TRANSACTION_SCHEMA = pa.schema(
     [
@@ -50,6 +61,19 @@ TRANSACTION_SCHEMA = pa.schema(
     ]
 )
 
+IMPRESSION_SCHEMA = pa.schema(
+    [
+        ("impression_id", pa.int64()),  # one slate: a user, an instant, its candidates
+        ("position", pa.int64()),  # 0 = shown first
+        ("user_id", pa.int64()),
+        ("merchant_id", pa.int64()),
+        ("platform", pa.string()),
+        ("event_timestamp", pa.timestamp("us", tz="UTC")),
+        ("purchased", pa.bool_()),  # paid this merchant within PURCHASE_HORIZON after
+        ("label_ts", pa.timestamp("us", tz="UTC")),  # event_timestamp + PURCHASE_HORIZON
+    ]
+)
+
 
 @dataclass(frozen=True)
 class GenerateConfig:
@@ -61,13 +85,15 @@ class GenerateConfig:
     seed: int = 7
     users: int | None = None  # default: rows // 40, at least 50
     merchants: int | None = None  # default: rows // 400, at least 30
+    slates: int | None = None  # recommendation impressions; default: rows // 20
+    slate_size: int = 10  # candidates drawn per slate (duplicates dropped)
 
     def resolved(self) -> GenerateConfig:
         """This config with ``end`` fixed (to now, to the second, when unset)."""
         end = self.end or datetime.now(UTC).replace(microsecond=0)
         if end.tzinfo is None:
             end = end.replace(tzinfo=UTC)
-        return GenerateConfig(self.rows, self.days, end, self.seed, self.users, self.merchants)
+        return replace(self, end=end)
 
     @property
     def end_time(self) -> datetime:
@@ -86,6 +112,10 @@ class GenerateConfig:
     def n_merchants(self) -> int:
         return self.merchants or max(30, self.rows // 400)
 
+    @property
+    def n_slates(self) -> int:
+        return self.rows // 20 if self.slates is None else self.slates
+
 
 @dataclass(frozen=True)
 class GenerateResult:
@@ -96,6 +126,8 @@ class GenerateResult:
     start: datetime
     end: datetime
     path: Path
+    impressions: int = 0  # candidate rows over all slates
+    purchased: int = 0  # of which the user paid the merchant within the horizon
 
 
 @dataclass(frozen=True)
@@ -253,12 +285,97 @@ def _day(cfg: GenerateConfig, pop: _Population, day: date) -> dict[str, np.ndarr
     }
 
 
+def _paid_within(
+    query: dict[str, np.ndarray], payments: dict[str, np.ndarray], origin: int, horizon: int
+) -> np.ndarray:
+    """For each (user_id, merchant_id, event_timestamp) of ``query``: did ``payments`` hold a
+    payment of that user at that merchant in ``(t, t + horizon]``? Every time is at or after
+    ``origin`` and within 2**40 microseconds (12 days) of it."""
+    if len(payments["user_id"]) == 0 or len(query["user_id"]) == 0:
+        return np.zeros(len(query["user_id"]), dtype=bool)
+    span = np.int64(2**40)
+    width = np.int64(max(int(payments["merchant_id"].max()), int(query["merchant_id"].max())) + 1)
+    pairs, rank = np.unique(
+        payments["user_id"] * width + payments["merchant_id"], return_inverse=True
+    )
+    stamps = np.sort(rank.astype(np.int64) * span + (payments["event_timestamp"] - origin))
+    wanted = query["user_id"] * width + query["merchant_id"]
+    at = np.minimum(np.searchsorted(pairs, wanted), len(pairs) - 1)
+    known = pairs[at] == wanted
+    t = at.astype(np.int64) * span + (query["event_timestamp"] - origin)
+    nxt = np.minimum(np.searchsorted(stamps, t, side="right"), len(stamps) - 1)
+    return known & (stamps[nxt] > t) & (stamps[nxt] <= t + horizon)
+
+
+def _impressions(
+    cfg: GenerateConfig,
+    pop: _Population,
+    day: date,
+    today: dict[str, np.ndarray],
+    tomorrow: dict[str, np.ndarray] | None,
+    lo: int,
+    hi: int,
+) -> dict[str, np.ndarray]:
+    """One UTC day's slates, in event-time order, labelled from ``today``'s and
+    ``tomorrow``'s payments (clipped to the range, as written); without ids."""
+    rng = np.random.default_rng([cfg.seed, 3, day.toordinal()])
+    u, m, size = cfg.n_users, cfg.n_merchants, cfg.slate_size
+    day_start = _micros(day)
+    n = rng.poisson(cfg.n_slates / cfg.days)
+    platform = (rng.random(n) < 0.4).astype(np.int64)  # index into PLATFORMS: 60 % app
+    user = rng.choice(u, size=n, p=pop.rate / pop.rate.sum())
+    ts = day_start + rng.integers(0, US_PER_DAY, size=n)
+    # shopping intent: the session opens 1 minute to 2 hours before one of the user's payments
+    intent = rng.random(n) < np.where(platform == 0, 0.8, 0.1)
+    ordinary = np.flatnonzero(today["fraud_pattern"] == "")
+    k = int(intent.sum()) if len(ordinary) else 0
+    if k:
+        anchor = ordinary[rng.integers(0, len(ordinary), size=k)]
+        user[intent] = today["user_id"][anchor]
+        before = rng.integers(60_000_000, 2 * US_PER_HOUR, size=k)
+        ts[intent] = today["event_timestamp"][anchor] - before
+    keep = np.flatnonzero((ts >= max(lo, day_start)) & (ts < hi))  # in this day's partition
+    keep = keep[np.lexsort((user[keep], ts[keep]))]
+    user, ts, platform = user[keep], ts[keep], platform[keep]
+
+    # candidates: 30 % from the user's habitual merchants, the rest by popularity
+    habitual = rng.random((len(user), size)) < 0.3
+    candidate = np.where(
+        habitual,
+        pop.favourites[user[:, None], rng.integers(0, FAVOURITES, size=(len(user), size))],
+        rng.choice(m, size=(len(user), size), p=pop.merchant_weights),
+    ).astype(np.int64)
+    earlier = np.tri(size, k=-1, dtype=bool)  # [j, i]: i before j
+    repeat = ((candidate[:, :, None] == candidate[:, None, :]) & earlier).any(axis=2)
+    position = np.cumsum(~repeat, axis=1) - 1
+    shown = ~repeat
+    slate = np.repeat(np.arange(len(user), dtype=np.int64), shown.sum(axis=1))
+    rows = {
+        "slate": slate,
+        "position": position[shown].astype(np.int64),
+        "user_id": user[slate].astype(np.int64),
+        "merchant_id": candidate[shown],
+        "platform": PLATFORMS[platform[slate]],
+        "event_timestamp": ts[slate],
+    }
+    payments = [today] if tomorrow is None else [today, tomorrow]
+    legit = {
+        col: np.concatenate([p[col][~p["is_fraud"]] for p in payments])
+        for col in ("user_id", "merchant_id", "event_timestamp")
+    }
+    horizon = PURCHASE_HORIZON // timedelta(microseconds=1)
+    rows["purchased"] = _paid_within(rows, legit, day_start, horizon)
+    rows["label_ts"] = rows["event_timestamp"] + horizon
+    return rows
+
+
 def generate(
     cfg: GenerateConfig,
     raw_dir: Path,
     progress: Callable[[int, int, int], None] | None = None,
 ) -> GenerateResult:
-    """Write ``users``, ``merchants`` and day-partitioned ``transactions`` under ``raw_dir``.
+    """Write ``users``, ``merchants``, and day-partitioned ``transactions`` and
+    ``impressions`` (empty with ``slates=0``) under ``raw_dir``.
 
     Replaces whatever was there, so a re-run with the same config gives the same data.
     ``progress(day_done, days_total, rows_so_far)`` is called after each day.
@@ -278,6 +395,7 @@ def generate(
     pq.write_table(merchants_table(cfg, pop), raw_dir / "merchants" / "merchants.parquet")
 
     next_id, fraud = 0, 0
+    shown = _Shown(cfg, pop, raw_dir / "impressions", lo, hi)
     for i in range(n_days):
         day = first + timedelta(days=i)
         cols = _day(cfg, pop, day)
@@ -293,8 +411,10 @@ def generate(
         part = raw_dir / "transactions" / f"date={day.isoformat()}"
         part.mkdir(parents=True)
         pq.write_table(table, part / "part-00000.parquet")
+        shown.day(day, cols)
         if progress:
             progress(i + 1, n_days, next_id)
+    shown.day(None, None)
     return GenerateResult(
         transactions=next_id,
         fraud=fraud,
@@ -303,4 +423,33 @@ def generate(
         start=cfg.start_time,
         end=cfg.end_time,
         path=raw_dir,
+        impressions=shown.rows,
+        purchased=shown.purchased,
     )
+
+
+class _Shown:
+    """Writes each day's impressions once the next day's payments (their labels' horizon)
+    are drawn: memory stays bounded by two days."""
+
+    def __init__(self, cfg: GenerateConfig, pop: _Population, path: Path, lo: int, hi: int):
+        self.cfg, self.pop, self.path, self.lo, self.hi = cfg, pop, path, lo, hi
+        self.pending: tuple[date, dict[str, np.ndarray]] | None = None
+        self.next_slate = self.rows = self.purchased = 0
+
+    def day(self, day: date | None, payments: dict[str, np.ndarray] | None) -> None:
+        """``day``'s payments are drawn (None: no more days): write the day before's."""
+        if self.pending is not None:
+            prev, today = self.pending
+            rows = _impressions(self.cfg, self.pop, prev, today, payments, self.lo, self.hi)
+            n_slates = int(rows["slate"][-1]) + 1 if len(rows["slate"]) else 0
+            rows["impression_id"] = rows.pop("slate") + self.next_slate
+            self.next_slate += n_slates
+            self.rows += len(rows["user_id"])
+            self.purchased += int(rows["purchased"].sum())
+            # every day is written, empty or not: the declared source is always readable
+            table = pa.table({f.name: pa.array(rows[f.name], f.type) for f in IMPRESSION_SCHEMA})
+            part = self.path / f"date={prev.isoformat()}"
+            part.mkdir(parents=True)
+            pq.write_table(table, part / "part-00000.parquet")
+        self.pending = None if day is None or payments is None else (day, payments)

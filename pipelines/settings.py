@@ -95,7 +95,10 @@ class Settings(BaseSettings):
 
     @property
     def model_name(self) -> str:
-        return self.serving.model_name
+        """The default model: ``HOTPATH_SERVING_DEFAULT_MODEL``, else the repo's declared one."""
+        from pipelines.contract import default_model
+
+        return self.serving.default_model or default_model(self.repo)
 
     @property
     def data_dir(self) -> Path:

@@ -1,14 +1,19 @@
-"""Training pipeline: point-in-time training set -> LightGBM -> ONNX -> model repository.
+"""Training pipeline: a declared model -> point-in-time training set -> LightGBM -> ONNX ->
+model repository.
 
-Labels are the payments whose outcome was known (``label_ts``) by ``labels_known_by``.
-Each label's features are looked up with Feast's ``get_historical_features`` for the
-FeatureService *one microsecond before the payment*: what a scoring call would have
-seen, since the payment's own per-event rows (velocity, pair history) are written
-only after it happened. The split is by time: the model is judged on the latest slice.
+A model is declared in the repo (``feature_repo/models.py``): its FeatureService, its label
+source, task, training parameters and decision policy. Its labels are the source's rows
+whose label was known (``known_at``) by ``labels_known_by``. Each example's features are
+looked up with Feast's ``get_historical_features`` for the FeatureService ``lookup_offset``
+(one microsecond) *before the example's event*: what a scoring call would have seen, since
+the event's own per-event rows (velocity, pair history) are written only after it. The
+split is by time: the model is judged on the latest slice. The published version records
+the declaration as served: request schema, features with defaults, policy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tempfile
 import time
@@ -16,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import lightgbm as lgb
 import numpy as np
@@ -23,8 +29,9 @@ import pandas as pd
 import pyarrow.dataset as ds
 from feast import FeatureStore
 
+from pipelines.contract import default_model, models
 from pipelines.errors import HotpathError, first_line
-from pipelines.settings import Settings
+from serving.decision import Policy
 from serving.model_repository import (
     INPUT_NAME,
     OUTPUT_PROBABILITIES,
@@ -37,20 +44,10 @@ from serving.model_repository import (
     feature_profile,
     publish,
 )
-from serving.settings import ServingSettings
+from serving.schemas import RequestField, request_shape
 
-# the defaults of the one settings tree (pipelines.settings)
-MODEL_NAME = ServingSettings.model_fields["model_name"].default
-FEATURE_SERVICE = Settings.model_fields["feature_service"].default
-LOOKUP_OFFSET = pd.Timedelta(microseconds=1)
-LABEL_COLUMNS = [
-    "transaction_id",
-    "user_id",
-    "merchant_id",
-    "amount",
-    "event_timestamp",
-    "is_fraud",
-]
+LOOKUP_OFFSET = pd.Timedelta(microseconds=1)  # the declarations' default
+EXAMPLE_TS = "example_ts"  # each example's own event time, beside Feast's lookup time
 
 
 @dataclass(frozen=True)
@@ -63,22 +60,29 @@ class TrainResult:
     rows_train: int
     rows_valid: int
     x_valid: np.ndarray  # the validation matrix, as the model saw it
-    native_valid: np.ndarray  # LightGBM's fraud probabilities on it
+    native_valid: np.ndarray  # LightGBM's scores on it
+
+
+def declared(store: FeatureStore, name: str | None = None) -> Any:
+    """The model ``name`` declared in the store's repo (default: the ``default`` one)."""
+    repo = Path(store.repo_path)
+    name = name or default_model(repo)
+    found = models(repo)
+    if name not in found:
+        raise HotpathError(f"unknown model {name!r} (declared: {', '.join(found) or 'none'})")
+    policy_record(found[name])  # a malformed policy fails before any work
+    return found[name]
 
 
 def default_for(feature: str) -> float:
     """Value a missing feature takes: 0 where missing means "nothing happened" (counts,
-    sums: no payment in the window), -1 where it means "unknown" (averages, ratios, profile)."""
+    sums: no event in the window), -1 where it means "unknown" (averages, ratios, profile)."""
     return 0.0 if ("count" in feature or "_sum_" in feature) else -1.0
 
 
 def feature_specs(store: FeatureStore, service: str) -> list[FeatureSpec]:
     """The service's features in its declared order, with types and missing-value defaults."""
-    try:
-        fs = store.get_feature_service(service)
-    except Exception:
-        known = ", ".join(s.name for s in store.list_feature_services()) or "none registered"
-        raise HotpathError(f"unknown feature service {service!r} (known: {known})") from None
+    fs = _service(store, service)
     return [
         FeatureSpec(f.name, str(f.dtype), default_for(f.name))
         for proj in fs.feature_view_projections
@@ -86,41 +90,110 @@ def feature_specs(store: FeatureStore, service: str) -> list[FeatureSpec]:
     ]
 
 
+def _service(store: FeatureStore, service: str) -> Any:
+    try:
+        return store.get_feature_service(service)
+    except Exception:
+        known = ", ".join(s.name for s in store.list_feature_services()) or "none registered"
+        raise HotpathError(f"unknown feature service {service!r} (known: {known})") from None
+
+
+def request_fields(store: FeatureStore, model: Any) -> list[RequestField]:
+    """The model's request schema: derived from its FeatureService, with declared bounds."""
+    _service(store, model.feature_service.name)
+    shape = request_shape(store, model.feature_service.name)
+    unknown = sorted(set(model.bounds) - {n for n, _, _ in shape})
+    keys = [n for n, _, entity in shape if entity]
+    if model.candidate_key is not None and (model.candidate_key not in keys or len(keys) < 2):
+        raise HotpathError(
+            f"model {model.name}: candidate_key {model.candidate_key!r} must be one of "
+            f"several join keys of its FeatureService ({keys})"
+        )
+    if unknown:
+        raise HotpathError(f"model {model.name}: bounds for fields not in its request: {unknown}")
+    out = []
+    for name, dtype, entity in shape:
+        lo, hi = model.bounds.get(name, (None, None))
+        out.append(RequestField(name, dtype, entity, lo, hi))
+    return out
+
+
+def policy_record(model: Any) -> dict[str, Any]:
+    """The model's declared policy as JSON (sets as sorted lists), checked by serving's
+    reader: what ``metadata.json`` records and serving decides by."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, frozenset | set):
+            return sorted(value)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        return value
+
+    record = plain(dataclasses.asdict(model.policy))
+    try:
+        Policy.from_record(record)
+    except ValueError as e:
+        raise HotpathError(f"models.py: model {model.name}: decision policy: {e}") from None
+    return record
+
+
 def load_labels(
-    raw_dir: Path, start: date | None, end: date | None, known_by: datetime
+    model: Any,
+    start: date | None,
+    end: date | None,
+    known_by: datetime,
+    columns: list[str],
 ) -> pd.DataFrame:
-    """Payments in ``[start, end]`` (days, inclusive) whose label was known by ``known_by``."""
-    path = raw_dir / "transactions"
+    """The label source's rows with events in ``[start, end]`` (days, inclusive) whose label
+    was known by ``known_by``: ``columns`` plus the event time (as ``event_timestamp``)."""
+    spec = model.labels
+    path = Path(spec.source.path)
+    ts = spec.source.timestamp_field
     if not path.exists():
-        raise HotpathError(f"raw transactions not found at {path} (run `hotpath generate` first)")
+        raise HotpathError(f"labels not found at {path} (run `hotpath generate` first)")
     filters = []
     if start:
-        filters.append(ds.field("event_timestamp") >= pd.Timestamp(start, tz="UTC"))
+        filters.append(ds.field(ts) >= pd.Timestamp(start, tz="UTC"))
     if end:
-        filters.append(
-            ds.field("event_timestamp") < pd.Timestamp(end + timedelta(days=1), tz="UTC")
-        )
-    filters.append(ds.field("label_ts") <= pd.Timestamp(known_by))
-    expr = filters[0]
-    for f in filters[1:]:
-        expr = expr & f
+        filters.append(ds.field(ts) < pd.Timestamp(end + timedelta(days=1), tz="UTC"))
+    if spec.known_at:
+        filters.append(ds.field(spec.known_at) <= pd.Timestamp(known_by))
+    wanted = list(dict.fromkeys([*columns, ts]))
     try:
         dataset = ds.dataset(path, format="parquet", partitioning="hive")
-        labels = dataset.to_table(columns=LABEL_COLUMNS, filter=expr).to_pandas()
+        table = dataset.to_table(columns=wanted, filter=_all(filters))
+        labels = table.to_pandas().rename(columns={ts: "event_timestamp"})
     except Exception as e:
-        raise HotpathError(f"cannot read labels from {path}: {e}") from None
+        raise HotpathError(f"cannot read labels from {path}: {first_line(e)}") from None
     if labels.empty:
         span = f"{start or 'beginning'} .. {end or 'end'}"
         raise HotpathError(f"no labels in range {span} known by {known_by:%Y-%m-%d %H:%M} UTC")
-    if labels.is_fraud.nunique() < 2:
+    if labels[spec.label].nunique() < 2:
         raise HotpathError("labels in range are all of one class: widen the date range")
-    return labels.sort_values(["event_timestamp", "transaction_id"]).reset_index(drop=True)
+    order = ["event_timestamp", *spec.order_by]
+    return labels.sort_values(order).reset_index(drop=True)
 
 
-def training_set(store: FeatureStore, labels: pd.DataFrame, service: str) -> pd.DataFrame:
-    """Labels joined point-in-time to the service's features (on-demand ones included)."""
-    entity_df = labels.rename(columns={"event_timestamp": "payment_ts"}).assign(
-        event_timestamp=lambda d: d.payment_ts - LOOKUP_OFFSET
+def _all(filters: list[Any]) -> Any:
+    expr = filters[0] if filters else None
+    for f in filters[1:]:
+        expr = expr & f
+    return expr
+
+
+def training_set(
+    store: FeatureStore,
+    labels: pd.DataFrame,
+    service: str,
+    lookup_offset: pd.Timedelta = LOOKUP_OFFSET,
+    order_by: tuple[str, ...] = (),
+) -> pd.DataFrame:
+    """Labels joined point-in-time to the service's features (on-demand ones included),
+    each looked up ``lookup_offset`` before its event (kept as :data:`EXAMPLE_TS`)."""
+    entity_df = labels.rename(columns={"event_timestamp": EXAMPLE_TS}).assign(
+        event_timestamp=lambda d: d[EXAMPLE_TS] - lookup_offset
     )
     try:
         df = store.get_historical_features(
@@ -128,9 +201,9 @@ def training_set(store: FeatureStore, labels: pd.DataFrame, service: str) -> pd.
         ).to_df()
     except Exception as e:
         raise HotpathError(f"building the training set failed: {first_line(e)}") from None
-    for col in ("event_timestamp", "payment_ts"):  # Spark hands naive UTC back
+    for col in ("event_timestamp", EXAMPLE_TS):  # Spark hands naive UTC back
         df[col] = pd.to_datetime(df[col], utc=True)
-    return df.sort_values(["payment_ts", "transaction_id"]).reset_index(drop=True)
+    return df.sort_values([EXAMPLE_TS, *order_by]).reset_index(drop=True)
 
 
 def to_matrix(df: pd.DataFrame, specs: list[FeatureSpec]) -> np.ndarray:
@@ -138,12 +211,14 @@ def to_matrix(df: pd.DataFrame, specs: list[FeatureSpec]) -> np.ndarray:
     return feature_matrix(df, specs)
 
 
-def time_split(df: pd.DataFrame, valid_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Earlier payments train, later ones validate; no payment time is in both."""
-    cutoff = df.payment_ts.quantile(1 - valid_fraction)
-    train, valid = df[df.payment_ts < cutoff], df[df.payment_ts >= cutoff]
-    if train.is_fraud.nunique() < 2 or valid.is_fraud.nunique() < 2:
-        raise HotpathError("too few fraud labels to train and validate: generate more data")
+def time_split(
+    df: pd.DataFrame, valid_fraction: float, label: str
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Earlier examples train, later ones validate; no event time is in both."""
+    cutoff = df[EXAMPLE_TS].quantile(1 - valid_fraction)
+    train, valid = df[df[EXAMPLE_TS] < cutoff], df[df[EXAMPLE_TS] >= cutoff]
+    if train[label].nunique() < 2 or valid[label].nunique() < 2:
+        raise HotpathError(f"too few {label} labels of each class to train and validate")
     return train, valid
 
 
@@ -158,7 +233,7 @@ def evaluate(y: np.ndarray, score: np.ndarray, max_fpr: float = 0.01) -> dict[st
     }
 
 
-def fit(x: np.ndarray, y: np.ndarray, seed: int) -> lgb.Booster:
+def fit(x: np.ndarray, y: np.ndarray, params: Any) -> lgb.Booster:
     """A LightGBM classifier on float32 features, its thresholds made float32-exact.
 
     ONNX tree ensembles hold float32 thresholds; LightGBM's are doubles. Rounding each
@@ -166,14 +241,14 @@ def fit(x: np.ndarray, y: np.ndarray, seed: int) -> lgb.Booster:
     only inputs the model ever gets) and lets the ONNX model decide exactly the same.
     """
     model = lgb.LGBMClassifier(
-        n_estimators=300,
-        learning_rate=0.05,
-        num_leaves=31,
-        min_child_samples=10,
-        subsample=0.9,
+        n_estimators=params.n_estimators,
+        learning_rate=params.learning_rate,
+        num_leaves=params.num_leaves,
+        min_child_samples=params.min_child_samples,
+        subsample=params.subsample,
         subsample_freq=1,
-        colsample_bytree=0.9,
-        random_state=seed,
+        colsample_bytree=params.colsample_bytree,
+        random_state=params.seed,
         n_jobs=2,
         verbose=-1,
     ).fit(x, y)
@@ -200,7 +275,7 @@ def _float32_thresholds(booster: lgb.Booster) -> lgb.Booster:
 
 
 def predict(model: lgb.Booster, x: np.ndarray) -> np.ndarray:
-    """Fraud probability per row."""
+    """P(label true) per row."""
     return model.predict(x)
 
 
@@ -234,80 +309,104 @@ def onnx_scores(path: Path, x: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A point-in-time training set and the contract it was built for."""
+    """A point-in-time training set and the declaration it was built for."""
 
-    frame: pd.DataFrame  # one row per label: ids, payment_ts, is_fraud, every feature
+    frame: pd.DataFrame  # one row per example: keys, request fields, example_ts, label, features
     features: list[FeatureSpec]
     service: str
     labels_known_by: datetime
+    model: Any  # the model_declaration.Model
+    request: list[RequestField]
 
 
 def build_dataset(
     store: FeatureStore,
-    raw_dir: Path,
-    service: str = FEATURE_SERVICE,
+    model: Any = None,
     start: date | None = None,
     end: date | None = None,
     labels_known_by: datetime | None = None,
     log: Callable[[str], None] = print,
 ) -> Dataset:
-    """Labels known by ``labels_known_by`` (default now), joined point-in-time to ``service``."""
+    """The declared model's labels known by ``labels_known_by`` (default now), joined
+    point-in-time to its FeatureService; ``model`` is a declaration or its name (default:
+    the repo's default model)."""
+    model = model if not isinstance(model, str | None) else declared(store, model)
     known_by = labels_known_by or datetime.now(UTC)
+    service = model.feature_service.name
     specs = feature_specs(store, service)
-    labels = load_labels(raw_dir, start, end, known_by)
-    n_fraud = int(labels.is_fraud.sum())
-    log(f"    {len(labels):,} labels ({n_fraud:,} fraud) known by {known_by:%Y-%m-%d %H:%M} UTC")
+    request = request_fields(store, model)
+    spec = model.labels
+    columns = [f.name for f in request] + [spec.label, *spec.order_by, *spec.group_by]
+    labels = load_labels(model, start, end, known_by, columns)
+    positives = int(labels[spec.label].astype(bool).sum())
+    log(
+        f"    {len(labels):,} labels ({positives:,} {spec.label}) known by "
+        f"{known_by:%Y-%m-%d %H:%M} UTC"
+    )
     t0 = time.perf_counter()
-    df = training_set(store, labels, service)
+    df = training_set(
+        store, labels, service, pd.Timedelta(spec.lookup_offset), tuple(spec.order_by)
+    )
     took = time.perf_counter() - t0
     log(f"    training set: {len(df):,} rows x {len(specs)} features in {took:.1f}s")
-    return Dataset(df, specs, service, known_by)
+    return Dataset(df, specs, service, known_by, model, request)
 
 
-def fit_and_publish(
-    data: Dataset,
-    model_repository: Path,
-    valid_fraction: float = 0.25,
-    seed: int = 7,
-) -> TrainResult:
+def fit_and_publish(data: Dataset, model_repository: Path) -> TrainResult:
     """Train on the earlier slice, judge on the later one, export ONNX, publish a version."""
-    specs = data.features
-    train_df, valid_df = time_split(data.frame, valid_fraction)
+    specs, model = data.features, data.model
+    params, label = model.training, model.labels.label
+    train_df, valid_df = time_split(data.frame, params.valid_fraction, label)
     x_train, x_valid = to_matrix(train_df, specs), to_matrix(valid_df, specs)
-    y_train, y_valid = train_df.is_fraud.to_numpy(int), valid_df.is_fraud.to_numpy(int)
-    model = fit(x_train, y_train, seed)
-    native = predict(model, x_valid)
+    y_train, y_valid = train_df[label].to_numpy(int), valid_df[label].to_numpy(int)
+    booster = fit(x_train, y_train, params)
+    native = predict(booster, x_valid)
     metrics = evaluate(y_valid, native)
-    baseline = evaluate(y_valid, valid_df.amount.to_numpy())
+    baseline = {}
+    if params.baseline:
+        baseline = evaluate(y_valid, valid_df[params.baseline].to_numpy(float))
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(model, len(specs), Path(tmp) / "model.onnx")
+        path = export_onnx(booster, len(specs), Path(tmp) / "model.onnx")
         diff = float(np.max(np.abs(onnx_scores(path, x_valid) - native)))
         if diff > 1e-5:
             raise HotpathError(f"ONNX predictions differ from LightGBM's by {diff:.2e} (> 1e-5)")
         meta = ModelMetadata(
-            model_name=MODEL_NAME,
+            model_name=model.name,
             version=0,
             feature_service=data.service,
             features=specs,
-            training_start=str(train_df.payment_ts.min()),
-            training_end=str(train_df.payment_ts.max()),
-            validation_start=str(valid_df.payment_ts.min()),
-            validation_end=str(valid_df.payment_ts.max()),
-            metrics={**metrics, **{f"baseline_amount_{k}": v for k, v in baseline.items()}},
+            training_start=str(train_df[EXAMPLE_TS].min()),
+            training_end=str(train_df[EXAMPLE_TS].max()),
+            validation_start=str(valid_df[EXAMPLE_TS].min()),
+            validation_end=str(valid_df[EXAMPLE_TS].max()),
+            metrics={
+                **metrics,
+                **{f"baseline_{params.baseline}_{k}": v for k, v in baseline.items()},
+            },
             onnx_sha256="",
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             reference=feature_profile(x_valid, [f.name for f in specs]),
+            task=model.task,
+            request=data.request,
+            policy=policy_record(model),
+            batch_field=model.batch_field,
+            default=model.default,
+            candidate_key=model.candidate_key,
+            max_candidates=model.max_candidates,
             extra={
                 "labels_known_by": data.labels_known_by.isoformat(),
-                "lookup_offset_us": 1,
+                "label_source": model.labels.source.name,
+                "label": label,
+                "lookup_offset_us": pd.Timedelta(model.labels.lookup_offset).value // 1000,
                 "rows_train": len(train_df),
                 "rows_valid": len(valid_df),
                 "onnx_max_abs_diff": diff,
                 "algorithm": "lightgbm",
+                "training": dataclasses.asdict(params),
             },
         )
         try:
-            folder = publish(model_repository, ModelSpec(MODEL_NAME, len(specs)), path, meta)
+            folder = publish(model_repository, ModelSpec(model.name, len(specs)), path, meta)
         except ModelRepositoryError as e:
             raise HotpathError(str(e)) from None
     return TrainResult(
@@ -325,20 +424,19 @@ def fit_and_publish(
 
 def train(
     store: FeatureStore,
-    raw_dir: Path,
     model_repository: Path,
-    service: str = FEATURE_SERVICE,
+    model: str | None = None,
     start: date | None = None,
     end: date | None = None,
     labels_known_by: datetime | None = None,
-    valid_fraction: float = 0.25,
-    seed: int = 7,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
-    """The whole pipeline; publishes a new model version and returns what it measured."""
+    """The whole pipeline for the declared model ``model`` (default: the repo's default
+    model); publishes a new version and returns what it measured."""
+    declaration = declared(store, model)  # an unknown name fails before anything else
     try:
         check_writable(model_repository)  # before the expensive part
     except ModelRepositoryError as e:
         raise HotpathError(str(e)) from None
-    data = build_dataset(store, raw_dir, service, start, end, labels_known_by, log)
-    return fit_and_publish(data, model_repository, valid_fraction, seed)
+    data = build_dataset(store, declaration, start, end, labels_known_by, log)
+    return fit_and_publish(data, model_repository)

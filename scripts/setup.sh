@@ -18,7 +18,10 @@ for arg in "$@"; do
     *) echo "usage: $0 [--with-redis] [--with-triton]" >&2; exit 2 ;;
   esac
 done
-TRITON_PINS=(nvidia-pytriton==0.7.0 "numpy<2" "onnxruntime>=1.20")
+# torch and onnx: the gpu config's tree evaluator (serving/triton_model.py), tested here on
+# the CPU; 2.13.0 exactly is the CPU build pip finds on these machines' disk (a range would
+# download a CUDA build of several GB). A GPU machine installs a CUDA build instead.
+TRITON_PINS=(nvidia-pytriton==0.7.0 "numpy<2" "onnxruntime>=1.20" "torch==2.13.0" "onnx>=1.17")
 
 as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 

@@ -1,15 +1,18 @@
-"""The online predict service: request -> feature vector -> model -> decision.
+"""The online predict service: request -> feature vector -> model -> decision, for every
+published model at once.
 
-Thin routes over a ``Runtime`` built once at start-up (FastAPI lifespan): the
-FeatureService's fast-path reader, the model's metadata (refused if the registry can't
-provide its features), the model backend, the coalescing scorer with its breakers, the
-health monitor, warm-up before ``/ready``, and Prometheus metrics. Admission control
-runs before any of this, in uvicorn's protocol (``serving.admission``). Errors are
+Thin routes over a ``Runtime`` built once at start-up (FastAPI lifespan): per served model,
+the FeatureService's fast-path reader, the model's metadata (refused if the registry can't
+provide its features or its request schema), its request models (derived from the
+FeatureService, recorded at training), the model backend, the coalescing scorer with its
+own breakers, budgets and metric children, and its decision policy (from the metadata);
+one health monitor for all, warm-up before ``/ready``, and Prometheus metrics. Admission
+control runs before any of this, in uvicorn's protocol (``serving.admission``). Errors are
 mapped once, to one ``Problem`` shape.
 
-The two predict routes are served in front of FastAPI (``serving.predict_routes``):
-its generic request handling costs as much as the prediction. The OpenAPI document
-still declares every route, body and answer (see :func:`_openapi`).
+The predict routes are served in front of FastAPI (``serving.predict_routes``): its
+generic request handling costs as much as the prediction. The OpenAPI document still
+declares every route, body and answer (see :func:`_openapi`).
 """
 
 from __future__ import annotations
@@ -27,24 +30,29 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 
 from serving import admission, problems
-from serving.decision import load_policy
+from serving.decision import Policy
 from serving.errors import HotpathError, first_line
-from serving.health import Health
+from serving.health import Health, Monitor
 from serving.logs import Throttled, event, setup
 from serving.metrics import Metrics
 from serving.model_backend import ModelBackend, OnnxBackend, TritonBackend
-from serving.model_repository import load_metadata, onnx_path
+from serving.model_repository import ModelMetadata, load_metadata, onnx_path, published, versions
 from serving.online_features import OnlineFeatures
 from serving.predict_routes import PredictRoutes
 from serving.schemas import (
-    BatchRequest,
     BatchResponse,
+    Models,
     Prediction,
     Problem,
+    Ranking,
     Readiness,
-    Transaction,
+    ServedModel,
+    rank_model,
+    request_models,
+    request_shape,
 )
 from serving.scoring import Scorer
 from serving.settings import ServingSettings
@@ -58,10 +66,39 @@ _throttled = Throttled()  # warm-up is retried on every /ready poll: a line per 
 
 
 @dataclass
-class Runtime:
-    settings: ServingSettings
+class Served:
+    """One model as served: its metadata, request bodies, scorer and health."""
+
+    meta: ModelMetadata
+    request: type[BaseModel]
+    batch: type[BaseModel]
+    rank: type[BaseModel] | None  # with a candidate key: the body of .../rank
     scorer: Scorer
     health: Health
+
+    def describe(self, root: Any) -> dict[str, Any]:
+        m = self.meta
+        return ServedModel(
+            name=m.model_name,
+            version=m.version,
+            versions=versions(root, m.model_name),
+            feature_service=m.feature_service,
+            task=m.task,
+            default=False,
+            request_schema=self.request.model_json_schema(),
+            batch_field=m.batch_field,
+            decisions=self.scorer.policy.decisions,
+            candidate_key=m.candidate_key,
+            rank_schema=self.rank.model_json_schema() if self.rank else None,
+        ).model_dump()
+
+
+@dataclass
+class Runtime:
+    settings: ServingSettings
+    models: dict[str, Served]
+    default: Served | None  # what /predict and /predict/batch serve
+    monitor: Monitor
     metrics: Metrics
 
 
@@ -70,50 +107,99 @@ def build_runtime(settings: ServingSettings) -> Runtime:
 
     yaml = settings.feature_store_yaml or settings.repo / "feature_store.yaml"
     store = FeatureStore(repo_path=str(settings.repo), fs_yaml_file=yaml)
-    meta = load_metadata(settings.repository, settings.model_name, settings.model_version)
+    names = settings.models or published(settings.repository)
+    if not names:
+        raise StartupError(f"no published model in {settings.repository}")
+    metrics = Metrics(settings.metrics_dir)
+    models = {n: _serve_model(settings, store, n, metrics) for n in names}
+    defaults = [n for n, m in models.items() if m.meta.default] or names[:1]
+    default_name = settings.default_model or (defaults[0] if len(defaults) == 1 else None)
+    if default_name is not None and default_name not in models:
+        raise StartupError(f"default model {default_name!r} is not served ({', '.join(models)})")
+    scorers = [m.scorer for m in models.values()]
+    backlogged = (
+        scorers[0].backlogged if len(scorers) == 1 else lambda: any(s.backlogged() for s in scorers)
+    )
+    admission.configure(settings.max_in_flight, backlogged)
+    healths = {n: m.health for n, m in models.items()}
+    monitor = Monitor(healths, metrics, settings.breaker_probe_s)
+    default = models[default_name] if default_name is not None else None
+    return Runtime(settings, models, default, monitor, metrics)
+
+
+def _serve_model(settings: ServingSettings, store: Any, name: str, metrics: Metrics) -> Served:
+    """One published model (its latest version), checked against the registry."""
+    meta = load_metadata(settings.repository, name)
+    where = f"model {meta.model_name} v{meta.version}"
     try:
         reader = OnlineFeatures(
             store, meta.feature_service, timeout_s=settings.features_budget_ms / 1000
         )
+        derived = request_shape(store, meta.feature_service)
     except Exception as e:
-        raise StartupError(f"feature service {meta.feature_service!r}: {e}") from None
+        raise StartupError(f"{where}: feature service {meta.feature_service!r}: {e}") from None
     missing = sorted(set(meta.feature_names) - set(reader.feature_names))
     if missing:
         raise StartupError(
-            f"model {meta.model_name} v{meta.version} needs features the registry's "
-            f"{meta.feature_service} does not provide: {missing}"
+            f"{where} needs features the registry's {meta.feature_service} does not "
+            f"provide: {missing}"
         )
+    recorded = [(f.name, f.dtype, f.entity) for f in meta.request]
+    if recorded != derived:
+        raise StartupError(
+            f"{where} was published for requests {recorded or 'of an unknown shape'}; the "
+            f"registry's {meta.feature_service} needs {derived}: train it again"
+        )
+    try:
+        policy = Policy.from_record(meta.policy)
+        one, batch = request_models(meta.model_name, meta.request, meta.batch_field)
+        rank = None
+        if meta.candidate_key is not None:
+            rank = rank_model(meta.model_name, meta.request, meta.candidate_key)
+    except ValueError as e:
+        raise StartupError(f"{where}: {e}") from None
+    unknown = sorted(policy.fields - set(reader.feature_names) - {f.name for f in meta.request})
+    if unknown:
+        raise StartupError(f"{where}: its decision policy reads fields it is not served: {unknown}")
     if settings.backend == "triton":
         backend: ModelBackend = TritonBackend(settings.triton_url, meta.model_name, meta.version)
     else:
         backend = OnnxBackend(onnx_path(settings.repository, meta.model_name, meta.version))
-    try:
-        policy = load_policy(settings.repo)
-    except ValueError as e:
-        raise StartupError(str(e)) from None
-    unknown = sorted({f for _, f, _, _ in policy.rules} - set(reader.feature_names))
-    if unknown:
-        raise StartupError(
-            f"decision policy names features {meta.feature_service} does not serve: {unknown}"
-        )
-    metrics = Metrics(meta.feature_names, reader.view_names, settings.metrics_dir)
-    scorer = Scorer(settings, reader, meta, backend, metrics, policy, admission.company)
-    admission.configure(settings.max_in_flight, scorer.backlogged)
-    return Runtime(settings, scorer, Health(scorer), metrics)
+    children = metrics.model(
+        meta.model_name, meta.feature_names, reader.view_names, policy.decisions
+    )
+    scorer = Scorer(settings, reader, meta, backend, children, policy, admission.company)
+    return Served(meta, one, batch, rank, scorer, Health(scorer))
+
+
+def _dummy(meta: ModelMetadata) -> dict[str, Any]:
+    """A valid request of ``meta``'s schema (the lowest value each field allows)."""
+    kinds = {"str": "", "bool": False}
+    out: dict[str, Any] = {}
+    for f in meta.request:
+        low = f.ge if f.ge is not None else 0
+        if f.dtype.upper().startswith("INT"):
+            out[f.name] = int(low)
+        elif f.dtype.upper().startswith(("FLOAT", "DOUBLE")):
+            out[f.name] = float(min(max(1.0, low), f.le if f.le is not None else 1.0))
+        else:
+            out[f.name] = kinds["bool" if f.dtype.upper().startswith("BOOL") else "str"]
+    return out
 
 
 async def warm_up(rt: Runtime) -> None:
-    """The whole request path, a few times, so the first real request pays no lazy
-    initialisation; not counted in metrics, with budgets that start-up contention (other
-    workers loading) cannot break."""
-    dummy = {"user_id": 0, "merchant_id": 0, "amount": 1.0}
-    with rt.scorer.warming():
-        for size in (1, 1, 1, 32):
-            await rt.scorer.predict([dummy] * size, admission.arrival({}))
-    await rt.health.check_model()
-    rt.health.check_store()
-    rt.health.warmed_up = True
-    rt.health.publish()
+    """The whole request path of every model, a few times, so the first real request pays
+    no lazy initialisation; not counted in metrics, with budgets that start-up contention
+    (other workers loading) cannot break."""
+    for served in rt.models.values():
+        dummy = _dummy(served.meta)
+        with served.scorer.warming():
+            for size in (1, 1, 1, 32):
+                await served.scorer.predict([dummy] * size, admission.arrival({}))
+        await served.health.check_model()
+        served.health.check_store()
+    rt.monitor.warmed_up = True
+    rt.monitor.publish()
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -150,10 +236,11 @@ def create_app(settings: ServingSettings | None = None) -> PredictRoutes:
         # them out of the collector's sight once they're loaded.
         gc.collect()
         gc.freeze()
-        monitor = asyncio.create_task(rt.health.run())
+        monitor = asyncio.create_task(rt.monitor.run())
         yield
         monitor.cancel()
-        await rt.scorer.backend.close()
+        for served in rt.models.values():
+            await served.scorer.backend.close()
 
     app = FastAPI(title="hotpath", version="0.2.0", lifespan=lifespan)
 
@@ -176,20 +263,20 @@ def create_app(settings: ServingSettings | None = None) -> PredictRoutes:
     )
     async def ready(request: Request) -> Response:
         rt: Runtime = request.app.state.runtime
-        if not rt.health.warmed_up:  # e.g. the model backend was down at start: try again
+        if not rt.monitor.warmed_up:  # e.g. a model backend was down at start: try again
             try:
                 await asyncio.wait_for(warm_up(rt), timeout=2)
             except Exception as e:
                 _throttled(logging.WARNING, "warm_up_failed", error=first_line(e))
-        h, s = rt.health, rt.scorer
-        reasons = h.reasons()
+        scorers = [m.scorer for m in rt.models.values()]
+        reasons = rt.monitor.reasons()
         body = Readiness(
             ready=not reasons,
-            warmed_up=h.warmed_up,
-            model=f"{s.meta.model_name} v{s.meta.version}",
-            model_backend=not s.model_breaker.is_open,
-            online_store=not s.store_breaker.is_open,
-            materialized=not s.store_empty,
+            warmed_up=rt.monitor.warmed_up,
+            model=", ".join(f"{s.meta.model_name} v{s.meta.version}" for s in scorers),
+            model_backend=not any(s.model_breaker.is_open for s in scorers),
+            online_store=not any(s.store_breaker.is_open for s in scorers),
+            materialized=not any(s.store_empty for s in scorers),
             reasons=reasons,
         )
         return _json(body.model_dump(), 200 if not reasons else 503)
@@ -203,8 +290,20 @@ def create_app(settings: ServingSettings | None = None) -> PredictRoutes:
         """Prometheus text format (every uvicorn worker's values)."""
         rt: Runtime = request.app.state.runtime
         _authorize(request, settings.metrics_key)
-        rt.health.publish()  # this worker's current states
+        rt.monitor.publish()  # this worker's current states
         return Response(rt.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=Models)
+    async def list_models(request: Request) -> Response:
+        """Every served model: its version, every published version, its request schema."""
+        rt: Runtime = request.app.state.runtime
+        _authorize(request, settings.api_key)
+        out = []
+        for served in rt.models.values():
+            entry = served.describe(settings.repository)
+            entry["default"] = served is rt.default
+            out.append(entry)
+        return _json({"models": out})
 
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
     key = settings.api_key.get_secret_value() if settings.api_key is not None else None
@@ -212,14 +311,19 @@ def create_app(settings: ServingSettings | None = None) -> PredictRoutes:
 
 
 def _openapi(app: FastAPI, settings: ServingSettings) -> dict[str, Any]:
-    """FastAPI's document plus the two predict routes (served by ``PredictRoutes``, so
-    FastAPI doesn't see them): their bodies and answers — the Problem answers (401 with a
-    key, 413, 422, 503 with Retry-After) — and the key scheme."""
+    """FastAPI's document plus the predict routes (served by ``PredictRoutes``, so FastAPI
+    doesn't see them): each served model's routes with its own request bodies, the
+    ``/predict`` alias with the default model's, their answers — the Problem answers (401
+    with a key, 413, 422, 503 with Retry-After) — and the key scheme."""
     if app.openapi_schema:
         return app.openapi_schema
+    rt: Runtime = app.state.runtime
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    for model in (Transaction, BatchRequest, Prediction, BatchResponse, Problem):
+    bodies: list[type[BaseModel]] = [Prediction, BatchResponse, Ranking, Problem]
+    for served in rt.models.values():
+        bodies += [served.request, served.batch, *([served.rank] if served.rank else [])]
+    for model in bodies:
         js = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(js.pop("$defs", {}))
         schemas[model.__name__] = js
@@ -228,10 +332,25 @@ def _openapi(app: FastAPI, settings: ServingSettings) -> dict[str, Any]:
         return {"application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}}
 
     retry = {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}
-    routes = {
-        "/predict": ("Predict", "Score one transaction", "Transaction", "Prediction"),
-        "/predict/batch": ("Predict Batch", "Score many", "BatchRequest", "BatchResponse"),
-    }
+    routes: dict[str, tuple[str, str, str, str]] = {}
+    for name, served in rt.models.items():
+        one, many = served.request.__name__, served.batch.__name__
+        base = f"/v1/models/{name}/predict"
+        routes[base] = (f"Predict {name}", f"Score one request with {name}", one, "Prediction")
+        routes[base + "/batch"] = (f"Predict batch {name}", "Score many", many, "BatchResponse")
+        if served.rank is not None:
+            key = served.meta.candidate_key
+            routes[f"/v1/models/{name}/rank"] = (
+                f"Rank {name}",
+                f"Score candidate {key}s together; answer them best first",
+                served.rank.__name__,
+                "Ranking",
+            )
+    if rt.default is not None:
+        one, many = rt.default.request.__name__, rt.default.batch.__name__
+        alias = f"Alias of /v1/models/{rt.default.meta.model_name}/predict"
+        routes["/predict"] = ("Predict", alias, one, "Prediction")
+        routes["/predict/batch"] = ("Predict Batch", alias + "/batch", many, "BatchResponse")
     for path, (summary, description, request, answer) in routes.items():
         op: dict[str, Any] = {
             "summary": summary,
@@ -248,9 +367,9 @@ def _openapi(app: FastAPI, settings: ServingSettings) -> dict[str, Any]:
                 },
             },
         }
-        if path == "/predict/batch":
+        if path.endswith(("/batch", "/rank")):
             op["responses"]["413"] = {
-                "description": "more rows than max_batch",
+                "description": "more rows than max_batch, or candidates than declared",
                 "content": content("Problem"),
             }
         if settings.api_key is not None:
@@ -260,13 +379,15 @@ def _openapi(app: FastAPI, settings: ServingSettings) -> dict[str, Any]:
             }
             op["security"] = [{"ApiKey": []}]
         doc["paths"][path] = {"post": op}
-    if settings.metrics_key is not None:
-        op = doc["paths"]["/metrics"]["get"]
-        op["responses"]["401"] = {
-            "description": "missing or wrong key",
-            "content": content("Problem"),
-        }
-        op["security"] = [{"ApiKey": []}]
+    keyed = [("/metrics", settings.metrics_key), ("/v1/models", settings.api_key)]
+    for path, key in keyed:
+        if key is not None:
+            op = doc["paths"][path]["get"]
+            op["responses"]["401"] = {
+                "description": "missing or wrong key",
+                "content": content("Problem"),
+            }
+            op["security"] = [{"ApiKey": []}]
     if settings.api_key is not None or settings.metrics_key is not None:
         doc["components"]["securitySchemes"] = {
             "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}

@@ -1,21 +1,17 @@
-"""From a score (or, without one, from rules) to approve / review / decline, with reasons.
+"""From a score (or, without one, from rules) to a decision, with reasons.
 
-The rules are the repo's declaration (``decision_policy.py``), read once by path; no
-feature is named here.
+Each model's policy is its declaration (``feature_repo/models.py``), recorded by training
+in the published version's metadata (:meth:`Policy.from_record`) and served from there, so
+a version always runs with the policy it was published with. No feature is named here.
 """
 
 from __future__ import annotations
 
 import operator
-import runpy
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-Decision = Literal["approve", "review", "decline"]
-POLICY_DECLARATION = "decision_policy.py"
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     ">": operator.gt,
     ">=": operator.ge,
@@ -23,66 +19,110 @@ _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     "<=": operator.le,
     "==": operator.eq,
 }
+Condition = tuple[str, str, Any]  # (field, comparison, threshold)
 
 
-def decide(score: float, review: float, decline: float) -> Decision:
-    if score >= decline:
-        return "decline"
-    if score >= review:
-        return "review"
-    return "approve"
+def _holds(cond: Condition, values: dict[str, Any]) -> bool:
+    field, comparison, threshold = cond
+    value = values.get(field)
+    if comparison == "missing":
+        return value is None
+    return value is not None and _COMPARE[comparison](value, threshold)
+
+
+@dataclass(frozen=True)
+class FallbackRule:
+    decision: str
+    reasons: frozenset[str]
+    any_reason_except: frozenset[str] | None
+    when: Condition | None
+
+    def matches(self, codes: set[str], values: dict[str, Any]) -> bool:
+        return (
+            self.reasons <= codes
+            and (self.any_reason_except is None or bool(codes - self.any_reason_except))
+            and (self.when is None or _holds(self.when, values))
+        )
 
 
 @dataclass(frozen=True)
 class Policy:
-    """Reason rules and the fallback rule (see the declaration's docstring)."""
+    """Thresholds, reason rules and the fallback rule (``feature_repo/model_declaration.py``
+    says what each means)."""
 
-    rules: tuple[tuple[str, str, str, Any], ...]
-    decline_when: tuple[frozenset[str], ...]
-    review_ignores: frozenset[str]
-    review_amount: float
+    thresholds: tuple[tuple[float, str], ...]  # highest first
+    below: str
+    rules: tuple[tuple[str, Condition], ...]
+    fallback_rules: tuple[FallbackRule, ...]
+    otherwise: str
+
+    @property
+    def decisions(self) -> list[str]:
+        """Every decision this policy can give."""
+        found = [d for _, d in self.thresholds] + [self.below, self.otherwise]
+        found += [r.decision for r in self.fallback_rules]
+        return list(dict.fromkeys(found))
+
+    @property
+    def fields(self) -> set[str]:
+        """The feature and request fields the policy reads."""
+        conds = [c for _, c in self.rules] + [r.when for r in self.fallback_rules if r.when]
+        return {c[0] for c in conds}
+
+    @property
+    def reason_fields(self) -> set[str]:
+        """The fields the reason rules read (every answer evaluates them)."""
+        return {c[0] for _, c in self.rules}
+
+    def decide(self, score: float) -> str:
+        for threshold, verdict in self.thresholds:
+            if score >= threshold:
+                return verdict
+        return self.below
 
     def reasons(self, values: dict[str, Any]) -> list[str]:
-        """Reason codes a reviewer understands, from the features behind the decision."""
-        out = []
-        for code, feature, comparison, threshold in self.rules:
-            value = values.get(feature)
-            if comparison == "missing":
-                hit = value is None
-            else:
-                hit = value is not None and _COMPARE[comparison](value, threshold)
-            if hit:
-                out.append(code)
-        return out
+        """Reason codes a reviewer understands, from the values behind the decision."""
+        return [code for code, cond in self.rules if _holds(cond, values)]
 
-    def fallback(self, values: dict[str, Any], amount: float) -> Decision:
-        """The rule used when the model is unavailable or late: conservative, explainable."""
+    def fallback(self, values: dict[str, Any]) -> str:
+        """The decision without a model (late or down): conservative, explainable;
+        ``values`` holds the features and the request's fields."""
         codes = set(self.reasons(values))
-        if any(when <= codes for when in self.decline_when):
-            return "decline"
-        if codes - self.review_ignores or amount >= self.review_amount:
-            return "review"
-        return "approve"
+        for rule in self.fallback_rules:
+            if rule.matches(codes, values):
+                return rule.decision
+        return self.otherwise
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Policy:
+        """The policy as ``metadata.json`` records it (the declaration's fields, as JSON);
+        ValueError on an unknown comparison or a malformed record."""
 
-@cache
-def load_policy(repo: Path) -> Policy:
-    """The policy ``repo`` declares; ValueError naming the file when missing or malformed."""
-    path = repo.resolve() / POLICY_DECLARATION
-    if not path.exists():
-        raise ValueError(f"no decision policy declaration at {path}")
-    try:
-        ns = runpy.run_path(str(path))
-        rules = tuple((str(c), str(f), str(op), t) for c, f, op, t in ns["REASONS"])
-        policy = Policy(
-            rules=rules,
-            decline_when=tuple(frozenset(s) for s in ns["FALLBACK_DECLINE_WHEN"]),
-            review_ignores=frozenset(ns["FALLBACK_REVIEW_IGNORES"]),
-            review_amount=float(ns["FALLBACK_REVIEW_AMOUNT"]),
-        )
-    except Exception as e:  # a missing name, a wrong shape: say which file
-        raise ValueError(f"{path}: {type(e).__name__}: {e}") from None
-    bad = [op for _, _, op, _ in policy.rules if op != "missing" and op not in _COMPARE]
-    if bad:
-        raise ValueError(f"{path}: unknown comparison(s) {bad}")
-    return policy
+        def cond(c: dict[str, Any] | None) -> Condition | None:
+            if c is None:
+                return None
+            if c["comparison"] != "missing" and c["comparison"] not in _COMPARE:
+                raise ValueError(f"unknown comparison {c['comparison']!r}")
+            return (str(c["field"]), str(c["comparison"]), c["threshold"])
+
+        try:
+            thresholds = sorted(((float(t), str(d)) for t, d in record["thresholds"]), reverse=True)
+            rules = tuple((str(r["code"]), cond(r["when"])) for r in record["reasons"])
+            fallback = tuple(
+                FallbackRule(
+                    str(r["decision"]),
+                    frozenset(r["reasons"]),
+                    None if r["any_reason_except"] is None else frozenset(r["any_reason_except"]),
+                    cond(r["when"]),
+                )
+                for r in record["fallback"]
+            )
+            return cls(
+                tuple(thresholds),
+                str(record["below"]),
+                rules,  # type: ignore[arg-type]
+                fallback,
+                str(record["fallback_otherwise"] or record["below"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"malformed decision policy record: {type(e).__name__}: {e}") from None

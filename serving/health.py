@@ -1,8 +1,9 @@
 """What the service knows about its backends, kept current off the request path.
 
-A monitor task asks every ``breaker_probe_s``: does the model backend answer its own
-health call and a one-row inference within the model budget? Does every online-store
-tier answer, and does it hold materialized data for the views the model reads? A failed
+A monitor task asks every ``breaker_probe_s``, for each served model: does its backend
+answer its own health call and a one-row inference within the model budget? Does every
+online-store tier it reads answer, and does it hold materialized data for the views the
+model reads? A failed
 check opens that breaker (requests fall back at once instead of each waiting for a
 timeout); a passed one closes it. ``/ready`` reports these, so it is 503 when the model
 backend is down, when the store is unreachable, and when the store is reachable but
@@ -19,26 +20,25 @@ import numpy as np
 from serving import admission
 from serving.errors import first_line
 from serving.logs import Throttled, event
+from serving.metrics import Metrics
 from serving.resilience import CircuitBreaker
 from serving.scoring import Scorer
 
 
 class Health:
+    """One served model's backends, as the monitor last found them."""
+
     def __init__(self, scorer: Scorer) -> None:
         self.scorer = scorer
-        self.warmed_up = False
         self.model_ok = True
         self.store_ok = True
         meta = scorer.meta
-        self._log = Throttled()
         self._probe_x = np.array([[f.default for f in meta.features]], dtype=np.float32)
 
     def reasons(self) -> list[str]:
-        """Why this worker should not get traffic now (empty: ready)."""
+        """Why this model should not get traffic now (empty: ready)."""
         s = self.scorer
         out = []
-        if not self.warmed_up:
-            out.append("not warmed up")
         if s.model_breaker.is_open:
             out.append(f"model backend unavailable ({s.model_breaker.last_error or 'failing'})")
         if s.store_breaker.is_open:
@@ -84,22 +84,52 @@ class Health:
 
     def publish(self) -> None:
         m, s = self.scorer.metrics, self.scorer
-        m.shed_of["in_flight"].inc(admission.take_refused())
         m.breakers(s.store_breaker, s.model_breaker)
-        reasons = self.reasons()
-        m.ready.set(0 if reasons else 1)
-        m.unready.labels("model").set(int(s.model_breaker.is_open))
-        m.unready.labels("online_store").set(int(s.store_breaker.is_open))
-        m.unready.labels("not_materialized").set(int(bool(s.store_empty)))
-        m.save()
+        m.unready_of["model"].set(int(s.model_breaker.is_open))
+        m.unready_of["online_store"].set(int(s.store_breaker.is_open))
+        m.unready_of["not_materialized"].set(int(bool(s.store_empty)))
+
+    async def check(self) -> None:
+        await self.check_model()
+        self.check_store()
+
+
+class Monitor:
+    """Every served model's health, checked every probe interval, and the worker's
+    readiness."""
+
+    def __init__(self, healths: dict[str, Health], metrics: Metrics, probe_s: float) -> None:
+        self.healths = healths
+        self.metrics = metrics
+        self.probe_s = probe_s
+        self.warmed_up = False
+        self._log = Throttled()
+
+    def reasons(self) -> list[str]:
+        """Why this worker should not get traffic now (empty: ready)."""
+        out = [] if self.warmed_up else ["not warmed up"]
+        for name, h in self.healths.items():
+            out += [f"{name}: {r}" for r in h.reasons()]
+        return out
+
+    def publish(self) -> None:
+        self.metrics.refused.inc(admission.take_refused())
+        for h in self.healths.values():
+            h.publish()
+        self.metrics.ready.set(0 if self.reasons() else 1)
+        self.metrics.save()
 
     async def run(self) -> None:
-        """Forever: check both backends every probe interval (cancelled at shutdown)."""
+        """Forever: check every model's backends each probe interval (cancelled at
+        shutdown)."""
         while True:
+            for h in self.healths.values():
+                try:
+                    await h.check()
+                except Exception as e:  # a check must never kill the monitor
+                    self._log(logging.ERROR, "monitor_error", type(e).__name__, error=first_line(e))
             try:
-                await self.check_model()
-                self.check_store()
                 self.publish()
-            except Exception as e:  # a check must never kill the monitor
+            except Exception as e:
                 self._log(logging.ERROR, "monitor_error", type(e).__name__, error=first_line(e))
-            await asyncio.sleep(self.scorer.settings.breaker_probe_s)
+            await asyncio.sleep(self.probe_s)

@@ -10,7 +10,7 @@ histograms summed, gauges by their rule), so ``/metrics`` shows every worker, th
 as of their last tick. Breaker states are set on that tick too, and feature ages are
 observed for one row per coalesced batch (a sample). Stage latencies are per batch
 (``hotpath_batch_rows`` says how large); ``hotpath_request_seconds`` is per request, from
-arrival to answer, queueing included.
+arrival to answer, queueing included. Every per-model metric carries a ``model`` label.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import operator
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -36,7 +37,6 @@ from prometheus_client.registry import Collector
 from serving.resilience import CircuitBreaker
 
 STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
-DECISIONS = ("approve", "review", "decline")
 
 
 disable_created_metrics()  # creation timestamps: noise, and meaningless once summed
@@ -51,62 +51,65 @@ GAUGE_RULE: dict[str, Callable[[float, float], float]] = {"hotpath_ready": min}
 
 
 class Metrics:
-    def __init__(self, features: list[str], views: list[str], folder: Path | None) -> None:
+    """The service's registry: per-model children (:meth:`model`, a ``model`` label on
+    each) and the service-wide ones (admission refusals, readiness)."""
+
+    def __init__(self, folder: Path | None) -> None:
         self.folder = folder  # the server's metrics folder (None: this process only)
         self.registry = r = CollectorRegistry()
-        stage = Histogram(
+        self.stage = Histogram(
             "hotpath_stage_seconds",
             "Latency per stage, per coalesced batch",
-            ["stage"],
+            ["model", "stage"],
             buckets=STAGE_BUCKETS,
             registry=r,
         )
-        self.stages = [stage.labels(s) for s in ("features", "model", "postprocess")]
         self.batch_rows = Histogram(
             "hotpath_batch_rows",
             "Rows scored together (coalesced requests)",
+            ["model"],
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
         self.request = Histogram(
             "hotpath_request_seconds",
             "From a request's arrival to its answer",
+            ["model"],
             buckets=STAGE_BUCKETS,
             registry=r,
         )
-        decisions = Counter(
-            "hotpath_decisions_total", "Decisions", ["decision", "fallback"], registry=r
+        self.decisions = Counter(
+            "hotpath_decisions_total", "Decisions", ["model", "decision", "fallback"], registry=r
         )
-        self.decisions = {
-            (d, f): decisions.labels(d, str(f).lower()) for d in DECISIONS for f in (True, False)
-        }
-        self._fallbacks = Counter(
-            "hotpath_fallbacks_total", "Fallback decisions", ["cause"], registry=r
+        self.fallbacks = Counter(
+            "hotpath_fallbacks_total", "Fallback decisions", ["model", "cause"], registry=r
         )
-        self.fallback_of: dict[str, Counter] = {}
-        missing = Counter(
-            "hotpath_missing_features_total", "Features served as defaults", ["feature"], registry=r
+        self.missing = Counter(
+            "hotpath_missing_features_total",
+            "Features served as defaults",
+            ["model", "feature"],
+            registry=r,
         )
-        self.missing_of = {f: missing.labels(f) for f in features}
-        age = Histogram(
+        self.age = Histogram(
             "hotpath_feature_age_seconds",
             "Age of served feature values",
-            ["feature_view"],
+            ["model", "feature_view"],
             buckets=(1, 10, 60, 600, 3600, 86400, 172800),
             registry=r,
         )
-        self.age_of = {v: age.labels(v) for v in views}
-        breaker = Gauge(
+        self.breaker = Gauge(
             "hotpath_breaker_state",
             "0 closed, 1 open (the worst over workers)",
-            ["breaker"],
+            ["model", "breaker"],
             registry=r,
         )
-        self.breaker_of = {b: breaker.labels(b) for b in ("online_store", "model")}
         self.shed = Counter(
-            "hotpath_shed_total", "Requests refused with 503", ["reason"], registry=r
+            "hotpath_shed_total",
+            "Requests refused with 503 (model empty: refused at admission, before routing)",
+            ["model", "reason"],
+            registry=r,
         )
-        self.shed_of = {w: self.shed.labels(w) for w in ("in_flight", "queue_budget")}
+        self.refused = self.shed.labels("", "in_flight")
         self.ready = Gauge(
             "hotpath_ready",
             "1 when this worker is ready (the lowest over workers)",
@@ -114,10 +117,57 @@ class Metrics:
         )
         self.unready = Gauge(
             "hotpath_not_ready",
-            "1 per cause keeping the worker out of rotation",
-            ["cause"],
+            "1 per model and cause keeping the worker out of rotation",
+            ["model", "cause"],
             registry=r,
         )
+
+    def model(
+        self, name: str, features: list[str], views: list[str], decisions: list[str]
+    ) -> ModelMetrics:
+        return ModelMetrics(self, name, features, views, decisions)
+
+    def save(self) -> None:
+        """This worker's values into the folder, for the other workers' scrapes (written
+        aside, then renamed: a scrape never reads half a file)."""
+        if self.folder is None:
+            return
+        tmp = self.folder / f".{os.getpid()}.tmp"
+        tmp.write_bytes(generate_latest(self.registry))
+        tmp.replace(self.folder / f"{os.getpid()}.prom")
+
+    def exposition(self) -> bytes:
+        """Prometheus text: every worker's values merged (this one's as of now)."""
+        if self.folder is None:
+            return generate_latest(self.registry)
+        self.save()
+        return merged(self.folder)
+
+
+class ModelMetrics:
+    """One model's children of the service's metrics, resolved once."""
+
+    def __init__(
+        self, m: Metrics, name: str, features: list[str], views: list[str], decisions: list[str]
+    ) -> None:
+        self.name = name
+        self._m = m
+        self.stages = [m.stage.labels(name, s) for s in ("features", "model", "postprocess")]
+        self.batch_rows = m.batch_rows.labels(name)
+        self.request = m.request.labels(name)
+        self.decisions = {
+            (d, f): m.decisions.labels(name, d, str(f).lower())
+            for d in decisions
+            for f in (True, False)
+        }
+        self.fallback_of: dict[str, Any] = {}
+        self.missing_of = {f: m.missing.labels(name, f) for f in features}
+        self.age_of = {v: m.age.labels(name, v) for v in views}
+        self.breaker_of = {b: m.breaker.labels(name, b) for b in ("online_store", "model")}
+        self.shed_of = {"queue_budget": m.shed.labels(name, "queue_budget")}
+        self.unready_of = {
+            c: m.unready.labels(name, c) for c in ("model", "online_store", "not_materialized")
+        }
 
     def observe_batch(self, rows: int, features: float, model: float, post: float) -> None:
         self.batch_rows.observe(rows)
@@ -135,26 +185,10 @@ class Metrics:
             cause = cause or "unknown"
             child = self.fallback_of.get(cause)
             if child is None:
-                child = self.fallback_of[cause] = self._fallbacks.labels(cause)
+                child = self.fallback_of[cause] = self._m.fallbacks.labels(self.name, cause)
             child.inc()
         for name in missing:
             self.missing_of[name].inc()
-
-    def save(self) -> None:
-        """This worker's values into the folder, for the other workers' scrapes (written
-        aside, then renamed: a scrape never reads half a file)."""
-        if self.folder is None:
-            return
-        tmp = self.folder / f".{os.getpid()}.tmp"
-        tmp.write_bytes(generate_latest(self.registry))
-        tmp.replace(self.folder / f"{os.getpid()}.prom")
-
-    def exposition(self) -> bytes:
-        """Prometheus text: every worker's values merged (this one's as of now)."""
-        if self.folder is None:
-            return generate_latest(self.registry)
-        self.save()
-        return merged(self.folder)
 
 
 class _Families(Collector):

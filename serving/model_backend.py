@@ -14,7 +14,7 @@ class ModelBackend(Protocol):
     in_process: bool  # True: predict() runs to completion without awaiting anything
 
     async def predict(self, x: np.ndarray) -> np.ndarray:
-        """Fraud probability per row of ``x`` (float32, contract order)."""
+        """The score per row of ``x`` (float32, contract order): P(label true)."""
         ...
 
     async def ready(self) -> bool:

@@ -4,13 +4,17 @@ Layout (Triton's convention, unchanged, so NVIDIA's tools work on it)::
 
     <root>/<model>/config.pbtxt          production: onnxruntime_onnx on GPU, dynamic batching
     <root>/<model>/configs/local.pbtxt   this machine: Python backend running the same ONNX
+    <root>/<model>/configs/gpu.pbtxt     a pip-installed Triton on an NVIDIA GPU: Python
+                                         backend, the ONNX trees evaluated by PyTorch on CUDA
     <root>/<model>/<version>/model.onnx
-    <root>/<model>/<version>/model.py    the Python backend's runner (used by local.pbtxt only)
+    <root>/<model>/<version>/model.py    the Python backend's runner (local.pbtxt, gpu.pbtxt):
+                                         serving/triton_model.py, copied
     <root>/<model>/<version>/metadata.json
 
-A local Triton picks the CPU config with ``--model-config-name=local``. Training
+A local Triton picks the CPU config with ``--model-config-name=local``, a GPU machine
+with a pip-installed Triton (no onnxruntime backend) ``--model-config-name=gpu``. Training
 writes through :func:`publish`; versions are numbered 1, 2, ... and never overwritten.
-Both configs are rendered from one :class:`ModelSpec`.
+All three configs are rendered from one :class:`ModelSpec`.
 """
 
 from __future__ import annotations
@@ -28,10 +32,13 @@ import numpy as np
 from pandas import NA as pd_NA
 
 from serving.errors import HotpathError
+from serving.schemas import RequestField
 
 INPUT_NAME = "features"
-OUTPUT_PROBABILITIES = "probabilities"  # [batch, 2]: P(legitimate), P(fraud)
+OUTPUT_PROBABILITIES = "probabilities"  # [batch, 2]: P(label false), P(label true)
 LOCAL_CONFIG_NAME = "local"
+GPU_CONFIG_NAME = "gpu"
+RUNNER = Path(__file__).with_name("triton_model.py")  # copied as each version's model.py
 
 
 class ModelRepositoryError(HotpathError):
@@ -63,6 +70,16 @@ class ModelMetadata:
     extra: dict[str, Any] = field(default_factory=dict)
     # per feature: training-set decile edges and bin fractions, the drift check's reference
     reference: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # the declaration, as served: task, request schema (derived from the FeatureService,
+    # with declared bounds), decision policy (serving.decision.Policy.from_record), the
+    # batch body's list name, whether /predict serves this model, and the candidate key
+    task: str = "binary_classification"
+    request: list[RequestField] = field(default_factory=list)
+    policy: dict[str, Any] = field(default_factory=dict)
+    batch_field: str = "rows"
+    default: bool = False
+    candidate_key: str | None = None  # a join key given as a list at .../rank
+    max_candidates: int = 100
 
     @property
     def feature_names(self) -> list[str]:
@@ -75,12 +92,13 @@ class ModelMetadata:
     def from_json(cls, text: str) -> ModelMetadata:
         raw = json.loads(text)
         raw["features"] = [FeatureSpec(**f) for f in raw["features"]]
+        raw["request"] = [RequestField(**f) for f in raw.get("request", [])]
         return cls(**raw)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The one source both Triton configs are generated from."""
+    """The one source the Triton configs are generated from."""
 
     name: str
     n_features: int
@@ -131,55 +149,36 @@ instance_group [
 
 def local_config(spec: ModelSpec) -> str:
     """Python backend on CPU running the same model.onnx (no onnxruntime backend here)."""
+    return _python_backend(spec, "onnxruntime", 1, "KIND_CPU")
+
+
+def torch_config(spec: ModelSpec, kind: str = "KIND_GPU") -> str:
+    """Python backend evaluating the ONNX trees with PyTorch on the instance's device:
+    what a pip-installed Triton (no onnxruntime backend) serves on NVIDIA GPUs. The same
+    config with ``KIND_CPU`` runs the same code on the CPU (the tests' check)."""
+    return _python_backend(spec, "torch", spec.gpu_instances, kind)
+
+
+def _python_backend(spec: ModelSpec, engine: str, count: int, kind: str) -> str:
+    sizes = ", ".join(str(s) for s in spec.preferred_batch_sizes)
+    preferred = f"  preferred_batch_size: [ {sizes} ]\n" if engine == "torch" else ""
     return f"""name: "{spec.name}"
 backend: "python"
 max_batch_size: {spec.max_batch_size}
 {_io_block(spec)}dynamic_batching {{
-  max_queue_delay_microseconds: {spec.max_queue_delay_us}
+{preferred}  max_queue_delay_microseconds: {spec.max_queue_delay_us}
 }}
 instance_group [
   {{
-    count: 1
-    kind: KIND_CPU
+    count: {count}
+    kind: {kind}
   }}
 ]
+parameters {{
+  key: "engine"
+  value: {{ string_value: "{engine}" }}
+}}
 """
-
-
-PYTHON_BACKEND_MODEL = '''"""Triton Python backend: model.onnx of this version in ONNX Runtime."""
-
-import os
-
-import numpy as np
-import onnxruntime as ort
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-    def execute(self, requests):
-        sizes = []
-        batches = []
-        for request in requests:
-            x = pb_utils.get_input_tensor_by_name(request, "features").as_numpy()
-            sizes.append(len(x))
-            batches.append(x)
-        (proba,) = self.session.run(
-            ["probabilities"], {"features": np.concatenate(batches).astype(np.float32)}
-        )
-        responses = []
-        start = 0
-        for n in sizes:
-            out = pb_utils.Tensor("probabilities", proba[start : start + n].astype(np.float32))
-            responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
-            start += n
-        return responses
-'''
 
 
 def feature_matrix(frame: Any, features: list[FeatureSpec]) -> np.ndarray:
@@ -229,6 +228,13 @@ def versions(root: Path, model: str) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def published(root: Path) -> list[str]:
+    """The models with at least one published version under ``root``, by name."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and versions(root, p.name))
+
+
 def latest_version(root: Path, model: str) -> int:
     found = versions(root, model)
     if not found:
@@ -262,6 +268,7 @@ def publish(root: Path, spec: ModelSpec, onnx_path: Path, metadata: ModelMetadat
         **{
             **asdict(metadata),
             "features": metadata.features,
+            "request": metadata.request,
             "version": version,
             "model_name": spec.name,
             "onnx_sha256": sha256_file(onnx_path),
@@ -270,7 +277,7 @@ def publish(root: Path, spec: ModelSpec, onnx_path: Path, metadata: ModelMetadat
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
     try:
         shutil.copyfile(onnx_path, staging / "model.onnx")
-        (staging / "model.py").write_text(PYTHON_BACKEND_MODEL)
+        shutil.copyfile(RUNNER, staging / "model.py")
         (staging / "metadata.json").write_text(meta.to_json())
         os.chmod(staging, 0o755)
         target = model_dir / str(version)
@@ -282,6 +289,7 @@ def publish(root: Path, spec: ModelSpec, onnx_path: Path, metadata: ModelMetadat
         ) from None
     (model_dir / "config.pbtxt").write_text(production_config(spec))
     (model_dir / "configs" / f"{LOCAL_CONFIG_NAME}.pbtxt").write_text(local_config(spec))
+    (model_dir / "configs" / f"{GPU_CONFIG_NAME}.pbtxt").write_text(torch_config(spec))
     return target
 
 

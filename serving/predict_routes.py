@@ -1,11 +1,15 @@
-"""``POST /predict`` and ``POST /predict/batch`` as a bare ASGI app in front of FastAPI.
+"""The predict routes as a bare ASGI app in front of FastAPI: ``POST
+/v1/models/{name}/predict`` and ``.../predict/batch`` for every served model,
+``.../rank`` for a model with a candidate key (its candidates scored together, answered
+best first), and ``/predict`` and ``/predict/batch`` for the default model (an alias).
 
 At load, Starlette's middleware stack, routing, ``Request`` objects and FastAPI's
-dependency solving cost about as much as the prediction itself, and these two routes
-need none of them: they read their body, validate it strictly in one pass
-(``model_validate_json``), score it and write JSON. Everything else — lifespan, probes,
-``/metrics``, ``/docs``, the OpenAPI document, which declares these two routes too — is
-FastAPI's. Errors are answered through :mod:`serving.problems`, like FastAPI's.
+dependency solving cost about as much as the prediction itself, and these routes need
+none of them: they read their body, validate it strictly in one pass against the model's
+own request model (``model_validate_json``), score it and write JSON. Everything else —
+lifespan, probes, ``/metrics``, ``/v1/models``, ``/docs``, the OpenAPI document, which
+declares these routes too — is FastAPI's. Errors are answered through
+:mod:`serving.problems`, like FastAPI's.
 """
 
 from __future__ import annotations
@@ -18,8 +22,7 @@ import orjson
 from starlette.exceptions import HTTPException
 
 from serving import admission
-from serving.problems import HANDLED, TooLarge, Unauthorized, problem_of
-from serving.schemas import BatchRequest, Transaction
+from serving.problems import HANDLED, TooLarge, Unauthorized, UnknownModel, problem_of
 
 log = logging.getLogger("hotpath.serving")
 
@@ -27,28 +30,46 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+PREFIX = "/v1/models/"
 
 
 class ClientGone(Exception):
     """The client disconnected before sending its whole body: nobody to answer."""
 
 
+Route = Callable[[Any, bytes, float], Awaitable[Any]]
+
+
 class PredictRoutes:
-    """Serves the two predict routes itself and hands every other request to ``app``."""
+    """Serves the predict routes itself and hands every other request to ``app``."""
 
     def __init__(self, app: Any, api_key: str | None, max_batch: int) -> None:
         self.app = app  # the FastAPI app: its state holds the runtime once started
         self.state = app.state
         self._key = api_key.encode() if api_key is not None else None
         self._max_batch = max_batch
-        self._routes: dict[str, Callable[[bytes, float], Awaitable[Any]]] = {
-            "/predict": self._one,
-            "/predict/batch": self._batch,
+        # path -> (route, model name; None: the default model)
+        self._routes: dict[str, tuple[Route, str | None]] = {
+            "/predict": (self._one, None),
+            "/predict/batch": (self._batch, None),
         }
 
+    def _route(self, path: str) -> tuple[Route, str | None] | None:
+        found = self._routes.get(path)
+        if found is not None or not path.startswith(PREFIX):
+            return found
+        name, _, rest = path[len(PREFIX) :].partition("/")
+        if rest == "predict":
+            return self._one, name
+        if rest == "predict/batch":
+            return self._batch, name
+        if rest == "rank":
+            return self._rank, name
+        return None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = self._routes.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if route is None:
+        found = self._route(scope.get("path", "")) if scope["type"] == "http" else None
+        if found is None:
             await self.app(scope, receive, send)
             return
         try:
@@ -56,7 +77,12 @@ class PredictRoutes:
                 raise HTTPException(405, "method not allowed: use POST", {"Allow": "POST"})
             if self._key is not None and _header(scope, b"x-api-key") != self._key:
                 raise Unauthorized
-            answer = await route(await _body(receive), admission.arrival(scope))
+            route, name = found
+            rt = self.state.runtime
+            served = rt.default if name is None else rt.models.get(name)
+            if served is None:
+                raise UnknownModel(name or "(default)", list(rt.models))
+            answer = await route(served, await _body(receive), admission.arrival(scope))
             status, out, headers = 200, orjson.dumps(answer), None
         except ClientGone:
             return
@@ -67,17 +93,54 @@ class PredictRoutes:
             headers = [(k.lower().encode(), v.encode()) for k, v in hdrs.items()]
         await _send(send, status, out, headers)
 
-    async def _one(self, raw: bytes, arrival: float) -> Any:
-        tx = Transaction.model_validate_json(raw)
-        (p,) = await self.state.runtime.scorer.predict([tx.model_dump()], arrival)
+    async def _one(self, served: Any, raw: bytes, arrival: float) -> Any:
+        row = served.request.model_validate_json(raw)
+        (p,) = await served.scorer.predict([row.model_dump()], arrival)
         return p
 
-    async def _batch(self, raw: bytes, arrival: float) -> Any:
-        req = BatchRequest.model_validate_json(raw)
-        if len(req.transactions) > self._max_batch:
-            raise TooLarge(self._max_batch)
-        rows = [tx.model_dump() for tx in req.transactions]
-        return {"predictions": await self.state.runtime.scorer.predict(rows, arrival)}
+    async def _batch(self, served: Any, raw: bytes, arrival: float) -> Any:
+        field = served.meta.batch_field
+        items = getattr(served.batch.model_validate_json(raw), field)
+        if len(items) > self._max_batch:
+            raise TooLarge(self._max_batch, field)
+        rows = [item.model_dump() for item in items]
+        return {"predictions": await served.scorer.predict(rows, arrival)}
+
+    async def _rank(self, served: Any, raw: bytes, arrival: float) -> Any:
+        """Every candidate with the request's other fields as one coalesced job: one store
+        round trip per tier and one model call for all of them; best score first."""
+        meta = served.meta
+        if served.rank is None:
+            raise UnknownModel(meta.model_name, [], "has no candidate key: nothing to rank")
+        req = served.rank.model_validate_json(raw)
+        candidates = req.candidates
+        if len(candidates) > meta.max_candidates:
+            raise TooLarge(meta.max_candidates, "candidates")
+        base = req.model_dump(exclude={"candidates", "top_k"})
+        key = meta.candidate_key
+        rows = [{**base, key: c} for c in candidates]
+        answers = await served.scorer.predict(rows, arrival)
+        order = sorted(
+            range(len(answers)),
+            key=lambda i: -answers[i]["score"] if answers[i]["score"] is not None else 0.0,
+        )
+        ranked = [
+            {
+                "candidate": candidates[i],
+                "score": answers[i]["score"],
+                "decision": answers[i]["decision"],
+                "reasons": answers[i]["reasons"],
+                "missing_features": answers[i]["missing_features"],
+            }
+            for i in order[: req.top_k]
+        ]
+        return {
+            "ranked": ranked,
+            "fallback": answers[0]["fallback"],
+            "model": meta.model_name,
+            "model_version": meta.version,
+            "latency_ms": answers[0]["latency_ms"],
+        }
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

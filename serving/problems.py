@@ -1,4 +1,4 @@
-"""Every error answer of the service, mapped once to one ``Problem`` shape.
+"""Every error answer of the service (401, 404, 413, 422, 503), mapped once to one shape.
 
 ``{"detail": "<what went wrong>", "field": "<the request field, or null>"}`` with the
 status and headers of :func:`problem_of`. FastAPI's exception handlers and the bare
@@ -25,13 +25,32 @@ class Unauthorized(Exception):
 class TooLarge(Exception):
     """A batch with more rows than ``max_batch``."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, field: str) -> None:
         super().__init__(limit)
         self.limit = limit
+        self.field = field
+
+
+class UnknownModel(Exception):
+    """A predict route for a model this service does not serve."""
+
+    def __init__(self, name: str, served: list[str], why: str = "") -> None:
+        super().__init__(name)
+        self.name = name
+        self.served = served
+        self.why = why
 
 
 RETRY = {"Retry-After": str(admission.RETRY_AFTER_S)}
-HANDLED = (ValidationError, RequestValidationError, Unauthorized, TooLarge, Shed, HTTPException)
+HANDLED = (
+    ValidationError,
+    RequestValidationError,
+    Unauthorized,
+    TooLarge,
+    UnknownModel,
+    Shed,
+    HTTPException,
+)
 
 
 def body(detail: str, field: str | None = None) -> bytes:
@@ -48,7 +67,12 @@ def problem_of(exc: Exception) -> tuple[int, bytes, dict[str, str]]:
     if isinstance(exc, Unauthorized):
         return 401, body("missing or wrong X-API-Key", "X-API-Key"), {}
     if isinstance(exc, TooLarge):
-        return 413, body(f"at most {exc.limit} transactions per batch", "transactions"), {}
+        return 413, body(f"at most {exc.limit} {exc.field} per batch", exc.field), {}
+    if isinstance(exc, UnknownModel):
+        if exc.why:
+            return 404, body(f"model {exc.name!r} {exc.why}"), {}
+        served = ", ".join(exc.served) or "none"
+        return 404, body(f"no model {exc.name!r} is served (served: {served})"), {}
     if isinstance(exc, Shed):
         return 503, body("overloaded: waited past its queue budget, retry shortly"), RETRY
     if isinstance(exc, HTTPException):

@@ -26,8 +26,9 @@ class CircuitBreaker:
     """Closed until ``failures`` consecutive failed backend calls (or a failed health
     check); then open until a health check passes."""
 
-    def __init__(self, name: str, failures: int = 5) -> None:
+    def __init__(self, name: str, failures: int = 5, model: str = "") -> None:
         self.name = name
+        self.model = model  # whose backend (named in the log lines)
         self.failures = failures
         self.state = State.CLOSED
         self.opened_at = 0.0
@@ -45,8 +46,7 @@ class CircuitBreaker:
     def success(self) -> None:
         self._count = 0
         if self.state is State.OPEN:
-            open_s = round(time.monotonic() - self.opened_at, 3)
-            event(logging.WARNING, "breaker_closed", breaker=self.name, open_s=open_s)
+            self._event("breaker_closed", open_s=round(time.monotonic() - self.opened_at, 3))
         self.state = State.CLOSED
         self.last_error = ""
 
@@ -65,4 +65,7 @@ class CircuitBreaker:
     def _open(self, why: str) -> None:
         self.state = State.OPEN
         self.opened_at = time.monotonic()
-        event(logging.WARNING, "breaker_open", breaker=self.name, why=why, error=self.last_error)
+        self._event("breaker_open", why=why, error=self.last_error)
+
+    def _event(self, what: str, **kv: object) -> None:
+        event(logging.WARNING, what, breaker=self.name, model=self.model, **kv)

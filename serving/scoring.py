@@ -36,7 +36,7 @@ import numpy as np
 from serving import decision
 from serving.errors import first_line
 from serving.logs import Throttled
-from serving.metrics import Metrics
+from serving.metrics import ModelMetrics
 from serving.model_backend import ModelBackend
 from serving.model_repository import ModelMetadata
 from serving.online_features import OnlineFeatures
@@ -72,15 +72,16 @@ class Scorer:
         features: OnlineFeatures,
         meta: ModelMetadata,
         backend: ModelBackend,
-        metrics: Metrics,
+        metrics: ModelMetrics,
         policy: decision.Policy,
         company: Callable[[float], int] = lambda _: 0,
     ) -> None:
         self.settings, self.features, self.meta = settings, features, meta
         self.policy = policy
         self.backend, self.metrics = backend, metrics
-        self.store_breaker = CircuitBreaker("online_store", settings.breaker_failures)
-        self.model_breaker = CircuitBreaker("model", settings.breaker_failures)
+        name = meta.model_name
+        self.store_breaker = CircuitBreaker("online_store", settings.breaker_failures, name)
+        self.model_breaker = CircuitBreaker("model", settings.breaker_failures, name)
         self.store_empty: list[str] = []  # views not materialized (the monitor keeps it)
         self.recording = True  # off during warm-up: dummy requests are not traffic
         self._queue: list[_Job] = []
@@ -94,6 +95,8 @@ class Scorer:
         self._no_wait_until = 0.0
         self._names = meta.feature_names
         self._defaults = [(f.name, f.default) for f in meta.features]
+        # reason rules over request fields get them too (fallback rules always do)
+        self._with_request = bool(policy.reason_fields & {f.name for f in meta.request})
         self._queue_s = settings.queue_budget_ms / 1000
         self._max_rows = settings.max_batch
         self._features_s = settings.features_budget_ms / 1000
@@ -299,21 +302,22 @@ class Scorer:
         scores: Any,
         cause: str | None,
     ) -> list[dict[str, Any]]:
-        s, m, record = self.settings, self.metrics, self.recording
+        m, record, policy = self.metrics, self.recording, self.policy
         name, version = self.meta.model_name, self.meta.version
         if cause is not None and record:
-            self._log(logging.WARNING, "fallback", cause, cause=cause, rows=len(rows))
+            self._log(logging.WARNING, "fallback", cause, cause=cause, model=name, rows=len(rows))
         out = []
         for i, row in enumerate(rows):
             vals = values[i] if values is not None else {}
             missing = [n for n in self._names if vals.get(n) is None]
-            why = self.policy.reasons(vals)
+            seen = {**row, **vals} if self._with_request else vals
+            why = policy.reasons(seen)
             p: float | None
             if scores is not None:
                 p = score = float(scores[i])
-                verdict = decision.decide(score, s.review_threshold, s.decline_threshold)
+                verdict = policy.decide(score)
             else:
-                p, verdict = None, self.policy.fallback(vals, row["amount"])
+                p, verdict = None, policy.fallback({**row, **vals})
                 why = [f"fallback:{cause}", *why]
             if record:
                 m.count(verdict, p is None, cause, missing)

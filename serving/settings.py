@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import SecretStr, model_validator
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -34,8 +34,10 @@ class ServingSettings(BaseSettings):
     repo: Path = DEFAULT_REPO
     feature_store_yaml: Path | None = None  # default: the repo's feature_store.yaml
     model_repository: Path | None = None  # default: ../data/model_repository beside the repo
-    model_name: str = "fraud_detection"
-    model_version: int | None = None  # default: the latest
+    # served: every published model (default), or these; each at its latest version
+    models: list[str] | None = None
+    # the model /predict and /predict/batch serve (default: the one declared ``default``)
+    default_model: str | None = None
     backend: Literal["onnx", "triton"] = "onnx"  # in-process ONNX Runtime, or Triton (gRPC)
     triton_url: str = "127.0.0.1:8001"
     api_key: SecretStr | None = None  # required on /predict when set
@@ -47,23 +49,15 @@ class ServingSettings(BaseSettings):
     metrics_dir: Path | None = None  # set by the server: where its workers' metrics meet
     # admitted, unanswered requests per worker (waiting or running); past it 503 at once
     max_in_flight: int = 64
-    max_batch: int = 256  # rows per /predict/batch request; also the largest coalesced batch
+    max_batch: int = 256  # rows per batch request; also the largest coalesced batch
     # a small coalesced batch waits at most this long for requests about to arrive (0:
     # never); uvloop's timers count whole milliseconds
     coalesce_wait_ms: float = 1.0
     queue_budget_ms: float = 100.0  # not started this long after arrival: 503, not a fallback
     features_budget_ms: float = 50.0  # store read past it: fallback decision
     model_budget_ms: float = 50.0  # model call past it: fallback decision
-    review_threshold: float = 0.3
-    decline_threshold: float = 0.8
     breaker_failures: int = 5  # consecutive failed backend calls that open a breaker
     breaker_probe_s: float = 0.5  # how often the backends' health calls are probed
-
-    @model_validator(mode="after")
-    def _check(self) -> ServingSettings:
-        if not 0 <= self.review_threshold <= self.decline_threshold <= 1:
-            raise ValueError("need 0 <= review_threshold <= decline_threshold <= 1")
-        return self
 
     @property
     def repository(self) -> Path:

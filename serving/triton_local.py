@@ -197,8 +197,10 @@ class LocalTriton:
         metrics_port: int | None = None,
         ready_timeout: float = 60.0,
         attempts: int = 3,
+        config_name: str = LOCAL_CONFIG_NAME,
     ) -> TritonState:
-        """Launch and wait until every model is ready; retry a launch that hangs."""
+        """Launch and wait until every model is ready; retry a launch that hangs.
+        ``config_name`` picks each model's ``configs/<name>.pbtxt`` (``local``: CPU)."""
         current = self.state()
         if current and _alive(current.pid):
             raise TritonError(
@@ -207,10 +209,22 @@ class LocalTriton:
         self._site_packages()  # fails first, and clearly, when Triton is not installed
         if not (model_repository.is_dir() and any(model_repository.glob("*/config.pbtxt"))):
             raise TritonError(f"no model in {model_repository} (run `hotpath train` first)")
+        lacking = sorted(
+            c.parent.name
+            for c in model_repository.glob("*/config.pbtxt")
+            if not (c.parent / "configs" / f"{config_name}.pbtxt").is_file()
+        )
+        if lacking:  # Triton would fall back to config.pbtxt (the production one) silently
+            raise TritonError(
+                f"no configs/{config_name}.pbtxt for {', '.join(lacking)} in {model_repository}"
+                " (publish a version with `hotpath train` to write the configs)"
+            )
         self.workdir.mkdir(parents=True, exist_ok=True)
         server, env = self._prepare()
         for _ in range(attempts):
-            state = self._launch(server, env, model_repository, http_port, grpc_port, metrics_port)
+            state = self._launch(
+                server, env, model_repository, config_name, http_port, grpc_port, metrics_port
+            )
             deadline = time.monotonic() + ready_timeout
             while time.monotonic() < deadline and _alive(state.pid):
                 if self.ready(state):
@@ -230,6 +244,7 @@ class LocalTriton:
         server: Path,
         env: dict[str, str],
         repo: Path,
+        config_name: str,
         http_port: int | None,
         grpc_port: int | None,
         metrics_port: int | None,
@@ -241,7 +256,7 @@ class LocalTriton:
         cmd = [
             str(server / "bin" / "tritonserver"),
             f"--model-repository={repo.resolve()}",
-            f"--model-config-name={LOCAL_CONFIG_NAME}",
+            f"--model-config-name={config_name}",
             f"--backend-directory={server / 'backends'}",
             f"--cache-directory={server / 'caches'}",
             "--http-address=127.0.0.1",

@@ -17,9 +17,11 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import redis
 import requests
@@ -29,6 +31,8 @@ from serving.triton_local import LocalTriton, cluster_port, free_port
 ROOT = Path(__file__).resolve().parent.parent
 HOTPATH = [sys.executable, "-m", "pipelines.cli"]
 TRITON_VENV = Path(os.environ.get("HOTPATH_TRITON_VENV", ROOT / ".venv-triton"))
+
+T = TypeVar("T")
 
 __all__ = ["cluster_port", "free_port"]  # re-exported: one owner, serving.triton_local
 
@@ -241,6 +245,15 @@ def hotpath(
         text=True,
         timeout=timeout,
     )
+
+
+def concurrently(*calls: Callable[[], T]) -> list[T]:
+    """Run independent ``calls`` (``hotpath`` subprocesses, say) at once and return their
+    results in order: each ``hotpath`` start-up spends seconds importing Feast and Spark,
+    and started together they overlap. The first call's exception, if any, is raised."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [f.result() for f in futures]
 
 
 def hotpath_popen(

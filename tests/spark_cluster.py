@@ -61,6 +61,7 @@ def _env(workdir: Path) -> dict[str, str]:
         "SPARK_HOME": str(SPARK_HOME),
         "SPARK_LOCAL_IP": "127.0.0.1",
         "SPARK_DAEMON_MEMORY": "256m",
+        "SPARK_DAEMON_JAVA_OPTS": "-XX:TieredStopAtLevel=1",  # as tests/spark_conf does
         "SPARK_WORKER_DIR": str(workdir / "work"),
         "SPARK_LOG_DIR": str(workdir / "logs"),
         "PYSPARK_PYTHON": sys.executable,

@@ -355,9 +355,14 @@ def test_batch_stream_and_serving_judge_events_alike(spark) -> None:
     from pydantic import ValidationError
 
     from pipelines.batch_job import judge
-    from pipelines.contract import event_rules
+    from pipelines.contract import event_rules, models
     from pipelines.stream.events import Rejected, parse
-    from serving.schemas import Transaction
+    from serving.schemas import RequestField, request_models
+
+    bounds = models(ROOT / "feature_repo")["fraud_detection"].bounds  # from the declaration
+    shape = [("user_id", "INT64"), ("merchant_id", "INT64"), ("amount", "Float64")]
+    fields = [RequestField(n, t, t == "INT64", *bounds[n]) for n, t in shape]
+    transaction, _ = request_models("fraud_detection", fields, "transactions")
 
     rules = event_rules(ROOT / "feature_repo")
     now = datetime.now(UTC).replace(microsecond=0)
@@ -374,7 +379,7 @@ def test_batch_stream_and_serving_judge_events_alike(spark) -> None:
     serving = []
     for _, u, m, a, _t in rows:
         try:
-            Transaction.model_validate({"user_id": u, "merchant_id": m, "amount": a})
+            transaction.model_validate({"user_id": u, "merchant_id": m, "amount": a})
             serving.append(True)
         except ValidationError:
             serving.append(False)

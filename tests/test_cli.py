@@ -8,7 +8,8 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import requests
 from conftest import Project
-from helpers import ROOT, free_port
+from helpers import ROOT, concurrently, free_port
 
 from pipelines.generate import TRANSACTION_SCHEMA
 from serving.model_repository import versions
@@ -41,22 +42,87 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
     return errors[0]
 
 
-@pytest.fixture
-def empty_repo(tmp_path: Path) -> Path:
-    repo = tmp_path / "feature_repo"
+def _copy_repo(root: Path) -> Path:
+    repo = root / "feature_repo"
     shutil.copytree(ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("__pycache__"))
     return repo
 
 
-def test_missing_raw_data(empty_repo: Path) -> None:
-    proc = run("--repo", str(empty_repo), "batch", "--start", "2026-01-01", "--end", "2026-01-02")
-    assert_one_line_error(proc, "raw transactions not found", str(empty_repo.parent / "data"))
+@pytest.fixture
+def empty_repo(tmp_path: Path) -> Path:
+    return _copy_repo(tmp_path)
 
 
-def test_end_before_start(batch_done: Project) -> None:
-    repo = str(batch_done.settings.repo)
-    proc = run("--repo", repo, "batch", "--start", "2026-01-10", "--end", "2026-01-01")
-    assert_one_line_error(proc, "2026-01-01 is before start date 2026-01-10")
+def _raw_partition(repo: Path) -> Path:
+    part = repo.parent / "data" / "raw" / "transactions" / "date=2026-01-01"
+    part.mkdir(parents=True)
+    return part
+
+
+@dataclass(frozen=True)
+class Ran:
+    proc: subprocess.CompletedProcess
+    subject: str  # what the error must name: the repo's data folder, a URL, a path
+
+
+@pytest.fixture(scope="module")
+def ran(
+    tmp_path_factory: pytest.TempPathFactory, applied, batch_done: Project, redis_url: str
+) -> dict[str, Ran]:
+    """The commands that fail only after seconds of start-up (Feast imported, for most
+    a JVM started), run at once so that their start-ups overlap; the tests below
+    assert on them one by one. Each runs on a fresh copy of the repo, except those that
+    need ``batch_done``'s backfilled (and applied) one."""
+
+    def fresh() -> Path:
+        return _copy_repo(tmp_path_factory.mktemp("cli"))
+
+    done = str(batch_done.settings.repo)
+    missing, empty, malformed, no_columns = fresh(), fresh(), fresh(), fresh()
+    part = "part-00000.parquet"
+    pq.write_table(TRANSACTION_SCHEMA.empty_table(), _raw_partition(empty) / part)
+    (_raw_partition(malformed) / part).write_bytes(b"this is not parquet" * 10)
+    pq.write_table(pa.table({"user_id": [1, 2]}), _raw_partition(no_columns) / part)
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    wrong = redis_url.replace("redis://", "redis://:wrong@")
+    blocker = tmp_path_factory.mktemp("cli") / "a-file"
+    blocker.write_text("x")
+    redis = ("--profile", "redis", "--redis-url")
+    commands: dict[str, tuple[tuple[str, ...], str]] = {
+        "missing raw data": (
+            ("--repo", str(missing), "batch", "--start", "2026-01-01", "--end", "2026-01-02"),
+            str(missing.parent / "data"),
+        ),
+        "end before start": (("--repo", done, "batch", "--start", "2026-01-10", "--end",
+                              "2026-01-01"), ""),
+        "empty parquet": (("--repo", str(empty), "batch"), ""),
+        "malformed parquet": (("--repo", str(malformed), "batch"), ""),
+        "missing columns": (("--repo", str(no_columns), "batch"), ""),
+        "unreachable apply": (("--repo", str(fresh()), *redis, closed, "apply"), closed),
+        "unreachable materialize": (("--repo", str(fresh()), *redis, closed, "materialize"),
+                                    closed),
+        "wrong password": (("--repo", str(fresh()), *redis, wrong, "apply"), ""),
+        "materialize before apply": (("--repo", str(fresh()), "materialize"), ""),
+        "unwritable repository": (
+            ("--repo", done, "train", "--model-repository", str(blocker / "models")),
+            str(blocker / "models"),
+        ),
+    }  # fmt: skip
+    procs = concurrently(*(partial(run, *args) for args, _ in commands.values()))
+    return {
+        k: Ran(p, subject) for (k, (_, subject)), p in zip(commands.items(), procs, strict=True)
+    }
+
+
+def test_missing_raw_data(ran: dict[str, Ran]) -> None:
+    r = ran["missing raw data"]
+    assert_one_line_error(r.proc, "raw transactions not found", r.subject)
+
+
+def test_end_before_start(ran: dict[str, Ran]) -> None:
+    assert_one_line_error(
+        ran["end before start"].proc, "2026-01-01 is before start date 2026-01-10"
+    )
 
 
 def test_malformed_date(empty_repo: Path) -> None:
@@ -64,28 +130,16 @@ def test_malformed_date(empty_repo: Path) -> None:
     assert_one_line_error(proc, "--end", "'yesterday'")
 
 
-def test_empty_parquet(empty_repo: Path) -> None:
-    part = empty_repo.parent / "data" / "raw" / "transactions" / "date=2026-01-01"
-    part.mkdir(parents=True)
-    pq.write_table(TRANSACTION_SCHEMA.empty_table(), part / "part-00000.parquet")
-    proc = run("--repo", str(empty_repo), "batch")
-    assert_one_line_error(proc, "no transactions under")
+def test_empty_parquet(ran: dict[str, Ran]) -> None:
+    assert_one_line_error(ran["empty parquet"].proc, "no transactions under")
 
 
-def test_malformed_parquet(empty_repo: Path) -> None:
-    part = empty_repo.parent / "data" / "raw" / "transactions" / "date=2026-01-01"
-    part.mkdir(parents=True)
-    (part / "part-00000.parquet").write_bytes(b"this is not parquet" * 10)
-    proc = run("--repo", str(empty_repo), "batch")
-    assert_one_line_error(proc, "cannot read raw transactions")
+def test_malformed_parquet(ran: dict[str, Ran]) -> None:
+    assert_one_line_error(ran["malformed parquet"].proc, "cannot read raw transactions")
 
 
-def test_parquet_missing_columns(empty_repo: Path) -> None:
-    part = empty_repo.parent / "data" / "raw" / "transactions" / "date=2026-01-01"
-    part.mkdir(parents=True)
-    pq.write_table(pa.table({"user_id": [1, 2]}), part / "part-00000.parquet")
-    proc = run("--repo", str(empty_repo), "batch")
-    assert_one_line_error(proc, "lack columns", "amount")
+def test_parquet_missing_columns(ran: dict[str, Ran]) -> None:
+    assert_one_line_error(ran["missing columns"].proc, "lack columns", "amount")
 
 
 def test_unknown_profile(empty_repo: Path) -> None:
@@ -98,30 +152,23 @@ def test_not_a_feature_repo(tmp_path: Path) -> None:
     assert_one_line_error(proc, "not a feature repo", str(tmp_path))
 
 
-def test_redis_unreachable_names_the_url(empty_repo: Path) -> None:
-    url = f"redis://127.0.0.1:{free_port()}/0"
+def test_redis_unreachable_names_the_url(ran: dict[str, Ran]) -> None:
     for command in ("apply", "materialize"):
-        proc = run("--repo", str(empty_repo), "--profile", "redis", "--redis-url", url, command)
-        assert_one_line_error(proc, "Redis unreachable", url)
+        r = ran[f"unreachable {command}"]
+        assert_one_line_error(r.proc, "Redis unreachable", r.subject)
 
 
-def test_wrong_redis_password(empty_repo: Path, redis_url: str) -> None:
-    url = redis_url.replace("redis://", "redis://:wrong@")
-    proc = run("--repo", str(empty_repo), "--profile", "redis", "--redis-url", url, "apply")
-    assert_one_line_error(proc, "Redis")
+def test_wrong_redis_password(ran: dict[str, Ran]) -> None:
+    assert_one_line_error(ran["wrong password"].proc, "Redis")
 
 
-def test_materialize_before_apply(empty_repo: Path) -> None:
-    proc = run("--repo", str(empty_repo), "materialize")
-    assert_one_line_error(proc, "hotpath apply")
+def test_materialize_before_apply(ran: dict[str, Ran]) -> None:
+    assert_one_line_error(ran["materialize before apply"].proc, "hotpath apply")
 
 
-def test_train_into_unwritable_repository(applied, batch_done: Project, tmp_path: Path) -> None:
-    blocker = tmp_path / "a-file"
-    blocker.write_text("x")
-    repo = str(batch_done.settings.repo)
-    proc = run("--repo", repo, "train", "--model-repository", str(blocker / "models"))
-    assert_one_line_error(proc, "not writable", str(blocker / "models"))
+def test_train_into_unwritable_repository(ran: dict[str, Ran]) -> None:
+    r = ran["unwritable repository"]
+    assert_one_line_error(r.proc, "not writable", r.subject)
 
 
 def test_triton_binary_missing(batch_done: Project, tmp_path: Path) -> None:
@@ -156,15 +203,12 @@ def test_options_fall_back_to_the_settings_tree(empty_repo: Path) -> None:
     assert_one_line_error(proc, "backend")
 
 
-def test_two_workers_get_their_settings_and_clean_up(trained, tmp_path: Path) -> None:
+def test_two_workers_get_their_settings_and_clean_up(trained_online, tmp_path: Path) -> None:
     """``serve --workers 2``: the settings reach the spawned workers as an object (the
     repo, model repository and API key are nowhere in their environment), /predict answers
     with the model, and SIGTERM stops the supervisor with exit 0 and removes the metrics
     folder."""
-    from pipelines import store
-
-    project, fs, _ = trained
-    store.materialize(fs, datetime.now(UTC))  # /ready also wants a materialized store
+    project, _, _ = trained_online  # /ready also wants a materialized store
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOTPATH_")}
     proc = subprocess.Popen(

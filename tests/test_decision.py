@@ -1,4 +1,4 @@
-"""The decision policy is the repo's declaration: reasons and the fallback rule follow it."""
+"""The decision policy is the model's declaration: reasons and the fallback rule follow it."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ from pathlib import Path
 import pytest
 from helpers import ROOT
 
-from serving.decision import load_policy
+from pipelines.contract import models
+from pipelines.errors import HotpathError
+from pipelines.training import policy_record
+from serving.decision import Policy
 
-POLICY = load_policy(ROOT / "feature_repo")
+# as training records it in metadata.json and serving reads it back
+POLICY = Policy.from_record(policy_record(models(ROOT / "feature_repo")["fraud_detection"]))
 
 # (feature values, amount) -> (reasons, fallback decision), written from the declaration
 CASES = [
@@ -33,13 +37,13 @@ CASES = [
 @pytest.mark.parametrize(("values", "amount", "reasons", "fallback"), CASES)
 def test_reasons_and_fallback_follow_the_declaration(values, amount, reasons, fallback) -> None:
     assert POLICY.reasons(values) == reasons
-    assert POLICY.fallback(values, amount) == fallback
+    assert POLICY.fallback({**values, "amount": amount}) == fallback
 
 
 def test_a_malformed_policy_names_its_file(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("__pycache__"))
-    path = repo / "decision_policy.py"
-    path.write_text(path.read_text().replace('"missing", None', '"absent", None'))
-    with pytest.raises(ValueError, match=r"decision_policy.py: unknown comparison"):
-        load_policy(repo)
+    path = repo / "models.py"
+    path.write_text(path.read_text().replace('"missing")', '"absent")'))
+    with pytest.raises(HotpathError, match=r"models.py: model fraud_detection: .*'absent'"):
+        policy_record(models(repo)["fraud_detection"])

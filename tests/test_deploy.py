@@ -467,7 +467,7 @@ def exported_metrics() -> dict[str, set[str]]:
     import pipelines.stream.metrics as stream_metrics
     from serving.metrics import Metrics
 
-    registry: CollectorRegistry = Metrics(features=[], views=[], folder=None).registry
+    registry: CollectorRegistry = Metrics(folder=None).registry
     # the registered collectors: prometheus_client's public collect() names no labels for a
     # labelled metric that has no child yet, so read the collectors themselves
     collectors = list(registry._collector_to_names)

@@ -28,7 +28,7 @@ import redis
 import reference
 import test_stream
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-from helpers import MockKafka, hotpath_popen, start_mock_kafka
+from helpers import MockKafka, free_port, hotpath_popen, start_mock_kafka
 from test_stream import (
     BAD,
     _commit,
@@ -336,3 +336,81 @@ def test_a_position_past_retention_stops_instead_of_skipping(kafka) -> None:
     assert first_offset(oldest + 10) == oldest + 10
     with pytest.raises(RuntimeError, match="Offset out of range"):
         first_offset(oldest - 1)
+
+
+def _committed_offsets(rec: Path) -> dict[str, int]:
+    """The Kafka source's committed positions over every recovery partition."""
+    out: dict[str, int] = {}
+    for part in sorted(rec.glob("part-*.sqlite3")):
+        db = sqlite3.connect(part, timeout=10, isolation_level=None)
+        try:
+            out |= _offsets(db)
+        finally:
+            db.close()
+    return out
+
+
+def test_three_processes_killed_and_restarted_equal_one(
+    kafka_root, redis_url, kafka, tmp_path
+) -> None:
+    """Three processes (``-i/-a``) with recovery share the topic's partitions; one is killed
+    -9 mid-stream (a Bytewax cluster stops as one: the others are killed too), more events
+    arrive, the cluster restarts from its recovery store, and every streamed view equals
+    pandas, hash for hash what one uninterrupted process wrote."""
+    from bytewax.recovery import init_db_dir
+
+    s3, fs3 = _fresh(kafka_root, redis_url, 14)
+    s1, _ = _fresh(kafka_root, redis_url, 15)
+    events = _events(24, 25, seed=81, end=datetime.now(UTC))
+    payloads = _payloads(_delivery_order(events, seed=82, skew_s=30))
+    third = len(payloads) // 3
+    _produce(kafka, payloads[: 2 * third])
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    init_db_dir(rec, 3)
+    common = ("--source", "kafka", "--brokers", ",".join(kafka.brokers), "--lateness", LATENESS,
+              "--snapshot-interval", "0.5", "--no-offline")  # fmt: skip
+    addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(3))
+
+    def cluster() -> list[subprocess.Popen]:
+        return [
+            _stream(
+                s3,
+                *common,
+                "--recovery-dir",
+                str(rec),
+                "-i",
+                str(i),
+                "-a",
+                addresses,
+                log=tmp_path / f"p{i}.log",
+            )  # fmt: skip
+            for i in range(3)
+        ]
+
+    want = _expected(fs3, events)
+    procs = cluster()
+    single: subprocess.Popen | None = None
+    try:
+        # killed once a commit covers a third of the events: the restart needs its state
+        _wait_for(
+            lambda: sum(_committed_offsets(rec).values()) >= third,
+            "a commit past a third of the events",
+            timeout=60,
+        )
+        procs[1].send_signal(signal.SIGKILL)
+        assert _differences(fs3, want)  # not finished when killed
+        for p in procs:  # what an orchestrator does when a member dies: restart them all
+            p.kill()
+            p.wait(timeout=10)
+        _produce(kafka, payloads[2 * third :])
+        procs = cluster()
+        _until_equal(fs3, want, timeout=90)
+        single = _stream(s1, *common, log=tmp_path / "single.log")
+        _until_equal(store.open_store(s1), want, timeout=90)
+        assert test_stream._hashes(s3.redis_url) == test_stream._hashes(s1.redis_url)
+        assert all(p.poll() is None for p in procs)
+    finally:
+        for p in [*procs, *([single] if single else [])]:
+            p.kill()
+            p.wait(timeout=10)

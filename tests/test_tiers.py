@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from feast import FeatureStore, FeatureView, Field
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.types import Int64
-from helpers import ROOT, free_port, start_redis_cluster
+from helpers import ROOT, concurrently, free_port, start_redis_cluster
 
 from online_store import layout
 from online_store.tiers import UnsetVariableError, feast_write, store_config, tier_of
@@ -273,12 +274,6 @@ def _cli(repo: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
 
 def test_doctor_and_bad_configs_fail_at_start_up(tier_root, cluster) -> None:
     repo = tier_root / "feature_repo"
-    ok = _cli(
-        repo, "--profile", "redis-cluster", "doctor",
-        HOTPATH_REDIS_CLUSTER_NODES=cluster.nodes, HOTPATH_REDIS_PASSWORD=cluster.password,
-    )  # fmt: skip
-    assert ok.returncode == 0, ok.stderr
-    assert "Redis Cluster 7." in ok.stdout and "round trip" in ok.stdout
     closed = f"127.0.0.1:{free_port()}"
     cases = [
         (("--profile", "redis-cluster", "apply"), {"HOTPATH_REDIS_CLUSTER_NODES": closed},
@@ -293,8 +288,17 @@ def test_doctor_and_bad_configs_fail_at_start_up(tier_root, cluster) -> None:
         (("--profile", "redis-cluster", "doctor"), {"HOTPATH_REDIS_CLUSTER_NODES": "nonsense"},
          "not a Redis Cluster node"),
     ]  # fmt: skip
-    for args, env, fragment in cases:
-        r = _cli(repo, *args, **env)
+    # independent commands, run at once: their start-ups overlap
+    ok, *failed = concurrently(
+        partial(
+            _cli, repo, "--profile", "redis-cluster", "doctor",
+            HOTPATH_REDIS_CLUSTER_NODES=cluster.nodes, HOTPATH_REDIS_PASSWORD=cluster.password,
+        ),
+        *(partial(_cli, repo, *args, **env) for args, env, _ in cases),
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "Redis Cluster 7." in ok.stdout and "round trip" in ok.stdout
+    for (args, _, fragment), r in zip(cases, failed, strict=True):
         assert r.returncode == 1, (args, r.stdout, r.stderr)
         assert fragment in r.stdout + r.stderr, (args, r.stdout, r.stderr)
         assert "Traceback" not in r.stderr

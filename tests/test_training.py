@@ -12,10 +12,23 @@ import pandas as pd
 import pytest
 from conftest import STALE_USER, VELOCITY_USER, Project, read_offline
 
-from pipelines.contract import feature_views
+from pipelines.contract import feature_views, models
 from pipelines.errors import HotpathError
-from pipelines.training import LOOKUP_OFFSET, load_labels, train, training_set
+from pipelines.training import EXAMPLE_TS, LOOKUP_OFFSET, load_labels, train, training_set
 from serving.model_repository import load_metadata, versions
+
+LABEL_COLUMNS = ["transaction_id", "user_id", "merchant_id", "amount", "is_fraud"]
+
+
+def _labels(project: Project, start: date | None = None, end: date | None = None):
+    """The fraud model's declared labels in ``project`` (all known by now)."""
+    model = models(project.settings.repo)["fraud_detection"]
+    return load_labels(model, start, end, datetime.now(UTC), LABEL_COLUMNS)
+
+
+def _training_set(store, labels: pd.DataFrame) -> pd.DataFrame:
+    return training_set(store, labels, "fraud_detection_v1", order_by=("transaction_id",))
+
 
 # ---------------------------------------------------------------- leakage
 
@@ -43,10 +56,10 @@ def _asof(labels: pd.DataFrame, offline: pd.DataFrame, keys: list[str], ttl, col
 
 def test_training_set_is_point_in_time(applied, batch_done: Project) -> None:
     s = batch_done.settings
-    labels = load_labels(s.raw_dir, None, None, datetime.now(UTC))
-    df = training_set(applied, labels, "fraud_detection_v1")
+    labels = _labels(batch_done)
+    df = _training_set(applied, labels)
     assert len(df) == len(labels)
-    lookup = df.payment_ts - LOOKUP_OFFSET
+    lookup = df[EXAMPLE_TS] - LOOKUP_OFFSET
     assert (df.event_timestamp == lookup).all()
     views = feature_views(s.repo)
     checks = [
@@ -68,10 +81,9 @@ def test_training_set_is_point_in_time(applied, batch_done: Project) -> None:
 def test_features_that_change_at_the_payment_do_not_leak(applied, batch_done: Project) -> None:
     """A payment's own velocity row changes the features at its instant; the label must see
     the values from just before it."""
-    s = batch_done.settings
-    labels = load_labels(s.raw_dir, None, None, datetime.now(UTC))
+    labels = _labels(batch_done)
     mine = labels[labels.user_id == VELOCITY_USER]
-    df = training_set(applied, mine, "fraud_detection_v1").sort_values("payment_ts")
+    df = _training_set(applied, mine).sort_values(EXAMPLE_TS)
     # Payments at t0, t0+5m-1us, 2x t0+10m-1us, t0+1h, t0+1d (see conftest) each see the
     # row of the payment before them; the last one's predecessor is past the 1 h TTL.
     seen = pd.to_numeric(df.user_amount_sum_1h).fillna(0).tolist()
@@ -79,7 +91,7 @@ def test_features_that_change_at_the_payment_do_not_leak(applied, batch_done: Pr
     own = read_offline(batch_done, "user_velocity")
     own = own[own.user_id == VELOCITY_USER].sort_values("event_timestamp")
     rows = own.set_index("event_timestamp").user_amount_sum_1h
-    leaked = rows.loc[df.payment_ts].tolist()  # what a join at the payment instant would give
+    leaked = rows.loc[df[EXAMPLE_TS]].tolist()  # what a join at the payment instant would give
     assert leaked == [1, 3, 15, 15, 30, 32]
     assert all(a != b for a, b in zip(seen, leaked, strict=True))
 
@@ -87,7 +99,7 @@ def test_features_that_change_at_the_payment_do_not_leak(applied, batch_done: Pr
 def test_no_labels_in_range_is_a_clear_error(batch_done: Project) -> None:
     future = date.today() + timedelta(days=400)
     with pytest.raises(HotpathError, match="no labels"):
-        load_labels(batch_done.settings.raw_dir, future, future, datetime.now(UTC))
+        _labels(batch_done, future, future)
 
 
 # ---------------------------------------------------------------- the model
@@ -124,6 +136,17 @@ def test_repository_layout_and_metadata(trained) -> None:
     assert f"dims: [ {len(expected)} ]" in local
     assert meta.metrics["roc_auc"] == r.metrics["roc_auc"]
     assert meta.training_end < meta.validation_start
+    # the declaration as served: request schema derived from the FeatureService (join keys,
+    # then request fields) with the declared bounds, the policy, the task
+    assert [(f.name, f.dtype, f.entity, f.le) for f in meta.request] == [
+        ("user_id", "INT64", True, 2**63 - 1),
+        ("merchant_id", "INT64", True, 2**63 - 1),
+        ("amount", "Float64", False, 1_000_000.0),
+    ]
+    assert meta.task == "binary_classification" and meta.default
+    assert meta.batch_field == "transactions"
+    assert meta.policy["thresholds"] == [[0.8, "decline"], [0.3, "review"]]
+    assert {r["code"] for r in meta.policy["reasons"]} >= {"no_history", "velocity_burst"}
 
 
 def _tree_digest(folder: Path) -> str:
@@ -138,7 +161,7 @@ def test_second_run_adds_version_two(trained) -> None:
     project, fs, r = trained
     s = project.settings
     v1 = _tree_digest(r.path)
-    second = train(fs, s.raw_dir, s.model_repository, log=lambda _: None)
+    second = train(fs, s.model_repository, log=lambda _: None)
     assert second.version == r.version + 1
     assert versions(s.model_repository, "fraud_detection")[-2:] == [r.version, second.version]
     assert _tree_digest(r.path) == v1
@@ -147,11 +170,11 @@ def test_second_run_adds_version_two(trained) -> None:
     assert meta.version == r.version
 
 
-def test_unknown_feature_service(trained) -> None:
+def test_unknown_model(trained) -> None:
     project, fs, _ = trained
     s = project.settings
-    with pytest.raises(HotpathError, match="unknown feature service 'nope'.*fraud_detection_v1"):
-        train(fs, s.raw_dir, s.model_repository, service="nope", log=lambda _: None)
+    with pytest.raises(HotpathError, match="unknown model 'nope'.*fraud_detection"):
+        train(fs, s.model_repository, "nope", log=lambda _: None)
 
 
 def test_unwritable_model_repository(trained, tmp_path: Path) -> None:
@@ -159,12 +182,11 @@ def test_unwritable_model_repository(trained, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     with pytest.raises(HotpathError, match="not writable"):
-        train(fs, project.settings.raw_dir, blocker / "repo", log=lambda _: None)
+        train(fs, blocker / "repo", log=lambda _: None)
 
 
 def test_stale_user_features_are_defaults(applied, batch_done: Project) -> None:
     """A label of a user whose features expired gets missing values, not old ones."""
-    s = batch_done.settings
-    labels = load_labels(s.raw_dir, None, None, datetime.now(UTC))
-    df = training_set(applied, labels[labels.user_id == STALE_USER], "fraud_detection_v1")
+    labels = _labels(batch_done)
+    df = _training_set(applied, labels[labels.user_id == STALE_USER])
     assert df.user_txn_count_30d.isna().all()  # before its first snapshot

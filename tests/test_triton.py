@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from helpers import local_triton
 
-from serving.model_repository import load_metadata
+from serving.model_repository import GPU_CONFIG_NAME, ModelSpec, load_metadata, torch_config
 from serving.triton_local import LocalTriton, TritonError, _alive, _leftovers
 
 
@@ -71,18 +72,65 @@ def test_metadata_and_readiness_match_repository(triton) -> None:
     assert config["backend"] == "python" and int(config["max_batch_size"]) == 1024
 
 
-def test_start_twice_is_refused_and_stop_cleans_up(trained, tmp_path) -> None:
-    project, _, _ = trained
+def test_gpu_config_evaluates_the_trees_in_torch_like_onnx_runtime(trained, tmp_path) -> None:
+    """The published ``configs/gpu.pbtxt`` with ``KIND_CPU`` instead of ``KIND_GPU``
+    (rendered by the same function): Triton runs the trees with PyTorch, equal to ONNX
+    Runtime within 1e-5, NaN inputs and inputs exactly on a threshold included. The same
+    server then shows that a second start is refused and a stop cleans up."""
+    project, _, result = trained
+    repo = project.settings.model_repository
+    meta = load_metadata(repo, "fraud_detection")
+    gpu = (repo / "fraud_detection" / "configs" / f"{GPU_CONFIG_NAME}.pbtxt").read_text()
+    spec = ModelSpec("fraud_detection", len(meta.features))
+    assert gpu == torch_config(spec) and "KIND_GPU" in gpu and '"torch"' in gpu
+    (repo / "fraud_detection" / "configs" / "torch_cpu.pbtxt").write_text(
+        torch_config(spec, kind="KIND_CPU")
+    )
+    rng = np.random.default_rng(1)
+    x = result.x_valid[rng.choice(len(result.x_valid), size=600)].copy()
+    x[rng.random(x.shape) < 0.05] = np.nan  # each split sends NaN the way LightGBM recorded
+    thresholds = _split_points(_latest_onnx(result))
+    for row, (feature, value) in enumerate(thresholds[: len(x)]):
+        x[row, feature] = value  # exactly on a split: `<=` goes left in both
+    session = ort.InferenceSession(str(_latest_onnx(result)), providers=["CPUExecutionProvider"])
+    (expected,) = session.run(["probabilities"], {"features": x})
+
     server = local_triton(tmp_path / "t")
     before = set(_leftovers())
-    state = server.start(project.settings.model_repository)
-    with pytest.raises(TritonError, match="already running"):
-        server.start(project.settings.model_repository)
-    assert server.stop() is True
+    with pytest.raises(TritonError, match=r"no configs/absent\.pbtxt for .*fraud_detection"):
+        server.start(repo, config_name="absent")  # not Triton's silent fall-back to config.pbtxt
+    state = server.start(repo, config_name="torch_cpu")
+    try:
+        g = grpcclient.InferenceServerClient(state.grpc_url)
+        config = g.get_model_config("fraud_detection", as_json=True)["config"]
+        assert config["parameters"]["engine"]["string_value"] == "torch"
+        got = []
+        for start in range(0, len(x), 200):
+            inp = grpcclient.InferInput(
+                "features", [len(x[start : start + 200]), x.shape[1]], "FP32"
+            )
+            inp.set_data_from_numpy(x[start : start + 200])
+            got.append(g.infer("fraud_detection", [inp]).as_numpy("probabilities"))
+        np.testing.assert_allclose(np.concatenate(got), expected, rtol=0, atol=1e-5)
+        with pytest.raises(TritonError, match="already running"):
+            server.start(repo)
+    finally:
+        assert server.stop() is True
     assert not _alive(state.pid)
     assert set(_leftovers()) <= before
     assert server.state() is None
     assert server.stop() is False
+
+
+def _split_points(path: Path) -> list[tuple[int, float]]:
+    """(feature, threshold) of every split in the ONNX ensemble, read with onnx itself."""
+    tree = next(n for n in onnx.load(str(path)).graph.node if n.op_type == "TreeEnsembleClassifier")
+    a = {x.name: onnx.helper.get_attribute_value(x) for x in tree.attribute}
+    return [
+        (f, v)
+        for f, v, m in zip(a["nodes_featureids"], a["nodes_values"], a["nodes_modes"], strict=True)
+        if m == b"BRANCH_LEQ"
+    ]
 
 
 def test_missing_binary_is_a_clear_error(trained, tmp_path) -> None:

@@ -49,8 +49,10 @@ def serve(
         ),
     ] = None,
 ) -> None:
-    """Serve POST /predict (API key from HOTPATH_SERVING_API_KEY when set)."""
+    """Serve every published model at POST /v1/models/{name}/predict (the default model also
+    at /predict); API key from HOTPATH_SERVING_API_KEY when set."""
     from serving import server
+    from serving.model_repository import published
 
     h = hotpath(ctx)
     s = h.settings
@@ -58,13 +60,13 @@ def serve(
         host=host, port=port, backend=backend, triton_url=triton_url, workers=workers
     )
     h.store(applied=False)  # every online store tier reached now, not at the first request
-    model_dir = settings.repository / settings.model_name
-    if not model_dir.exists():
+    served = published(settings.repository)
+    if not served:
         raise HotpathError(f"no model in {settings.repository} (run `hotpath train` first)")
-    key = "set" if settings.api_key else "not set: /predict is open"
+    key = "set" if settings.api_key else "not set: predictions are open"
     typer.echo(
-        f"serving on http://{settings.host}:{settings.port} "
-        f"(backend {settings.backend}, API key {key})"
+        f"serving {', '.join(settings.models or served)} on http://{settings.host}:"
+        f"{settings.port} (backend {settings.backend}, API key {key})"
     )
     if not server.run(settings):
         raise typer.Exit(3)  # uvicorn's startup failure, as `uvicorn.run` exits

@@ -28,11 +28,20 @@ def start(
     grpc_port: Annotated[int, typer.Option(help="gRPC port on 127.0.0.1.")] = 8001,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness per attempt.")] = 60,
+    config: Annotated[
+        str,
+        typer.Option(
+            help="Each model's configs/<name>.pbtxt: local (ONNX Runtime on the CPU) or gpu "
+            "(the trees in PyTorch on an NVIDIA GPU)."
+        ),
+    ] = "local",
 ) -> None:
     """Start tritonserver on the model repository and wait until its models are ready."""
     s = hotpath(ctx).settings
-    with step(f"start Triton on {s.model_repository}"):
-        st = _triton(s).start(s.model_repository, http_port, grpc_port, metrics_port, timeout)
+    with step(f"start Triton on {s.model_repository} (configs/{config}.pbtxt)"):
+        st = _triton(s).start(
+            s.model_repository, http_port, grpc_port, metrics_port, timeout, config_name=config
+        )
         typer.echo(f"    ready: pid {st.pid}, http {st.http_url}, grpc {st.grpc_url}, log {st.log}")
 
 

@@ -209,6 +209,12 @@ class Step:
         return self.own.name
 
     @cached_property
+    def horizon_us(self) -> int:
+        """The longest window of any of its groups: a key idle longer (plus the lateness)
+        holds nothing a later event can read."""
+        return max(g.horizon_us for g in (self.own, *self.nested))
+
+    @cached_property
     def layout(self) -> tuple[Any, ...]:
         """What a saved state must have been built for to be resumed (builtins only)."""
         return tuple((g.keys, g.columns) for g in (self.own, *self.nested))
@@ -257,6 +263,28 @@ class KeyState:
         :attr:`Step.layout` says whether it fits."""
         self.shared = True
         return (self.step.layout, self.own, self.nested)
+
+    def evict(self, now_us: int, lateness_us: int) -> bool:
+        """Forget what no event from ``now_us - lateness_us`` on can read (``now_us``: the
+        newest event time the stream has seen): True when that is the whole key (its
+        newest event is at least the step's longest window plus the lateness older), else
+        the nested sub-keys that old are dropped. Exact as long as events arrive at most
+        the lateness behind the stream's newest: a window ``(t - W, t]`` of a later event
+        never reaches them."""
+        times = self.own[0]
+        if not times or times[-1] <= now_us - self.step.horizon_us - lateness_us:
+            return True
+        for i, (g, windows) in enumerate(zip(self.step.nested, self.nested, strict=True)):
+            cutoff = now_us - g.horizon_us - lateness_us
+            stale = [k for k, w in windows.items() if w[0][-1] <= cutoff]
+            if not stale:
+                continue
+            if self.shared:  # copy on write
+                self.nested, self.shared = tuple([d.copy() for d in self.nested]), False
+                windows = self.nested[i]
+            for k in stale:
+                del windows[k]
+        return False
 
     def apply(self, events: list[Event], lateness_us: int) -> tuple[list[Row], list[Late]]:
         """Add one key's ``events`` (in arrival order) to every window they belong to; the

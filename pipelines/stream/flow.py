@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import bytewax.operators as op
@@ -71,24 +72,77 @@ def stream_views(store: Any) -> list[View]:
     return views
 
 
+class Sweep:
+    """Per keyed step and process: the stream's event-time clock (the newest event time
+    its keys have seen) and when a key is next checked for idleness (``every_s`` of wall
+    time after its last activation). Bytewax discards a key's state only from that key's
+    own logic, so each key asks to be woken (``notify_at``); a woken key that
+    :meth:`KeyState.evict` finds idle is discarded (its recovery snapshot becomes a
+    discard too)."""
+
+    def __init__(self, every_s: float, step: str) -> None:
+        self.every = timedelta(seconds=every_s)
+        self.newest_us = 0
+        self.ended = False  # the input ended: no more checks (a pending one would hold the run)
+        self.keys = metrics.KEYS.labels(step)
+        self._at = datetime.now(UTC) + self.every
+        self._refreshed = time.monotonic()
+
+    def next_check(self) -> datetime | None:
+        """``every_s`` from now, one object per 50 ms (it is asked per key activation)."""
+        if self.ended:
+            return None
+        now = time.monotonic()
+        if now - self._refreshed >= 0.05:
+            self._refreshed, self._at = now, datetime.now(UTC) + self.every
+        return self._at
+
+
 class _Windows(KeyState, StatefulBatchLogic[tuple[str, Event], Emitted, Any]):
     """One key of one keyed step: its window state, its rows and its late events, emitted
     as one item per batch. Its ``snapshot`` is ``KeyState.snapshot``: the state itself,
     not a copy (Bytewax calls it for every key changed in an epoch, at the epoch's end, on
     the worker thread, with or without recovery; a ``deepcopy`` there stopped the flow for
-    100-300 ms every epoch, and every microsecond of it is one more per key)."""
+    100-300 ms every epoch, and every microsecond of it is one more per key). Idle keys are
+    evicted (see :class:`Sweep`)."""
 
-    __slots__ = ("lateness_us",)
+    __slots__ = ("lateness_us", "sweep")
 
-    def __init__(self, step: Step, lateness_us: int, saved: Any):
+    def __init__(self, step: Step, lateness_us: int, saved: Any, sweep: Sweep):
         KeyState.__init__(self, step, saved)
-        self.lateness_us = lateness_us
+        self.lateness_us, self.sweep = lateness_us, sweep
+        sweep.keys.inc()
 
     def on_batch(self, values: list[tuple[str, Event]]) -> tuple[list[Emitted], bool]:
         freeze_survivors()
         rows, late = self.apply([e for _, e in values], self.lateness_us)
+        if (times := self.own[0]) and times[-1] > self.sweep.newest_us:
+            self.sweep.newest_us = times[-1]
         dead = _late_letters(values, late, self.lateness_us) if late else []
         return [Emitted(rows, dead)], StatefulBatchLogic.RETAIN
+
+    def on_notify(self) -> tuple[list[Emitted], bool]:
+        if self.evict(self.sweep.newest_us, self.lateness_us):
+            self.sweep.keys.dec()
+            return [], StatefulBatchLogic.DISCARD
+        return [], StatefulBatchLogic.RETAIN
+
+    def on_eof(self) -> tuple[list[Emitted], bool]:
+        self.sweep.ended = True  # the state stays: the last epoch's snapshot keeps it
+        return [], StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        return self.sweep.next_check()
+
+
+def windows_logic(step: Step, lateness_us: int, check_every_s: float | None = None) -> Any:
+    """The ``stateful_batch`` builder of one keyed step: ``saved`` state -> its logic. Idle
+    keys are looked at every ``check_every_s`` of wall time (default: the step's longest
+    window plus the lateness, at most a minute)."""
+    if check_every_s is None:
+        check_every_s = min(60.0, (step.horizon_us + lateness_us) / 1e6)
+    sweep = Sweep(check_every_s, step.name)
+    return lambda saved: _Windows(step, lateness_us, saved, sweep)
 
 
 def _late_letters(
@@ -185,7 +239,7 @@ def build_flow(settings: Settings, stream: StreamSettings) -> Dataflow:
         op.stateful_batch(
             f"windows_{step.name}",
             op.flat_map_batch(f"by_{step.name}", parsed, _keyer(step)),
-            lambda saved, step=step: _Windows(step, lateness_us, saved),
+            windows_logic(step, lateness_us),
         )
         for step in keyed_steps(groups)
     ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server, values
+from prometheus_client import Counter, Gauge, Histogram, start_http_server, values
 
 # Feast's import sets PROMETHEUS_MULTIPROC_DIR, which makes every metric created afterwards
 # a locked write to a memory-mapped file; the flow's values live in this process's memory
@@ -19,6 +19,11 @@ EXPIRED = Counter(
     "hotpath_stream_expired_rows_total",
     "Rows not written online: already older than the view's TTL",
     ["view"],
+)
+KEYS = Gauge(
+    "hotpath_stream_keys",
+    "Keys holding window state (idle ones are evicted)",
+    ["step"],
 )
 LAG = Histogram(
     "hotpath_stream_lag_seconds",
