@@ -25,8 +25,8 @@ user x merchant views), single client, unpinned:
   (a) Feast SDK ``get_online_features`` for the 100 (user, merchant) rows
   (b) ``feast serve`` over HTTP for the same rows
   (c) the hotpath fast path in-process (``OnlineFeatures.read``, one pipelined round trip)
-  (d) the whole ranking request over HTTP with in-process ONNX (pending until a model on
-      ``merchant_ranking_v1`` is declared and ``/v1/models/{name}/predict`` serves it)
+  (d) the whole ranking request over HTTP with in-process ONNX (when a model on
+      ``merchant_ranking_v1`` is declared: ``POST /v1/models/{name}/rank``, top_k 10)
 
 against the physical ceiling, raw Redis: the fast path's own pre-packed pipeline of HMGETs
 sent and answered with nothing decoded, and the same with each distinct key read once.
@@ -53,7 +53,7 @@ from benchmarks.feature_retrieval import compare, report, timed
 from benchmarks.harness import Project, redis_project, stop_spark, with_wrk
 from serving.online_features import OnlineFeatures
 from serving.triton_local import LocalTriton
-from tests.helpers import ServerError, free_port, local_triton, serve, stop, wait_http
+from tests.helpers import free_port, local_triton, serve, stop, wait_http
 
 SERVICE = "fraud_detection_v1"
 RANKING_SERVICE = "merchant_ranking_v1"
@@ -258,30 +258,30 @@ def raw_redis_calls(
 def train_ranking_model(p: Project) -> str | None:
     """The model ``feature_repo/models.py`` declares on ``RANKING_SERVICE``, trained and
     published here (the harness trains the default model only); None, with the reason
-    printed, when there is none or it cannot be trained yet.
-
-    TODO(issue 12, items 1-2, in progress elsewhere): drop the fallbacks once the ranking
-    model is declared and ``hotpath train --model`` trains ranking tasks."""
+    printed, when there is none or it cannot be trained."""
     from pipelines.contract import models
     from pipelines.training import train
 
-    try:
-        declared = models(p.settings.repo)
-    except Exception as e:
-        print(f"  no model declarations readable ({e}): (d) pending")
-        return None
+    declared = models(p.settings.repo)
     names = [n for n, m in declared.items() if m.feature_service.name == RANKING_SERVICE]
     if not names:
-        print(f"  no model declared on {RANKING_SERVICE} yet: (d) pending")
+        print(f"  no model declared on {RANKING_SERVICE}: (d) not run")
         return None
     try:
         train(p.fs, p.settings.model_repository, model=names[0], log=lambda _: None)
     except Exception as e:
-        print(f"  training {names[0]} failed ({e}): (d) pending")
+        print(f"  training {names[0]} failed ({e}): (d) not run")
         return None
     finally:
         stop_spark()
     return names[0]
+
+
+def rank_body(rows: list[dict], candidate_key: str, top_k: int = 10) -> dict:
+    """One ranking request: the fields the rows share once, their ``candidate_key`` values
+    as ``candidates``, and ``top_k``."""
+    shared = {k: v for k, v in rows[0].items() if k != candidate_key}
+    return {**shared, "candidates": [r[candidate_key] for r in rows], "top_k": top_k}
 
 
 def ranking_over_http(
@@ -291,41 +291,27 @@ def ranking_over_http(
     model: str | None,
     rows: list[list[dict]],
 ) -> tuple[float, float] | None:
-    """(d) the whole ranking request over HTTP, in-process ONNX; None (printed "pending")
-    until it can run.
-
-    TODO(issue 12, items 1-2, in progress elsewhere): post the agreed ranking body (one
-    user, the candidates, the platform, ``top_k``) to ``/v1/models/{name}/predict``; until
-    its shape is agreed, the batch route's ``{batch_field: rows}`` is posted."""
+    """(d) the whole ranking request over HTTP, in-process ONNX: ``POST
+    /v1/models/{name}/rank`` with one user, the platform and the 100 candidates (features
+    for all of them, one model call, ranked, ``top_k`` 10). None when it cannot run."""
     if model is None:
-        print("    (d) ranking request over HTTP      pending: no ranking model trained")
         return None
-    try:
-        proc, url = serve(p.settings.repo, p.env)
-    except ServerError as e:
-        print(f"    (d) ranking request over HTTP      pending: hotpath serve failed ({e})")
-        return None
+    from pipelines.contract import models
+
+    key = models(p.settings.repo)[model].candidate_key
+    proc, url = serve(p.settings.repo, p.env)
     procs.append(proc)
     try:
-        paths = http.get(f"{url}/openapi.json", timeout=10).json().get("paths", {})
-        if "/v1/models/{name}/predict" not in paths:
-            print("    (d) ranking request over HTTP      pending: no /v1/models/{name}/predict")
-            return None
-        served = http.get(f"{url}/v1/models", timeout=10).json().get("models", [])
-        ranking = [m for m in served if m.get("name") == model]
-        if not ranking:
-            print(f"    (d) ranking request over HTTP      pending: {model} not served")
-            return None
-        field = ranking[0]["batch_field"]
-        target = f"{url}/v1/models/{model}/predict/batch"
-        probe = http.post(target, json={field: rows[0]}, timeout=10)
-        if probe.status_code != 200:
-            print(f"    (d) ranking request over HTTP      pending: {probe.status_code}")
+        target = f"{url}/v1/models/{model}/rank"
+        bodies = {id(r): rank_body(r, key) for r in rows}
+        probe = http.post(target, json=bodies[id(rows[0])], timeout=10)
+        if probe.status_code != 200 or probe.json().get("fallback"):
+            print(f"    (d) ranking request over HTTP      not run: {probe.text[:300]}")
             return None
         return report(
             "(d) ranking request HTTP, ONNX",
             timed(
-                lambda r: http.post(target, json={field: r}, timeout=10).raise_for_status(), rows
+                lambda r: http.post(target, json=bodies[id(r)], timeout=10).raise_for_status(), rows
             ),
         )
     finally:
@@ -386,7 +372,7 @@ def measure_ranking(p: Project, procs: list[subprocess.Popen], calls: int) -> No
     for name, num, den in pairs:
         print(f"  {name:<48} {num[0] / den[0]:5.1f}x  {num[1] / den[1]:5.1f}x")
     if d is None:
-        print("  Feast SDK vs ranking request HTTP                pending")
+        print("  Feast SDK vs ranking request HTTP                not run (see above)")
 
 
 if __name__ == "__main__":

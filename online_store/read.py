@@ -82,7 +82,7 @@ class SqliteReader(Reader):
         self.lock = threading.Lock()  # readers run in worker threads; one at a time
         self.project = project
         self.views = views
-        self._sql: dict[int, str] = {}  # query text per batch size
+        self._sql: dict[tuple[int, int], str] = {}  # per (view, number of keys): its SELECT
 
     def ping(self) -> None:
         with self.lock:
@@ -99,15 +99,18 @@ class SqliteReader(Reader):
             ]
 
     def receive(self, keys):
-        n = len(next(iter(keys.values())))
-        sql = self._sql.get(n)
-        if sql is None:
-            sql = self._sql[n] = " UNION ALL ".join(
-                f"SELECT {i}, entity_key, feature_name, value, event_ts "
-                f'FROM "{sqlite_table(self.project, plan.name)}" '
-                f"WHERE entity_key IN ({','.join('?' * n)})"
-                for i, plan in enumerate(self.views)
-            )
+        parts = []  # one SELECT per view, for its number of keys (entities may differ)
+        for i, plan in enumerate(self.views):
+            n = len(keys[plan.join_keys])
+            part = self._sql.get((i, n))
+            if part is None:
+                part = self._sql[(i, n)] = (
+                    f"SELECT {i}, entity_key, feature_name, value, event_ts "
+                    f'FROM "{sqlite_table(self.project, plan.name)}" '
+                    f"WHERE entity_key IN ({','.join('?' * n)})"
+                )
+            parts.append(part)
+        sql = " UNION ALL ".join(parts)
         params = [b for plan in self.views for b in keys[plan.join_keys]]
         found: list[dict[bytes, tuple[float | None, dict[str, Any]]]] = [{} for _ in self.views]
         with self.lock:

@@ -151,15 +151,25 @@ class OnlineFeatures:
         return values, ages
 
     def _stored(self, rows: Sequence[dict[str, Any]]) -> list[Found]:
-        """Per view (plan order), per row: (event time, values) or (None, None)."""
+        """Per view (plan order), per row: (event time, values) or (None, None). An entity
+        key several rows share (one user and 100 candidate merchants) is read once."""
         keys = self.entity_keys(rows)
+        spread: dict[tuple[str, ...], list[int]] = {}  # join keys -> row i's distinct key
+        if len(rows) > 1:
+            for jk, ks in keys.items():
+                distinct = dict.fromkeys(ks)
+                if len(distinct) < len(ks):
+                    at = {k: j for j, k in enumerate(distinct)}
+                    spread[jk] = [at[k] for k in ks]
+                    keys[jk] = list(distinct)
         # every tier's request goes out before any answer is awaited: one round trip each,
         # concurrently
         pending = [(backend.send(keys), backend, members) for backend, members in self._backends]
         stored: list[Found] = [[] for _ in self.views]
         for handle, backend, members in pending:
             for i, found in zip(members, backend.receive(handle), strict=True):
-                stored[i] = found
+                where = spread.get(self.views[i].join_keys)
+                stored[i] = found if where is None else [found[j] for j in where]
         return stored
 
     def _add_on_demand(self, rows: Sequence[dict[str, Any]], values: list[dict[str, Any]]) -> None:

@@ -485,6 +485,29 @@ def test_idle_keys_are_evicted_so_state_and_memory_stay_flat() -> None:
     assert kept[-1] >= 8 * kept[0], kept
 
 
+def test_a_straggler_of_an_evicted_key_is_late_not_a_wrong_row() -> None:
+    """After a key (and a pair inside a user's state) is evicted, an event newer than the
+    key's last one but more than the lateness behind the stream's newest would see an
+    empty window where the evicted events belonged: it is dead-lettered as late (against
+    the stream's clock), never written as a row counting only itself. An event within the
+    lateness of the clock starts the key afresh."""
+    steps = keyed_steps(key_groups(_repo_streamed()))
+    user_step = next(s for s in steps if s.own.keys == ("user_id",) and s.nested)
+    t0 = 1_800_000_000_000_000
+    state = KeyState(user_step)
+    state.apply([Event(1, 5, 10.0, t0, 0.0)], LATENESS_US)
+    clock = t0 + user_step.horizon_us + LATENESS_US + MINUTE_US
+    assert state.evict(clock, LATENESS_US)  # the whole key goes
+    fresh = KeyState(user_step)  # what Bytewax builds for the key's next event
+    straggler = Event(1, 5, 20.0, t0 + MINUTE_US, 0.0)  # t0's event is in its windows
+    rows, late = fresh.apply([straggler], LATENESS_US, clock)
+    assert rows == [] and len(late) == len(user_step.nested) + 1
+    assert all(x.of_stream and x.event is straggler for x in late)
+    on_time = Event(1, 5, 20.0, clock - LATENESS_US, 0.0)
+    rows, late = fresh.apply([on_time], LATENESS_US, clock)
+    assert late == [] and rows and {r.ts_us for r in rows} == {on_time.ts_us}
+
+
 @pytest.mark.parametrize(
     ("change", "problem"),
     [

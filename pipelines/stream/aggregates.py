@@ -286,14 +286,22 @@ class KeyState:
                 del windows[k]
         return False
 
-    def apply(self, events: list[Event], lateness_us: int) -> tuple[list[Row], list[Late]]:
+    def apply(
+        self, events: list[Event], lateness_us: int, clock_us: int = 0
+    ) -> tuple[list[Row], list[Late]]:
         """Add one key's ``events`` (in arrival order) to every window they belong to; the
-        rows to write and the events late for a window (not counted there)."""
+        rows to write and the events late for a window (not counted there). ``clock_us``:
+        the stream's clock when keys were last evicted (:meth:`evict`); a (sub)key holding
+        no state judges its first event against it (more than the lateness behind: late),
+        because it may have been evicted then, and a window of an event that late could
+        reach what was dropped."""
         rows: list[Row] = []
         late: list[Late] = []
         step = self.step
         g = step.own
-        self.own = _advance(self.own, events, g, g.entity(events[0]), lateness_us, rows, late)
+        self.own = _advance(
+            self.own, events, g, g.entity(events[0]), lateness_us, rows, late, clock_us
+        )
         if not step.nested:
             return rows, late
         if self.shared:  # copy on write
@@ -308,16 +316,18 @@ class KeyState:
                     by_entity.setdefault(entity_of(e), []).append(e)
             for entity, sub in by_entity.items():
                 w = windows.get(entity) or _empty(g)
-                windows[entity] = _advance(w, sub, g, entity, lateness_us, rows, late)
+                windows[entity] = _advance(w, sub, g, entity, lateness_us, rows, late, clock_us)
         return rows, late
 
 
 class Late(NamedTuple):
-    """An event later than the lateness behind the newest event of its key in ``group``."""
+    """An event later than the lateness behind the newest event of its key in ``group``
+    (or, for a key holding no state, behind the stream's newest: ``of_stream``)."""
 
     event: Event
     group: Group
     newest_us: int
+    of_stream: bool = False
 
 
 def _empty(group: Group) -> Window:
@@ -332,6 +342,7 @@ def _advance(
     lateness_us: int,
     rows: list[Row],
     late: list[Late],
+    clock_us: int = 0,
 ) -> Window:
     """One (sub)key's window ``w`` with its ``events`` inserted, appending the rows they
     make or change to ``rows`` (an instant's row may come more than once: the last is
@@ -341,7 +352,9 @@ def _advance(
     keys, add, row = group.keys, group.add, group.row
     for e in events:
         t = e.ts_us
-        if newest is None or t >= newest:  # in order: one new row
+        if newest is None and clock_us - t > lateness_us:  # no state: maybe evicted
+            late.append(Late(e, group, clock_us, True))
+        elif newest is None or t >= newest:  # in order: one new row
             w = add(w, t, e)
             newest = t
             rows.append(_row(Row, (keys, entity, t, row(w, t), e.ingest_s)))

@@ -83,6 +83,10 @@ class Sweep:
     def __init__(self, every_s: float, step: str) -> None:
         self.every = timedelta(seconds=every_s)
         self.newest_us = 0
+        # the clock when idle keys were last looked at: a key holding no state may have
+        # been evicted then, so its first event is judged late against this (not against
+        # the live clock, which other keys of the same batch move ahead)
+        self.evicted_at_us = 0
         self.ended = False  # the input ended: no more checks (a pending one would hold the run)
         self.keys = metrics.KEYS.labels(step)
         self._at = datetime.now(UTC) + self.every
@@ -115,13 +119,14 @@ class _Windows(KeyState, StatefulBatchLogic[tuple[str, Event], Emitted, Any]):
 
     def on_batch(self, values: list[tuple[str, Event]]) -> tuple[list[Emitted], bool]:
         freeze_survivors()
-        rows, late = self.apply([e for _, e in values], self.lateness_us)
+        rows, late = self.apply([e for _, e in values], self.lateness_us, self.sweep.evicted_at_us)
         if (times := self.own[0]) and times[-1] > self.sweep.newest_us:
             self.sweep.newest_us = times[-1]
         dead = _late_letters(values, late, self.lateness_us) if late else []
         return [Emitted(rows, dead)], StatefulBatchLogic.RETAIN
 
     def on_notify(self) -> tuple[list[Emitted], bool]:
+        self.sweep.evicted_at_us = max(self.sweep.evicted_at_us, self.sweep.newest_us)
         if self.evict(self.sweep.newest_us, self.lateness_us):
             self.sweep.keys.dec()
             return [], StatefulBatchLogic.DISCARD
@@ -160,9 +165,14 @@ def _late_letters(
             "amount": e.amount,
             "event_timestamp": e.ts_us,
         }
+        behind = (
+            "the stream's newest event (no state held for"
+            if x.of_stream
+            else ("the newest event of")
+        )
         reason = (
-            f"late: {(x.newest_us - e.ts_us) / 1e6:.0f}s behind the newest event of "
-            f"{x.group.key(e)} (allowed {lateness_us / 1e6:g}s)"
+            f"late: {(x.newest_us - e.ts_us) / 1e6:.0f}s behind {behind} "
+            f"{x.group.key(e)}{')' if x.of_stream else ''} (allowed {lateness_us / 1e6:g}s)"
         )
         out.append((source_ids[id(e)], Rejected(raw, reason, e.ingest_s, "late")))
     return out
