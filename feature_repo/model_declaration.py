@@ -105,3 +105,9 @@ class Model:
     # scored together, answered ranked by score, ``top_k`` of them)
     candidate_key: str | None = None
     max_candidates: int = 100
+    # share of requests whose served vectors are logged (serving.served_log); 1.0: every one
+    log_sample_rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.log_sample_rate <= 1.0:
+            raise ValueError(f"model {self.name}: log_sample_rate must be in [0, 1]")

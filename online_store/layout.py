@@ -12,7 +12,7 @@ through this module, so they cannot disagree with each other or with Feast.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -166,24 +166,81 @@ def value_proto(dtype: Any) -> Callable[[Any], ValueProto]:
 
 def decode_value(blob: bytes | None) -> Any:
     """ValueProto bytes to the Python value Feast's SDK returns (memoised: counts, flags
-    and ratios repeat across entities, and a dict lookup is ~20x cheaper than a parse)."""
+    and ratios repeat across entities, and a dict lookup is ~20x cheaper than a parse).
+    Plain scalars are read from their wire bytes (:func:`_scalar`); anything else is
+    parsed by protobuf."""
     if not blob:
         return None
     try:
         return _DECODED[blob]
     except KeyError:
         pass
-    value = ValueProto()
-    value.ParseFromString(blob)
-    kind = value.WhichOneof("val")
-    if kind in _SCALARS:
+    out = _scalar(blob)
+    if out is _PARSE:
+        value = ValueProto()
+        value.ParseFromString(blob)
+        kind = value.WhichOneof("val")
+        if kind not in _SCALARS:
+            return feast_value_type_to_python_type(value)  # lists, maps: Feast's own rules
         out = getattr(value, kind)
-    else:
-        return feast_value_type_to_python_type(value)  # lists, maps: Feast's own rules
     if len(_DECODED) >= _DECODED_MAX:
         _DECODED.clear()
     _DECODED[blob] = out
     return out
+
+
+def decode_values(blobs: Sequence[bytes | None]) -> list[Any]:
+    """:func:`decode_value` of each of ``blobs`` (one view's HMGET answer), cached values
+    looked up inline."""
+    cached = _DECODED
+    return [cached[b] if b in cached else decode_value(b) for b in blobs]
+
+
+_PARSE = object()  # _scalar's answer for what it does not decode
+_DOUBLE = struct.Struct("<d").unpack_from
+_FLOAT = struct.Struct("<f").unpack_from
+
+
+def _scalar(blob: bytes) -> Any:
+    """A ValueProto holding one plain scalar (as Feast writes them: one field, nothing
+    else) decoded from its wire bytes, ~10x faster than a protobuf parse; ``_PARSE`` for
+    anything else (other fields, odd encodings, invalid text), which protobuf decides."""
+    tag, n = blob[0], len(blob)
+    if tag == 0x29:  # field 5 double_val, fixed64
+        return _DOUBLE(blob, 1)[0] if n == 9 else _PARSE
+    if tag == 0x20 or tag == 0x18 or tag == 0x38:  # int64_val 4, int32_val 3, bool_val 7
+        if n == 2 and blob[1] < 0x80:  # 0..127: one byte
+            return blob[1] != 0 if tag == 0x38 else blob[1]
+        if n > 11:
+            return _PARSE
+        v, shift = 0, 0
+        for i in range(1, n):
+            b = blob[i]
+            v |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                if i != n - 1:
+                    return _PARSE
+                break
+        else:
+            return _PARSE
+        v &= 0xFFFFFFFFFFFFFFFF
+        if tag == 0x38:
+            return v != 0
+        if tag == 0x18:
+            v &= 0xFFFFFFFF
+            return v - (1 << 32) if v >= 1 << 31 else v
+        return v - (1 << 64) if v >= 1 << 63 else v
+    if tag == 0x35:  # field 6 float_val, fixed32
+        return _FLOAT(blob, 1)[0] if n == 5 else _PARSE
+    if tag == 0x12 and n > 1 and blob[1] < 0x80:  # field 2 string_val, length < 128
+        if blob[1] != n - 2:
+            return _PARSE
+        try:
+            return blob[2:].decode()
+        except UnicodeDecodeError:
+            return _PARSE
+    return _PARSE
 
 
 _DECODED: dict[bytes, Any] = {}

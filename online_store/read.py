@@ -24,6 +24,7 @@ from online_store.connect import RespClient, pack, redis_client
 from online_store.layout import (
     decode_stamp,
     decode_value,
+    decode_values,
     hash_fields,
     materialized_key,
     seconds,
@@ -184,7 +185,7 @@ class RedisReader(Reader):
                     values, ts_blob = raw[at : at + n], raw[at + n]
                     at += n + 1
                     if any(values):
-                        out[i].append((decode_stamp(ts_blob), [decode_value(v) for v in values]))
+                        out[i].append((decode_stamp(ts_blob), decode_values(values)))
                     else:
                         out[i].append((None, None))
         return out

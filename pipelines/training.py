@@ -393,6 +393,7 @@ def fit_and_publish(data: Dataset, model_repository: Path) -> TrainResult:
             default=model.default,
             candidate_key=model.candidate_key,
             max_candidates=model.max_candidates,
+            log_sample_rate=model.log_sample_rate,
             extra={
                 "labels_known_by": data.labels_known_by.isoformat(),
                 "label_source": model.labels.source.name,

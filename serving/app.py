@@ -42,6 +42,7 @@ from serving.model_backend import ModelBackend, OnnxBackend, TritonBackend
 from serving.model_repository import ModelMetadata, load_metadata, onnx_path, published, versions
 from serving.online_features import OnlineFeatures
 from serving.predict_routes import PredictRoutes
+from serving.prediction_cache import PredictionCache
 from serving.schemas import (
     BatchResponse,
     Models,
@@ -55,6 +56,7 @@ from serving.schemas import (
     request_shape,
 )
 from serving.scoring import Scorer
+from serving.served_log import ServedLog
 from serving.settings import ServingSettings
 
 
@@ -100,6 +102,7 @@ class Runtime:
     default: Served | None  # what /predict and /predict/batch serve
     monitor: Monitor
     metrics: Metrics
+    served_log: ServedLog | None  # the served-vector log's writer (settings.served_log)
 
 
 def build_runtime(settings: ServingSettings) -> Runtime:
@@ -111,7 +114,19 @@ def build_runtime(settings: ServingSettings) -> Runtime:
     if not names:
         raise StartupError(f"no published model in {settings.repository}")
     metrics = Metrics(settings.metrics_dir)
+    log = None
+    if settings.served_log:
+        log = ServedLog(
+            settings.served_log_path,
+            settings.served_log_queue,
+            settings.served_log_flush_s,
+            metrics,
+        )
     models = {n: _serve_model(settings, store, n, metrics) for n in names}
+    if log is not None:
+        for m in models.values():
+            m.scorer.served_log = log.model(store, m.meta)
+    _add_caches(settings, models, metrics)
     defaults = [n for n, m in models.items() if m.meta.default] or names[:1]
     default_name = settings.default_model or (defaults[0] if len(defaults) == 1 else None)
     if default_name is not None and default_name not in models:
@@ -124,7 +139,50 @@ def build_runtime(settings: ServingSettings) -> Runtime:
     healths = {n: m.health for n, m in models.items()}
     monitor = Monitor(healths, metrics, settings.breaker_probe_s)
     default = models[default_name] if default_name is not None else None
-    return Runtime(settings, models, default, monitor, metrics)
+    return Runtime(settings, models, default, monitor, metrics, log)
+
+
+def _add_caches(settings: ServingSettings, models: dict[str, Served], metrics: Metrics) -> None:
+    """The prediction caches the settings ask for (see :mod:`serving.prediction_cache`)."""
+    if not settings.prediction_cache:
+        return
+    unknown = sorted(set(settings.prediction_cache) - set(models))
+    if unknown:
+        raise StartupError(f"prediction_cache names models that are not served: {unknown}")
+    shared = None
+    if settings.prediction_cache_redis_url:
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        timeout = settings.features_budget_ms / 1000  # it is read on the event loop
+        shared = redis.Redis.from_url(
+            settings.prediction_cache_redis_url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), retries=0),
+        )
+        try:
+            shared.ping()
+        except redis.RedisError as e:
+            raise StartupError(
+                f"prediction cache: Redis at {settings.prediction_cache_redis_url} does not "
+                f"answer ({e})"
+            ) from None
+    for name, ttl in settings.prediction_cache.items():
+        m = models[name]
+        try:
+            m.scorer.cache = PredictionCache(
+                name,
+                m.meta.version,
+                ttl,
+                settings.prediction_cache_jitter,
+                settings.prediction_cache_entries,
+                shared,
+                metrics.prediction_cache,
+            )
+        except ValueError as e:
+            raise StartupError(str(e)) from None
 
 
 def _serve_model(settings: ServingSettings, store: Any, name: str, metrics: Metrics) -> Served:
@@ -237,8 +295,12 @@ def create_app(settings: ServingSettings | None = None) -> PredictRoutes:
         gc.collect()
         gc.freeze()
         monitor = asyncio.create_task(rt.monitor.run())
+        if rt.served_log is not None:
+            rt.served_log.start()
         yield
         monitor.cancel()
+        if rt.served_log is not None:  # every answered prediction written before exit
+            await asyncio.to_thread(rt.served_log.close)
         for served in rt.models.values():
             await served.scorer.backend.close()
 

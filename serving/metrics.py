@@ -110,6 +110,25 @@ class Metrics:
             registry=r,
         )
         self.refused = self.shed.labels("", "in_flight")
+        self.served_log_rows = Counter(
+            "hotpath_served_log_rows_total",
+            "Served predictions written to the served-vector log",
+            ["model"],
+            registry=r,
+        )
+        self.served_log_dropped = Counter(
+            "hotpath_served_log_dropped_total",
+            "Served predictions not logged: queue_full (never waited for) or error",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.prediction_cache = Counter(
+            "hotpath_prediction_cache_total",
+            "Rows by prediction-cache outcome: hit, redis_hit, shared (waited for the same row "
+            "being scored), miss (sent to the model); error: a Redis cache call failed",
+            ["model", "outcome"],
+            registry=r,
+        )
         self.ready = Gauge(
             "hotpath_ready",
             "1 when this worker is ready (the lowest over workers)",
@@ -178,17 +197,25 @@ class ModelMetrics:
         for b in breakers:
             self.breaker_of[b.name].set(b.state.value)
 
-    def count(self, verdict: str, fallback: bool, cause: str | None, missing: list[str]) -> None:
-        """One answered row."""
-        self.decisions[verdict, fallback].inc()
+    def count(
+        self,
+        verdicts: dict[str, int],
+        fallback: bool,
+        cause: str | None,
+        missing: dict[str, int],
+    ) -> None:
+        """A batch of answered rows: how many got each decision (all fallbacks or none),
+        and how many missed each feature (one increment per counter, not per row)."""
+        for verdict, n in verdicts.items():
+            self.decisions[verdict, fallback].inc(n)
         if fallback:
             cause = cause or "unknown"
             child = self.fallback_of.get(cause)
             if child is None:
                 child = self.fallback_of[cause] = self._m.fallbacks.labels(self.name, cause)
-            child.inc()
-        for name in missing:
-            self.missing_of[name].inc()
+            child.inc(sum(verdicts.values()))
+        for name, n in missing.items():
+            self.missing_of[name].inc(n)
 
 
 class _Families(Collector):

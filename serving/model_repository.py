@@ -80,6 +80,7 @@ class ModelMetadata:
     default: bool = False
     candidate_key: str | None = None  # a join key given as a list at .../rank
     max_candidates: int = 100
+    log_sample_rate: float = 1.0  # share of requests in the served-vector log
 
     @property
     def feature_names(self) -> list[str]:

@@ -22,12 +22,18 @@ from feast import FeatureStore
 from online_store.layout import KeyEncoder
 from online_store.read import Found, Reader, ViewPlan, readers
 
+_PACKED_MAX = 100_000  # packed values kept per join key
+
 
 @dataclass(frozen=True)
 class OnDemandPlan:
+    """One on-demand view: its function, its outputs and the inputs it declares (its
+    request sources' fields and its source views' features)."""
+
     name: str
     udf: Callable[[dict[str, Any]], dict[str, Any]]
     outputs: tuple[str, ...]
+    inputs: tuple[str, ...]
 
 
 @dataclass
@@ -53,8 +59,19 @@ class OnlineFeatures:
             names = tuple(f.name for f in proj.features)
             if proj.name in odfvs:
                 odfv = odfvs[proj.name]
+                inputs = [f.name for s in odfv.source_request_sources.values() for f in s.schema]
+                inputs += [
+                    f.name
+                    for p in odfv.source_feature_view_projections.values()
+                    for f in p.features
+                ]
                 self.on_demand.append(
-                    OnDemandPlan(proj.name, odfv.feature_transformation.udf, names)
+                    OnDemandPlan(
+                        proj.name,
+                        odfv.feature_transformation.udf,
+                        names,
+                        tuple(dict.fromkeys(inputs)),
+                    )
                 )
                 continue
             view = store.get_feature_view(proj.name)
@@ -73,15 +90,22 @@ class OnlineFeatures:
             )
         self._ttls = {n: v.ttl_s for v in self.views for n in v.features}
         self.view_names = [v.name for v in self.views]
-        # per view, for read_served: its features, all missing, its name and TTL
+        # per view: its features, as many Nones (all missing), its name and TTL
         self._served_plans = [
-            (v.features, dict.fromkeys(v.features), v.name, v.ttl_s) for v in self.views
+            (v.features, (None,) * len(v.features), v.name, v.ttl_s) for v in self.views
         ]
+        self._stored_names = [n for v in self.views for n in v.features]
         self._on_demand_none = dict.fromkeys(n for o in self.on_demand for n in o.outputs)
         # distinct entity keys (views on the same join keys share one serialized key)
         self._encoders = {
             v.join_keys: KeyEncoder(v.join_keys, v.key_types, self.version) for v in self.views
         }
+        # per join key: its encoder's packer and the values packed so far (a ranking
+        # request's rows share one user, and candidates come back)
+        self._packed: dict[str, tuple[Callable[[Any], bytes], dict[Any, bytes]]] = {}
+        for enc in self._encoders.values():
+            for name, packer in zip(enc.join_keys, enc.packers, strict=True):
+                self._packed.setdefault(name, (packer, {}))
         self.feature_names = [n for v in self.views for n in v.features] + [
             n for o in self.on_demand for n in o.outputs
         ]
@@ -89,26 +113,52 @@ class OnlineFeatures:
         self._backends: list[tuple[Reader, list[int]]] = readers(store, self.views, timeout_s)
 
     def entity_keys(self, rows: Sequence[dict[str, Any]]) -> dict[tuple[str, ...], list[bytes]]:
-        """Feast's serialized entity key of every row, per distinct set of join keys."""
-        return {jk: [enc.encode(row) for row in rows] for jk, enc in self._encoders.items()}
+        """Feast's serialized entity key of every row, per distinct set of join keys: each
+        encoder's prefix and its join keys' packed values (each join key packed once per
+        row, memoised), as ``KeyEncoder.encode`` joins them."""
+        parts: dict[str, list[bytes]] = {}
+        for name, (packer, memo) in self._packed.items():
+            col = []
+            for row in rows:
+                v = row[name]
+                b = memo.get(v)
+                if b is None:
+                    b = packer(v)
+                    if len(memo) >= _PACKED_MAX:
+                        memo.clear()
+                    memo[v] = b
+                col.append(b)
+            parts[name] = col
+        out: dict[tuple[str, ...], list[bytes]] = {}
+        for jk, enc in self._encoders.items():
+            prefix = enc.prefix
+            if len(jk) == 1:
+                out[jk] = [prefix + b for b in parts[jk[0]]]
+            else:
+                cols = [parts[k] for k in jk]
+                out[jk] = [prefix + b"".join(bs) for bs in zip(*cols, strict=True)]
+        return out
 
     def read(self, rows: Sequence[dict[str, Any]]) -> list[Vector]:
         """Stored and on-demand values for each row (``row`` holds join keys and request
         fields); no TTL applied, like Feast."""
         stored = self._stored(rows)
+        names, plans = self._stored_names, self._served_plans
         vectors = []
         for i in range(len(rows)):
-            values: dict[str, Any] = {}
-            ts: dict[str, float | None] = {}
-            for plan, found in zip(self.views, stored, strict=True):
+            flat: list[Any] = []
+            stamps: list[float | None] = []
+            for (_, none, _, _), found in zip(plans, stored, strict=True):
                 stamp, feature_values = found[i]
                 if feature_values is None:
-                    values.update(dict.fromkeys(plan.features))
-                    ts.update(dict.fromkeys(plan.features))
+                    flat += none
+                    stamps += none
                 else:
-                    values.update(zip(plan.features, feature_values, strict=True))
-                    ts.update(dict.fromkeys(plan.features, stamp))
-            vectors.append(Vector(values, ts))
+                    flat += feature_values
+                    stamps += [stamp] * len(none)
+            vectors.append(
+                Vector(dict(zip(names, flat, strict=True)), dict(zip(names, stamps, strict=True)))
+            )
         self._add_on_demand(rows, [v.values for v in vectors])
         for vec in vectors:
             vec.ts.update(self._on_demand_none)
@@ -123,31 +173,34 @@ class OnlineFeatures:
         :meth:`read`), and each view's age in seconds (None: no value, or expired)."""
         stored = self._stored(rows)
         now = time.time() if now is None else now
-        plans = self._served_plans
+        names, plans = self._stored_names, self._served_plans
         values: list[dict[str, Any]] = []
-        for i in range(len(rows)):
-            vals: dict[str, Any] = {}
-            for (features, none, _, _), found in zip(plans, stored, strict=True):
-                feature_values = found[i][1]
-                if feature_values is None:
-                    vals.update(none)
-                else:
-                    vals.update(zip(features, feature_values, strict=True))
-            values.append(vals)
-        self._add_on_demand(rows, values)
         ages: list[dict[str, float | None]] = []
-        for i, vals in enumerate(values):
+        expired: list[tuple[int, tuple[str, ...]]] = []  # blanked once on-demand views ran
+        age_of: dict[float, float] = {}  # rows share stamps (one user, daily snapshots)
+        for i in range(len(rows)):
+            flat: list[Any] = []
             row_ages: dict[str, float | None] = {}
-            for (_, none, name, ttl), found in zip(plans, stored, strict=True):
+            for (features, none, name, ttl), found in zip(plans, stored, strict=True):
                 stamp, feature_values = found[i]
                 age = None
-                if feature_values is not None and stamp is not None:
-                    if _expired(stamp, ttl, now):
-                        vals.update(none)
-                    elif feature_values[0] is not None:
-                        age = round(max(0.0, now - stamp), 3)
+                if feature_values is None:
+                    flat += none
+                else:
+                    flat += feature_values
+                    if stamp is not None:
+                        if ttl and now - stamp > ttl:  # _expired, inline
+                            expired.append((i, features))
+                        elif feature_values[0] is not None:
+                            age = age_of.get(stamp)
+                            if age is None:
+                                age = age_of[stamp] = round(max(0.0, now - stamp), 3)
                 row_ages[name] = age
+            values.append(dict(zip(names, flat, strict=True)))
             ages.append(row_ages)
+        self._add_on_demand(rows, values)
+        for i, features in expired:
+            values[i].update(dict.fromkeys(features))
         return values, ages
 
     def _stored(self, rows: Sequence[dict[str, Any]]) -> list[Found]:
@@ -174,19 +227,22 @@ class OnlineFeatures:
 
     def _add_on_demand(self, rows: Sequence[dict[str, Any]], values: list[dict[str, Any]]) -> None:
         """Each on-demand view's outputs into ``values`` (one dict per row), its function
-        run once for all rows."""
+        run once for all rows on the inputs it declares (a stored value wins over a request
+        field of the same name)."""
+        if not rows:
+            return
+        first_values, first_row = values[0], rows[0]
         for od in self.on_demand:
-            if len(rows) == 1:
-                inputs = {k: [v] for k, v in (rows[0] | values[0]).items()}
-            else:
-                inputs = {}
-                for vals, row in zip(values, rows, strict=True):
-                    for k, v in (row | vals).items():
-                        inputs.setdefault(k, []).append(v)
+            inputs = {}
+            for k in od.inputs:
+                if k in first_values:
+                    inputs[k] = [vals[k] for vals in values]
+                elif k in first_row:
+                    inputs[k] = [row.get(k) for row in rows]
             out = od.udf(inputs)
-            for i, vals in enumerate(values):
-                for name in od.outputs:
-                    vals[name] = out[name][i]
+            for name in od.outputs:
+                for vals, v in zip(values, out[name], strict=True):
+                    vals[name] = v
 
     def ttl_of(self) -> dict[str, float | None]:
         """Each stored feature's view TTL in seconds (computed once, at start-up)."""

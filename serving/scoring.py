@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,7 +41,9 @@ from serving.metrics import ModelMetrics
 from serving.model_backend import ModelBackend
 from serving.model_repository import ModelMetadata
 from serving.online_features import OnlineFeatures
+from serving.prediction_cache import PredictionCache
 from serving.resilience import CircuitBreaker
+from serving.served_log import ModelLog
 from serving.settings import ServingSettings
 
 MISSES_BEFORE_PAUSE = 3  # waits in a row that ran out before the company came
@@ -95,6 +98,10 @@ class Scorer:
         self._no_wait_until = 0.0
         self._names = meta.feature_names
         self._defaults = [(f.name, f.default) for f in meta.features]
+        # the contract's values of one row as a tuple, in one C call (see _matrix)
+        pick = operator.itemgetter(*self._names)
+        self._pick = pick if len(self._names) > 1 else lambda vals: (pick(vals),)
+        self._fill = np.array([d for _, d in self._defaults], dtype=np.float32)
         # reason rules over request fields get them too (fallback rules always do)
         self._with_request = bool(policy.reason_fields & {f.name for f in meta.request})
         self._queue_s = settings.queue_budget_ms / 1000
@@ -102,6 +109,8 @@ class Scorer:
         self._features_s = settings.features_budget_ms / 1000
         self._model_s = settings.model_budget_ms / 1000
         self._log = Throttled()  # request-path events: a line per kind per interval
+        self.served_log: ModelLog | None = None  # set by the app when logging is on
+        self.cache: PredictionCache | None = None  # set by the app when declared
 
     def backlogged(self) -> bool:
         """Has the oldest queued request waited half its queue budget? (Then new arrivals
@@ -222,6 +231,8 @@ class Scorer:
                 m.request.observe(t3 - job.arrival)
             if not job.future.done():
                 job.future.set_result(answers)
+        if record and self.served_log is not None:  # queued as built: the writer does the rest
+            self.served_log.submit(live, values, ages, out, t1)
 
     def _read(
         self, rows: list[dict[str, Any]]
@@ -261,17 +272,12 @@ class Scorer:
         """Model scores for every row, or None and the cause of the fallback."""
         if not self.model_breaker.allow():
             return None, "breaker_open"
-        # the model's float32 input, contract order, defaults for missing (and NaN) values;
-        # equal to model_repository.feature_matrix, without a numpy array per column
-        x = np.array(
-            [
-                [d if (v := vals.get(n)) is None or v != v else v for n, d in self._defaults]
-                for vals in values
-            ],
-            dtype=np.float32,
-        )
+        x = self._matrix(values)
         try:
-            scores = await self.call_model(x)
+            if self.cache is None:
+                scores = await self.call_model(x)
+            else:  # only the rows not cached (nor being scored) reach the model
+                scores = await self.cache.scores(x, self.call_model)
         except TimeoutError:
             self.model_breaker.failure("deadline")
             return None, "model_deadline"
@@ -281,6 +287,21 @@ class Scorer:
             return None, "model_error"
         self.model_breaker.success()
         return scores, None
+
+    def _matrix(self, values: list[dict[str, Any]]) -> np.ndarray:
+        """The model's float32 input, contract order, defaults for missing (and NaN) values;
+        equal to model_repository.feature_matrix, without a numpy array per column: each
+        row's values picked in one call (None becomes NaN), then NaN replaced at once."""
+        pick = self._pick
+        try:
+            picked = [pick(vals) for vals in values]
+        except KeyError:  # a row lacking a contract feature: it is missing
+            picked = [tuple(vals.get(n) for n in self._names) for vals in values]
+        x = np.array(picked, dtype=np.float32).reshape(len(values), len(self._names))
+        missing = np.isnan(x)
+        if missing.any():
+            x = np.where(missing, self._fill, x)
+        return x
 
     async def call_model(self, x: np.ndarray) -> np.ndarray:
         """The backend's scores for ``x``; TimeoutError past the model budget (a remote
@@ -307,6 +328,8 @@ class Scorer:
         if cause is not None and record:
             self._log(logging.WARNING, "fallback", cause, cause=cause, model=name, rows=len(rows))
         out = []
+        verdicts: dict[str, int] = {}  # counted once per batch (see ModelMetrics.count)
+        misses: dict[str, int] = {}
         for i, row in enumerate(rows):
             vals = values[i] if values is not None else {}
             missing = [n for n in self._names if vals.get(n) is None]
@@ -319,8 +342,9 @@ class Scorer:
             else:
                 p, verdict = None, policy.fallback({**row, **vals})
                 why = [f"fallback:{cause}", *why]
-            if record:
-                m.count(verdict, p is None, cause, missing)
+            verdicts[verdict] = verdicts.get(verdict, 0) + 1
+            for n in missing:
+                misses[n] = misses.get(n, 0) + 1
             out.append(
                 {
                     "score": p,
@@ -334,4 +358,6 @@ class Scorer:
                     "latency_ms": {},
                 }
             )
+        if record:
+            m.count(verdicts, scores is None, cause, misses)
         return out

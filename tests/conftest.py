@@ -26,7 +26,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from cql_stand_in import CqlStandIn, start_on_loopback
-from helpers import ROOT, RedisCluster, start_redis_cluster, start_redis_server
+from helpers import (
+    ROOT,
+    Background,
+    RedisCluster,
+    hotpath_background,
+    start_redis_cluster,
+    start_redis_server,
+    stop,
+)
 
 from pipelines.generate import TRANSACTION_SCHEMA, GenerateConfig, GenerateResult, generate
 from pipelines.settings import Settings, SparkSettings
@@ -36,6 +44,37 @@ os.environ.setdefault("SPARK_CONF_DIR", SPARK_CONF_DIR)
 
 EDGE_USER, VELOCITY_USER, STALE_USER, FRESH_USER = 900_001, 900_002, 900_003, 900_004
 EDGE_MERCHANT = 900
+
+
+DEMO_TEST = "test_demo.py"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_run(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Background | None]:
+    """``hotpath demo`` on a fresh copy of the repo, started with the session when
+    ``tests/test_demo.py`` is selected (None otherwise), which asserts on its output: a
+    real end-to-end run in a subprocess of its own, mostly spent starting things up and
+    waiting on them, so it overlaps the first tests instead of running after them.
+    Stopped at the end of the session if still running."""
+    if not any(item.path.name == DEMO_TEST for item in request.session.items):
+        yield None
+        return
+    root = tmp_path_factory.mktemp("demo")
+    repo = root / "feature_repo"
+    shutil.copytree(ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("__pycache__"))
+    run = hotpath_background(
+        "demo", "--rows", "3000", "--days", "5",
+        logs=root,
+        repo=repo,
+        clean_env=True,
+        # answers, not deadlines, are checked there: budgets a busy machine cannot break
+        env={"HOTPATH_SERVING_FEATURES_BUDGET_MS": "2000",
+             "HOTPATH_SERVING_MODEL_BUDGET_MS": "2000"},
+    )  # fmt: skip
+    yield run
+    stop(run.proc)
 
 
 @pytest.fixture(scope="session")

@@ -247,6 +247,41 @@ def hotpath(
     )
 
 
+@dataclass
+class Background:
+    """A ``hotpath`` command running while other tests run, its output going to files."""
+
+    proc: subprocess.Popen
+    stdout: Path
+    stderr: Path
+
+    def result(self, timeout: float) -> subprocess.CompletedProcess:
+        """Wait for it (stopped after ``timeout`` s) and return it as :func:`hotpath` does."""
+        try:
+            self.proc.wait(timeout=timeout)
+        finally:
+            stop(self.proc)
+        out, err = self.stdout.read_text(errors="replace"), self.stderr.read_text(errors="replace")
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
+
+
+def hotpath_background(
+    *args: str | Path,
+    logs: Path,
+    repo: Path | None = None,
+    env: dict[str, str] | None = None,
+    clean_env: bool = False,
+) -> Background:
+    """``hotpath [--repo REPO] ARGS...`` started from the project root, its stdout and
+    stderr in files under ``logs`` (a pipe nobody reads would fill and block it)."""
+    out, err = logs / "stdout.txt", logs / "stderr.txt"
+    with out.open("wb") as o, err.open("wb") as e:  # the child keeps its own descriptors
+        proc = subprocess.Popen(
+            _argv(args, repo), env=_env(env, clean_env), cwd=ROOT, stdout=o, stderr=e
+        )
+    return Background(proc, out, err)
+
+
 def concurrently(*calls: Callable[[], T]) -> list[T]:
     """Run independent ``calls`` (``hotpath`` subprocesses, say) at once and return their
     results in order: each ``hotpath`` start-up spends seconds importing Feast and Spark,

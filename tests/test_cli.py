@@ -67,17 +67,18 @@ class Ran:
 
 @pytest.fixture(scope="module")
 def ran(
-    tmp_path_factory: pytest.TempPathFactory, applied, batch_done: Project, redis_url: str
+    tmp_path_factory: pytest.TempPathFactory, project: Project, redis_url: str
 ) -> dict[str, Ran]:
-    """The commands that fail only after seconds of start-up (Feast imported, for most
+    """The commands that fail only after seconds of start-up (Feast imported, for some
     a JVM started), run at once so that their start-ups overlap; the tests below
-    assert on them one by one. Each runs on a fresh copy of the repo, except those that
-    need ``batch_done``'s backfilled (and applied) one."""
+    assert on them one by one. Each runs on a fresh copy of the repo, except the one that
+    needs ``project``'s raw data. ``train`` runs on a repo never applied: it must refuse an
+    unwritable model repository before it opens the store (and starts Spark)."""
 
     def fresh() -> Path:
         return _copy_repo(tmp_path_factory.mktemp("cli"))
 
-    done = str(batch_done.settings.repo)
+    generated = str(project.settings.repo)
     missing, empty, malformed, no_columns = fresh(), fresh(), fresh(), fresh()
     part = "part-00000.parquet"
     pq.write_table(TRANSACTION_SCHEMA.empty_table(), _raw_partition(empty) / part)
@@ -93,7 +94,7 @@ def ran(
             ("--repo", str(missing), "batch", "--start", "2026-01-01", "--end", "2026-01-02"),
             str(missing.parent / "data"),
         ),
-        "end before start": (("--repo", done, "batch", "--start", "2026-01-10", "--end",
+        "end before start": (("--repo", generated, "batch", "--start", "2026-01-10", "--end",
                               "2026-01-01"), ""),
         "empty parquet": (("--repo", str(empty), "batch"), ""),
         "malformed parquet": (("--repo", str(malformed), "batch"), ""),
@@ -104,7 +105,7 @@ def ran(
         "wrong password": (("--repo", str(fresh()), *redis, wrong, "apply"), ""),
         "materialize before apply": (("--repo", str(fresh()), "materialize"), ""),
         "unwritable repository": (
-            ("--repo", done, "train", "--model-repository", str(blocker / "models")),
+            ("--repo", str(fresh()), "train", "--model-repository", str(blocker / "models")),
             str(blocker / "models"),
         ),
     }  # fmt: skip
@@ -171,10 +172,10 @@ def test_train_into_unwritable_repository(ran: dict[str, Ran]) -> None:
     assert_one_line_error(r.proc, "not writable", r.subject)
 
 
-def test_triton_binary_missing(batch_done: Project, tmp_path: Path) -> None:
+def test_triton_binary_missing(empty_repo: Path, tmp_path: Path) -> None:
     env_venv = tmp_path / "no-venv"
     proc = subprocess.run(
-        [*HOTPATH, "--repo", str(batch_done.settings.repo), "triton", "start"],
+        [*HOTPATH, "--repo", str(empty_repo), "triton", "start"],
         capture_output=True,
         text=True,
         timeout=120,

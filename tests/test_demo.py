@@ -5,35 +5,26 @@ lines only (no Spark WARN lines, no Python warnings, no escape codes), ending wi
 from __future__ import annotations
 
 import re
-import shutil
-from pathlib import Path
 
-from helpers import ROOT, hotpath
+from helpers import Background
 
 # "-> approve, score 0.004, fallback false (fraud_detection v1, 1.1 ms)"
 ANSWER = r"\n      -> (approve|review|decline), score ([0-9.]+|none), fallback (true|false) "
 
 
-def test_demo_is_quiet_and_ends_with_predictions(tmp_path: Path) -> None:
-    repo = tmp_path / "feature_repo"
-    shutil.copytree(ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("__pycache__"))
-    proc = hotpath(
-        "demo", "--rows", "3000", "--days", "5",
-        repo=repo,
-        clean_env=True,
-        # answers, not deadlines, are checked here: budgets a busy machine cannot break
-        env={"HOTPATH_SERVING_FEATURES_BUDGET_MS": "2000",
-             "HOTPATH_SERVING_MODEL_BUDGET_MS": "2000"},
-        timeout=900,
-    )  # fmt: skip
+def test_demo_is_quiet_and_ends_with_predictions(demo_run: Background) -> None:
+    """``demo_run`` (conftest) started ``hotpath demo --rows 3000 --days 5`` on a fresh copy
+    of the repo when the session began; this waits for it to end."""
+    proc = demo_run.result(timeout=900)
+    data = demo_run.stdout.parent / "data"
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     steps = ("generate", "spark batch backfill", "feast apply", "materialize", "train on")
     for step in (*steps, "published version 1", "demo finished"):
         assert step in out, f"step {step!r} missing:\n{out[-3000:]}"
     assert "user_txn_count_30d" in out and "request-time" in out
-    assert (tmp_path / "data" / "online_store.db").exists()
-    model = tmp_path / "data" / "model_repository" / "fraud_detection" / "1" / "model.onnx"
+    assert (data / "online_store.db").exists()
+    model = data / "model_repository" / "fraud_detection" / "1" / "model.onnx"
     assert model.exists()
     assert "\x1b[" not in out, "escape codes in piped output"
     noise = [line for line in out.splitlines() if re.search(r"\bWARN|Warning\b|warnings\.", line)]

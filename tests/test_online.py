@@ -315,3 +315,36 @@ def test_resp_client_auth_db_and_reconnect(tmp_path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_value_decoding_equals_protobuf() -> None:
+    """The fast path's wire-level decoder of plain scalars answers what a protobuf parse
+    (Feast's SDK) answers, values and types, at the edges of each encoding; what it does not
+    decode is left to protobuf."""
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+    from feast.type_map import feast_value_type_to_python_type
+
+    from online_store.layout import decode_value
+
+    protos = [ValueProto(int64_val=v) for v in (0, 1, 127, 128, -1, 2**63 - 1, -(2**63))]
+    protos += [ValueProto(int32_val=v) for v in (0, 5, 300, -1, 2**31 - 1, -(2**31))]
+    protos += [ValueProto(double_val=v) for v in (0.0, -0.0, 0.1, -3.5e300, math.inf)]
+    protos += [ValueProto(float_val=v) for v in (0.0, 0.1, -2.5)]
+    protos += [ValueProto(bool_val=v) for v in (True, False)]
+    protos += [ValueProto(string_val=v) for v in ("", "app", "é" * 70, "x" * 300)]
+    protos += [ValueProto(int64_list_val={"val": [1, 2]}), ValueProto(unix_timestamp_val=7)]
+    for proto in protos:
+        blob = proto.SerializeToString()
+        want = ValueProto.FromString(blob)
+        kind = want.WhichOneof("val")
+        got = decode_value(blob)
+        if kind.endswith("list_val") or kind == "unix_timestamp_val":  # Feast's own rules
+            assert got == feast_value_type_to_python_type(want), kind
+            continue
+        want_value = getattr(want, kind)
+        assert got == want_value and type(got) is type(want_value), (kind, got, want_value)
+        if kind == "double_val":
+            assert math.copysign(1, got) == math.copysign(1, want_value)
+    nan = decode_value(ValueProto(double_val=math.nan).SerializeToString())
+    assert nan != nan
+    assert decode_value(b"") is None

@@ -48,7 +48,7 @@ from pipelines.stream.aggregates import (
     keyed_steps,
 )
 from pipelines.stream.events import Event, Rejected, parse
-from pipelines.stream.flow import windows_logic
+from pipelines.stream.flow import keyed_windows
 from pipelines.stream.sinks import DeadLetterSink, Emitted
 
 FEATURES = [
@@ -460,13 +460,9 @@ def _rotating_population(check_every_s: float) -> tuple[list[int], list[int]]:
 
     flow = Dataflow("rotating")
     events = op.input("events", flow, TestingSource(feed, batch_size=500))
+    parsed = op.map("as_parsed", events, lambda e: ("id", e))  # (source id, event)
     for step in steps:
-        keyed = op.key_on(f"by_{step.name}", events, step.own.key)
-        out = op.stateful_batch(
-            f"w_{step.name}",
-            op.map(f"as_{step.name}", keyed, lambda kv: (kv[0], ("id", kv[1]))),
-            windows_logic(step, LATENESS_US, check_every_s),
-        )
+        out = keyed_windows(step, parsed, LATENESS_US, check_every_s)
         op.inspect(f"sample_{step.name}", out, sample)
     run_main(flow)
     return [sum(k) for k in zip(*keys.values(), strict=True)], rss

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from serving.model_repository import bin_fractions, feature_matrix, load_metadata
+from serving.model_repository import ModelMetadata, bin_fractions, feature_matrix, load_metadata
+from serving.served_log import served_vectors
 from validation.declared import ValidationError
 
 THRESHOLD = 0.2
@@ -71,11 +72,30 @@ def check_drift(
     ``lookup`` gives each payment's vector as scoring saw it (point-in-time, just before the
     payment): the training pipeline's own lookup, handed in by the caller so that validation
     needs nothing from the pipelines."""
+    meta = _with_reference(model_repository, model)
+    vectors = lookup(store, payments, meta.feature_service)
+    return _run(meta, vectors)
+
+
+def check_served_drift(model_repository: Path, model: str, log_dir: Path) -> DriftRun:
+    """PSI of the vectors the latest ``model`` was actually served — its FeatureService's
+    served-vector log under ``log_dir`` (``serving.served_log``), every logged version —
+    against its training data: what the model saw, not a recomputation."""
+    meta = _with_reference(model_repository, model)
+    folder = log_dir / meta.feature_service
+    vectors = served_vectors(folder, model)
+    if vectors.empty:
+        raise ValidationError(f"no served vectors of {model} logged under {folder}")
+    return _run(meta, vectors)
+
+
+def _with_reference(model_repository: Path, model: str) -> ModelMetadata:
     meta = load_metadata(model_repository, model)
     if not meta.reference:
         raise ValidationError(f"model version {meta.version} records no training distribution")
-    vectors = lookup(store, payments, meta.feature_service)
+    return meta
+
+
+def _run(meta: ModelMetadata, vectors: pd.DataFrame) -> DriftRun:
     x = feature_matrix(vectors, meta.features)
-    return DriftRun(
-        meta.version, len(payments), drift_report(meta.reference, x, meta.feature_names)
-    )
+    return DriftRun(meta.version, len(vectors), drift_report(meta.reference, x, meta.feature_names))

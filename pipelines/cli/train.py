@@ -34,12 +34,14 @@ def train(
     new version (recording its request schema, features, defaults and decision policy)."""
     from pipelines.training import declared
     from pipelines.training import train as run
+    from serving.model_repository import check_writable
 
     h = hotpath(ctx)
     s = h.settings = h.settings.with_model_repository(model_repository)
     first, last = parse_date(start, "--start"), parse_date(end, "--end")
     known_by = parse_time(labels_known_by, "--labels-known-by")
     check_order(first, last)
+    check_writable(s.model_repository)  # before Feast opens the store and Spark starts
     fs = h.store()
     m = declared(fs, model)
     name = m.name

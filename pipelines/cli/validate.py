@@ -65,24 +65,34 @@ def drift(
     ctx: typer.Context,
     sample: Annotated[int, typer.Option(min=10, help="Latest payments to sample.")] = 2000,
     top: Annotated[int, typer.Option(min=1, help="How many of the worst to print.")] = 8,
+    served: Annotated[
+        bool, typer.Option("--served", help="Read the vectors served (the served-vector log).")
+    ] = False,
 ) -> None:
     """PSI of the feature vectors of recent payments against the model's training data.
 
     Each recent payment's vector is looked up as scoring saw it (just before the payment,
-    point-in-time; the skew check guarantees online and offline agree)."""
-    from pipelines.raw import recent_payments
-    from pipelines.training import training_set
-    from validation.drift import THRESHOLD, check_drift
+    point-in-time; the skew check guarantees online and offline agree); with ``--served``,
+    the vectors the service logged as it served them."""
+    from validation.drift import THRESHOLD, check_drift, check_served_drift
 
     h = hotpath(ctx)
     s = h.settings
-    fs = h.store()
-    h.spark()
-    payments = recent_payments(s.raw_dir, sample)
-    run = check_drift(fs, s.model_repository, s.model_name, payments, training_set)
+    if served:
+        log_dir = s.serving_settings().served_log_path
+        run = check_served_drift(s.model_repository, s.model_name, log_dir)
+        what = "served vectors"
+    else:
+        from pipelines.raw import recent_payments
+        from pipelines.training import training_set
+
+        fs = h.store()
+        h.spark()
+        payments = recent_payments(s.raw_dir, sample)
+        run = check_drift(fs, s.model_repository, s.model_name, payments, training_set)
+        what = "recent payments"
     typer.echo(
-        f"PSI of {run.payments:,} recent payments vs model v{run.model_version} "
-        f"(drift > {THRESHOLD}):"
+        f"PSI of {run.payments:,} {what} vs model v{run.model_version} (drift > {THRESHOLD}):"
     )
     for d in run.report[:top]:
         typer.echo(f"{'DRIFT' if d.drifted else 'ok   '} {d.feature:<30} {d.psi:.3f}")

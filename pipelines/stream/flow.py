@@ -18,8 +18,9 @@ Run it with ``hotpath stream`` or, configured by ``HOTPATH_STREAM_*`` variables,
 from __future__ import annotations
 
 import gc
+import threading
 import time
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
 from typing import Any
 
 import bytewax.operators as op
@@ -72,34 +73,70 @@ def stream_views(store: Any) -> list[View]:
     return views
 
 
-class Sweep:
-    """Per keyed step and process: the stream's event-time clock (the newest event time
-    its keys have seen) and when a key is next checked for idleness (``every_s`` of wall
-    time after its last activation). Bytewax discards a key's state only from that key's
-    own logic, so each key asks to be woken (``notify_at``); a woken key that
-    :meth:`KeyState.evict` finds idle is discarded (its recovery snapshot becomes a
-    discard too)."""
+# A key's wake-up (the keyed value of a sweep's item): look whether the key is idle.
+_WAKE = ("", None)
 
-    def __init__(self, every_s: float, step: str) -> None:
-        self.every = timedelta(seconds=every_s)
+
+class Sweep:
+    """Per keyed step and process: the stream's event-time clock (the newest event time its
+    keys have seen) and which keys to wake to check for idleness. Bytewax discards a key's
+    state only from that key's own logic; asking each key to be woken (``notify_at``) made
+    Bytewax's core scan every scheduled key twice per activation (0.21: a ``BTreeMap`` filter
+    and a min over all of them), work that grows with the keys held. Instead the step's
+    keyer records each key's newest event time, least recently active first, and every
+    ``every_s`` of wall time sends a wake-up item to the keys idle by the clock; a woken key
+    that :meth:`KeyState.evict` finds idle is discarded (its recovery snapshot becomes a
+    discard too). Keys are looked at only while events flow (state grows only then). A
+    wake-up may reach a key another process owns (items are routed by key): its own logic
+    decides."""
+
+    def __init__(self, every_s: float, step: Step, lateness_us: int) -> None:
+        self.every_s = every_s
+        self.idle_us = step.horizon_us + lateness_us
         self.newest_us = 0
         # the clock when idle keys were last looked at: a key holding no state may have
         # been evicted then, so its first event is judged late against this (not against
         # the live clock, which other keys of the same batch move ahead)
         self.evicted_at_us = 0
-        self.ended = False  # the input ended: no more checks (a pending one would hold the run)
-        self.keys = metrics.KEYS.labels(step)
-        self._at = datetime.now(UTC) + self.every
-        self._refreshed = time.monotonic()
+        self.keys = metrics.KEYS.labels(step.name)
+        self._seen: dict[str, int] = {}  # key -> newest event time, least recently active first
+        self._due = time.monotonic() + every_s
+        self._lock = threading.Lock()  # the workers of a process share the sweep
 
-    def next_check(self) -> datetime | None:
-        """``every_s`` from now, one object per 50 ms (it is asked per key activation)."""
-        if self.ended:
-            return None
-        now = time.monotonic()
-        if now - self._refreshed >= 0.05:
-            self._refreshed, self._at = now, datetime.now(UTC) + self.every
-        return self._at
+    def keyer(self, step: Step) -> Callable[[list[Any]], list[tuple[str, Any]]]:
+        """A batch of (source id, Event | Rejected) -> the events keyed by ``step``'s key,
+        plus a wake-up for each idle key when a look is due."""
+        key_of, seen = step.own.key, self._seen
+
+        def by_key(xs: list[Any]) -> list[tuple[str, Any]]:
+            out = []
+            with self._lock:
+                for x in xs:
+                    e = x[1]
+                    if e.__class__ is Event:
+                        k = key_of(e)
+                        out.append((k, x))
+                        t = seen.pop(k, 0)
+                        seen[k] = e.ts_us if e.ts_us > t else t
+                if time.monotonic() >= self._due:
+                    out += self._idle()
+            return out
+
+        return by_key
+
+    def _idle(self) -> list[tuple[str, Any]]:
+        """Wake-ups for the least recently active keys idle by the clock (up to the first
+        one that is not: the rest are caught at a later look)."""
+        cutoff = self.newest_us - self.idle_us
+        idle = []
+        for k, t in self._seen.items():
+            if t > cutoff:
+                break
+            idle.append(k)
+        for k in idle:
+            del self._seen[k]
+        self._due = time.monotonic() + self.every_s
+        return [(k, _WAKE) for k in idle]
 
 
 class _Windows(KeyState, StatefulBatchLogic[tuple[str, Event], Emitted, Any]):
@@ -108,7 +145,7 @@ class _Windows(KeyState, StatefulBatchLogic[tuple[str, Event], Emitted, Any]):
     not a copy (Bytewax calls it for every key changed in an epoch, at the epoch's end, on
     the worker thread, with or without recovery; a ``deepcopy`` there stopped the flow for
     100-300 ms every epoch, and every microsecond of it is one more per key). Idle keys are
-    evicted (see :class:`Sweep`)."""
+    evicted when woken (see :class:`Sweep`)."""
 
     __slots__ = ("lateness_us", "sweep")
 
@@ -117,15 +154,18 @@ class _Windows(KeyState, StatefulBatchLogic[tuple[str, Event], Emitted, Any]):
         self.lateness_us, self.sweep = lateness_us, sweep
         sweep.keys.inc()
 
-    def on_batch(self, values: list[tuple[str, Event]]) -> tuple[list[Emitted], bool]:
+    def on_batch(self, values: list[tuple[str, Any]]) -> tuple[list[Emitted], bool]:
+        events = [e for _, e in values if e is not None]
+        if not events:  # only wake-ups
+            return self._wake()
         freeze_survivors()
-        rows, late = self.apply([e for _, e in values], self.lateness_us, self.sweep.evicted_at_us)
+        rows, late = self.apply(events, self.lateness_us, self.sweep.evicted_at_us)
         if (times := self.own[0]) and times[-1] > self.sweep.newest_us:
             self.sweep.newest_us = times[-1]
         dead = _late_letters(values, late, self.lateness_us) if late else []
         return [Emitted(rows, dead)], StatefulBatchLogic.RETAIN
 
-    def on_notify(self) -> tuple[list[Emitted], bool]:
+    def _wake(self) -> tuple[list[Emitted], bool]:
         self.sweep.evicted_at_us = max(self.sweep.evicted_at_us, self.sweep.newest_us)
         if self.evict(self.sweep.newest_us, self.lateness_us):
             self.sweep.keys.dec()
@@ -133,21 +173,25 @@ class _Windows(KeyState, StatefulBatchLogic[tuple[str, Event], Emitted, Any]):
         return [], StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[list[Emitted], bool]:
-        self.sweep.ended = True  # the state stays: the last epoch's snapshot keeps it
-        return [], StatefulBatchLogic.RETAIN
-
-    def notify_at(self) -> datetime | None:
-        return self.sweep.next_check()
+        return [], StatefulBatchLogic.RETAIN  # the last epoch's snapshot keeps the state
 
 
-def windows_logic(step: Step, lateness_us: int, check_every_s: float | None = None) -> Any:
-    """The ``stateful_batch`` builder of one keyed step: ``saved`` state -> its logic. Idle
-    keys are looked at every ``check_every_s`` of wall time (default: the step's longest
-    window plus the lateness, at most a minute)."""
+def keyed_windows(
+    step: Step, parsed: Any, lateness_us: int, check_every_s: float | None = None
+) -> Any:
+    """One keyed step over a stream of (source id, Event | Rejected): its events keyed, its
+    keys' window state, out come (key, :class:`Emitted`). Idle keys are looked at every
+    ``check_every_s`` of wall time (default: the step's longest window plus the lateness, at
+    most a minute)."""
     if check_every_s is None:
         check_every_s = min(60.0, (step.horizon_us + lateness_us) / 1e6)
-    sweep = Sweep(check_every_s, step.name)
-    return lambda saved: _Windows(step, lateness_us, saved, sweep)
+    sweep = Sweep(check_every_s, step, lateness_us)
+    keyed = op.flat_map_batch(f"by_{step.name}", parsed, sweep.keyer(step))
+    return op.stateful_batch(
+        f"windows_{step.name}",
+        keyed,
+        lambda saved: _Windows(step, lateness_us, saved, sweep),
+    )
 
 
 def _late_letters(
@@ -187,12 +231,6 @@ def _parser(rules: Any) -> Any:
         return out
 
     return parse_batch
-
-
-def _keyer(step: Step) -> Any:
-    """A batch's valid events keyed by ``step``'s key."""
-    key = step.own.key
-    return lambda xs: [(key(x[1]), x) for x in xs if x[1].__class__ is Event]
 
 
 def build_flow(settings: Settings, stream: StreamSettings) -> Dataflow:
@@ -245,14 +283,7 @@ def build_flow(settings: Settings, stream: StreamSettings) -> Dataflow:
         "rejected", parsed, lambda xs: [x for x in xs if x[1].__class__ is not Event]
     )
     # one keyed window state per keyed step; each valid event goes to every step
-    windows = [
-        op.stateful_batch(
-            f"windows_{step.name}",
-            op.flat_map_batch(f"by_{step.name}", parsed, _keyer(step)),
-            windows_logic(step, lateness_us),
-        )
-        for step in keyed_steps(groups)
-    ]
+    windows = [keyed_windows(step, parsed, lateness_us) for step in keyed_steps(groups)]
     out = windows[0] if len(windows) == 1 else op.merge("windows", *windows)
     op.output("online", out, OnlineSink(open_writer))
     if stream.offline:

@@ -1,0 +1,328 @@
+"""Served-vector logging: every answered prediction, in the shape of Feast's feature logs.
+
+The one owner of the log's format. Each answered row (sampled per request at the rate
+declared with its model) becomes one row of Feast's ``FeatureServiceLoggingSource`` schema —
+the schema is Feast's own, computed from the registry at start-up: the FeatureService's join
+keys and request fields, ``{view}__{feature}`` with ``__timestamp`` (the value's event time)
+and ``__status`` (Feast's ``FieldStatus``), ``__log_timestamp`` (when the vector was read),
+``__log_date`` and ``__request_id`` — plus what the model made of it: ``__model``,
+``__model_version``, ``__score`` (null on a fallback), ``__decision``, ``__fallback`` and
+``__latency_ms`` (arrival to answer). Files are written the way Feast's
+``FileLoggingDestination`` writes them (``{uuid}-0.parquet`` straight under its path), one
+path per FeatureService, so ``FileLoggingDestination(path=<dir>/<feature service>)`` on the
+service reads them back through Feast, and Spark reads the same folder.
+
+Off the request path: the scorer hands over the objects it already built (one deque append
+per coalesced batch); a writer thread turns them into Arrow batches every
+:data:`DRAIN_S` and writes a file per FeatureService every ``served_log_flush_s`` and on
+clean shutdown. Past ``served_log_queue`` predictions waiting, a batch is dropped and counted
+(``hotpath_served_log_dropped_total``), never waited for. A kill loses what was not written.
+
+Statuses as the fast path knows them: ``PRESENT``; ``NULL_VALUE`` (the view's row was found
+and fresh, this value empty); ``NOT_FOUND`` (no row, or a row past the view's TTL: the fast
+path blanks both alike, so ``OUTSIDE_MAX_AGE`` is not told apart); ``INVALID`` (nothing was
+read: the store failed or was open-breakered, the answer is a fallback). A stored value's
+event time is the read time minus its view's age (millisecond precision); an on-demand
+value's is the read time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from datetime import UTC
+from pathlib import Path
+from random import random
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from feast.feature_logging import (
+    LOG_DATE_FIELD,
+    LOG_TIMESTAMP_FIELD,
+    REQUEST_ID_FIELD,
+    FeatureServiceLoggingSource,
+)
+from feast.protos.feast.serving.ServingService_pb2 import FieldStatus
+
+from serving.metrics import Metrics
+from serving.model_repository import ModelMetadata
+
+log = logging.getLogger("hotpath.serving")
+
+DRAIN_S = 0.1  # the writer turns queued batches into Arrow this often
+INVALID, PRESENT, NULL_VALUE, NOT_FOUND = (
+    FieldStatus.INVALID,
+    FieldStatus.PRESENT,
+    FieldStatus.NULL_VALUE,
+    FieldStatus.NOT_FOUND,
+)
+_INVALID, _PRESENT, _NULL_VALUE, _NOT_FOUND = (
+    pa.scalar(int(x), pa.int32()) for x in (INVALID, PRESENT, NULL_VALUE, NOT_FOUND)
+)
+_NO_TIME = pa.scalar(None, pa.int64())
+# Feast types feature timestamps in seconds (its Go logger's unit); microseconds keep the
+# event times exact and are what Spark 4 reads
+TIMESTAMP = pa.timestamp("us", tz=UTC)
+MODEL, VERSION, SCORE, DECISION, FALLBACK, LATENCY = (
+    "__model",
+    "__model_version",
+    "__score",
+    "__decision",
+    "__fallback",
+    "__latency_ms",
+)
+OUTCOME_FIELDS = [
+    pa.field(MODEL, pa.string()),
+    pa.field(VERSION, pa.int32()),
+    pa.field(SCORE, pa.float64()),
+    pa.field(DECISION, pa.string()),
+    pa.field(FALLBACK, pa.bool_()),
+    pa.field(LATENCY, pa.float64()),
+]
+
+
+def schema_of(store: Any, feature_service: str) -> pa.Schema:
+    """The log's schema: Feast's for the FeatureService (event times in microseconds), then
+    the model's outcome."""
+    fs = store.get_feature_service(feature_service)
+    feast = FeatureServiceLoggingSource(fs, store.project).get_schema(store.registry)
+    fields = [pa.field(f.name, TIMESTAMP) if f.name.endswith("__timestamp") else f for f in feast]
+    return pa.schema(fields + OUTCOME_FIELDS)
+
+
+class ModelLog:
+    """One served model's log: its columns, and the scorer's hook (:meth:`submit`)."""
+
+    def __init__(self, writer: ServedLog, store: Any, meta: ModelMetadata) -> None:
+        self._writer = writer
+        self.meta = meta
+        self.schema = schema_of(store, meta.feature_service)
+        self.folder = writer.folder / meta.feature_service
+        self.rate = meta.log_sample_rate
+        on_demand = {v.name for v in store.list_on_demand_feature_views()}
+        fs = store.get_feature_service(meta.feature_service)
+        # per projection: the view whose age dates its values (None: on demand), and per
+        # feature its value, timestamp and status columns
+        self._views: list[tuple[str | None, list[tuple[str, str, str, str]]]] = []
+        featured = set()
+        for proj in fs.feature_view_projections:
+            prefix = proj.name_to_use()
+            cols = []
+            for f in proj.features:
+                col = f"{prefix}__{f.name}"
+                cols.append((f.name, col, col + "__timestamp", col + "__status"))
+                featured.update(cols[-1][1:])
+            self._views.append((None if proj.name in on_demand else proj.name, cols))
+        system = {LOG_TIMESTAMP_FIELD, LOG_DATE_FIELD, REQUEST_ID_FIELD}
+        system.update(f.name for f in OUTCOME_FIELDS)
+        # join keys and request fields, straight from the request's rows
+        self._keys = [n for n in self.schema.names if n not in featured and n not in system]
+        children = writer.metrics.served_log_dropped
+        self.dropped = {r: children.labels(meta.model_name, r) for r in ("queue_full", "error")}
+        self.written = writer.metrics.served_log_rows.labels(meta.model_name)
+
+    def submit(
+        self,
+        jobs: Sequence[Any],
+        values: list[dict[str, Any]] | None,
+        ages: list[dict[str, float | None]],
+        answers: list[dict[str, Any]],
+        read_at: float,
+    ) -> None:
+        """Queue one coalesced batch as the scorer built it: its requests (each with
+        ``.rows``), served values (None: not read), per-view ages, the answers, and when
+        the values were read (``time.perf_counter``). Never waits: past the queue's bound
+        the batch is dropped and counted."""
+        w = self._writer
+        n = len(answers)
+        if w.closed or w.submitted - w.taken + n > w.limit:
+            self.dropped["queue_full"].inc(n)
+            return
+        w.submitted += n
+        w.queue.append((self, jobs, values, ages, answers, read_at))
+
+    def add(self, item: tuple[Any, ...], offset: float, out: list[tuple[Any, ...]]) -> None:
+        """Append one submitted batch's sampled rows to ``out``, as references: (request
+        row, served values or None, view ages, answer, request id, read time in µs).
+        ``offset`` turns ``perf_counter`` times into wall-clock seconds."""
+        jobs, values, ages, answers, read_at = item
+        read_us = round((read_at + offset) * 1e6)
+        rate = self.rate
+        i = 0
+        for job in jobs:
+            n = len(job.rows)
+            if rate >= 1 or random() < rate:  # sampled per request, like Feast
+                request_id = uuid.uuid4().hex
+                for j, row in enumerate(job.rows, start=i):
+                    vals = values[j] if values is not None else None
+                    out.append((row, vals, ages[j], answers[j], request_id, read_us))
+            i += n
+
+    def batch(self, rows: list[tuple[Any, ...]]) -> pa.RecordBatch:
+        """The rows as one Arrow batch: a list comprehension per column, statuses and
+        event times computed per view in Arrow; the GIL is let go between columns so the
+        event loop never waits long for it."""
+        reqs, vals, ages, answers, ids, reads = zip(*rows, strict=True)
+        schema = self.schema
+        read = pa.array(reads, pa.int64())
+        unread = pa.array([v is None for v in vals])
+        cols: dict[str, Any] = {k: [r.get(k) for r in reqs] for k in self._keys}
+        for view, features in self._views:
+            if view is None:  # on demand: computed at read time
+                stamp = pc.if_else(unread, _NO_TIME, read)
+            else:
+                age = pa.array([a.get(view) for a in ages], pa.float64())
+                ms = pc.cast(pc.round(pc.multiply(age, 1000.0)), pa.int64())
+                stamp = pc.subtract(read, pc.multiply(ms, 1000))
+            found = pc.is_valid(stamp)
+            for feature, col, ts_col, status_col in features:
+                value = pa.array(
+                    [v.get(feature) if v is not None else None for v in vals],
+                    schema.field(col).type,
+                )
+                present = pc.is_valid(value)
+                empty = pc.if_else(found, _NULL_VALUE, _NOT_FOUND)
+                cols[col] = value
+                cols[ts_col] = stamp if view is not None else pc.if_else(present, stamp, _NO_TIME)
+                cols[status_col] = pc.if_else(
+                    unread, _INVALID, pc.if_else(present, _PRESENT, empty)
+                )
+                time.sleep(0)
+        cols[LOG_TIMESTAMP_FIELD] = read
+        cols[LOG_DATE_FIELD] = pc.cast(pc.divide(read, 86_400_000_000), pa.int32())
+        cols[REQUEST_ID_FIELD] = list(ids)
+        cols[MODEL] = [self.meta.model_name] * len(rows)
+        cols[VERSION] = [self.meta.version] * len(rows)
+        cols[SCORE] = [a["score"] for a in answers]
+        cols[DECISION] = [a["decision"] for a in answers]
+        cols[FALLBACK] = [a["fallback"] for a in answers]
+        cols[LATENCY] = [a["latency_ms"].get("total") for a in answers]
+        arrays = [_array(cols[f.name], f.type) for f in schema]
+        return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _array(values: Any, kind: pa.DataType) -> pa.Array:
+    if isinstance(values, list):
+        return pa.array(values, kind)
+    return values if values.type == kind else values.cast(kind)
+
+
+class ServedLog:
+    """The bounded queue and the one writer thread behind every model's :class:`ModelLog`.
+
+    ``submitted`` is only written on the event loop, ``taken`` only by the writer: their
+    difference, the rows waiting, needs no lock."""
+
+    def __init__(self, folder: Path, limit: int, flush_s: float, metrics: Metrics) -> None:
+        self.folder, self.limit, self.flush_s, self.metrics = folder, limit, flush_s, metrics
+        self.queue: deque[tuple[Any, ...]] = deque()
+        self.submitted = 0
+        self.taken = 0
+        self.closed = False
+        self._pending: dict[ModelLog, list[pa.RecordBatch]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="served-log", daemon=True)
+
+    def model(self, store: Any, meta: ModelMetadata) -> ModelLog:
+        return ModelLog(self, store, meta)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Write everything queued and stop (clean shutdown; blocks until written)."""
+        self.closed = True
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        else:  # never started: write what was queued here
+            self._drain()
+            self._write()
+
+    def _run(self) -> None:
+        next_write = time.monotonic() + self.flush_s
+        while True:
+            stopping = self._stop.wait(min(DRAIN_S, self.flush_s))
+            self._drain()
+            if stopping or time.monotonic() >= next_write:
+                self._write()
+                next_write = time.monotonic() + self.flush_s
+            if stopping:
+                return
+
+    def _drain(self) -> None:
+        """Everything queued into Arrow batches, per model."""
+        offset = time.time() - time.perf_counter()
+        rows: dict[ModelLog, list[tuple[Any, ...]]] = {}
+        while self.queue:
+            model, *item = self.queue.popleft()
+            n = len(item[3])
+            out = rows.setdefault(model, [])
+            before = len(out)
+            try:
+                model.add(tuple(item), offset, out)
+            except Exception as e:  # a bug here must not stop the log
+                log.error("served_log: batch dropped: %r", e)
+                model.dropped["error"].inc(n)
+                del out[before:]
+            self.taken += n
+            time.sleep(0)  # let the event loop have the GIL between batches
+        for model, out in rows.items():
+            if out:
+                try:
+                    self._pending.setdefault(model, []).append(model.batch(out))
+                except Exception as e:
+                    log.error("served_log: rows dropped: %r", e)
+                    model.dropped["error"].inc(len(out))
+
+    def _write(self) -> None:
+        """One parquet file per FeatureService (its models' rows), as Feast's
+        FileLoggingDestination names them; written aside and renamed, so a reader never
+        sees half a file."""
+        pending, self._pending = self._pending, {}
+        by_folder: dict[Path, list[tuple[ModelLog, list[pa.RecordBatch]]]] = {}
+        for model, batches in pending.items():
+            by_folder.setdefault(model.folder, []).append((model, batches))
+        for folder, parts in by_folder.items():
+            rows = sum(b.num_rows for _, batches in parts for b in batches)
+            try:
+                schema = parts[0][0].schema
+                table = pa.Table.from_batches([b for _, bs in parts for b in bs], schema)
+                folder.mkdir(parents=True, exist_ok=True)
+                name = f"{uuid.uuid4().hex}-0.parquet"
+                tmp = folder / f".{name}.tmp"
+                pq.write_table(table, tmp)
+                tmp.rename(folder / name)
+            except Exception as e:
+                log.error("served_log: %d rows not written to %s: %r", rows, folder, e)
+                for model, batches in parts:
+                    model.dropped["error"].inc(sum(b.num_rows for b in batches))
+                continue
+            for model, batches in parts:
+                model.written.inc(sum(b.num_rows for b in batches))
+
+
+def served_vectors(folder: Path, model: str) -> pd.DataFrame:
+    """The vectors ``model`` was served, from its FeatureService's log ``folder``: one
+    column per feature (its plain name, as the model's metadata names it), missing values
+    as None; rows where nothing was read (the store failed) left out."""
+    import pyarrow.dataset as ds
+
+    if not folder.is_dir():
+        return pd.DataFrame()
+    dataset = ds.dataset(folder, format="parquet")
+    values = [n for n in dataset.schema.names if f"{n}__status" in dataset.schema.names]
+    table = dataset.to_table(
+        columns=values + [f"{n}__status" for n in values], filter=pc.field(MODEL) == model
+    )
+    if values and table.num_rows:
+        read = pc.not_equal(table[f"{values[0]}__status"], int(INVALID))
+        table = table.filter(read)
+    return table.select(values).rename_columns([n.split("__", 1)[1] for n in values]).to_pandas()
