@@ -31,7 +31,7 @@ refused when the flow is built.
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -347,9 +347,14 @@ def _advance(
     """One (sub)key's window ``w`` with its ``events`` inserted, appending the rows they
     make or change to ``rows`` (an instant's row may come more than once: the last is
     final) and the events too late for it to ``late``, and without what no window (plus
-    the lateness) reaches any more; the newest event always stays."""
+    the lateness) reaches any more; the newest event always stays. Out-of-order events
+    are all inserted first and the instants they change recomputed once, at the end: a
+    batch of disordered events (Kafka partitions interleave a batch at a time) would
+    otherwise recompute every later row once per event."""
     newest = w[0][-1] if w[0] else None
     keys, add, row = group.keys, group.add, group.row
+    redo_from: int | None = None  # the earliest out-of-order event's time
+    redo_ingest = 0.0
     for e in events:
         t = e.ts_us
         if newest is None and clock_us - t > lateness_us:  # no state: maybe evicted
@@ -360,12 +365,17 @@ def _advance(
             rows.append(_row(Row, (keys, entity, t, row(w, t), e.ingest_s)))
         elif newest - t > lateness_us:
             late.append(Late(e, group, newest))
-        else:  # out of order: this row and every later one change
+        else:  # out of order: this row and every later one change (recomputed below)
             i = bisect_right(w[0], t)
             values = (t, *group.read(e))
             w = tuple([c[:i] + (v,) + c[i:] for c, v in zip(w, values, strict=True)])
-            for c in sorted(set(w[0][i:])):
-                rows.append(Row(keys, entity, c, row(w, c), e.ingest_s))
+            if redo_from is None or t < redo_from:
+                redo_from = t
+            redo_ingest = e.ingest_s if redo_ingest == 0.0 else min(redo_ingest, e.ingest_s)
+    if redo_from is not None:
+        times = w[0]
+        for c in sorted(set(times[bisect_left(times, redo_from) :])):
+            rows.append(Row(keys, entity, c, row(w, c), redo_ingest))
     if newest is not None and w[0][0] <= (oldest := newest - group.horizon_us - lateness_us):
         cut = bisect_right(w[0], oldest)
         w = tuple([c[cut:] for c in w])
