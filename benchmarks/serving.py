@@ -30,6 +30,13 @@ user x merchant views), single client, unpinned:
 
 against the physical ceiling, raw Redis: the fast path's own pre-packed pipeline of HMGETs
 sent and answered with nothing decoded, and the same with each distinct key read once.
+
+Then request-time windows (issue 18): ``/predict`` (in-process ONNX, single client) on the
+repo as declared (its request-time views evaluated from tiles at each request) against its
+*last-event twin*: a copy of the repo with every ``request_time=`` removed (windows end at
+the entity's last event, the rows served until the TTL), applied as its own Feast project
+in the same Redis and materialized from the same offline tables, serving the same model
+files. Alternating halves, so drift hits both alike.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -107,6 +115,9 @@ def main() -> None:
     parser.add_argument(
         "--ranking-only", action="store_true", help="skip the single-transaction peers"
     )
+    parser.add_argument(
+        "--request-time-only", action="store_true", help="only /predict vs its last-event twin"
+    )
     args = parser.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
 
@@ -114,9 +125,12 @@ def main() -> None:
         procs: list[subprocess.Popen] = []
         triton = local_triton(p.root / "triton")
         try:
-            if not args.ranking_only:
+            if not (args.ranking_only or args.request_time_only):
                 measure(p, triton, procs, args.clients)
-            measure_ranking(p, procs, args.ranking_calls)
+            if not args.request_time_only:
+                measure_ranking(p, procs, args.ranking_calls)
+            if not args.ranking_only:
+                measure_request_time(p, procs)
         finally:
             for proc in procs:
                 stop(proc)
@@ -377,3 +391,55 @@ def measure_ranking(p: Project, procs: list[subprocess.Popen], calls: int) -> No
 
 if __name__ == "__main__":
     main()
+
+
+def last_event_twin(p: Project) -> Path:
+    """The project's repo copied with every ``request_time=`` declaration removed, as the
+    Feast project ``<project>_last_event`` (its own registry) in the same Redis, applied and
+    materialized from the same offline tables (the copy sits next to the repo: same
+    ``data/``, same model repository). Returns the copy's folder."""
+    from pipelines import store
+    from pipelines.settings import Settings
+
+    twin = p.settings.repo.with_name("feature_repo_last_event")
+    shutil.copytree(p.settings.repo, twin, ignore=shutil.ignore_patterns("__pycache__"))
+    removed = 0
+    for path in twin.glob("*.py"):
+        text, n = re.subn(r"^[ \t]*request_time=[^\n]*\n", "", path.read_text(), flags=re.M)
+        path.write_text(text)
+        removed += n
+    config = twin / "feature_store.redis.yaml"
+    text = re.sub(r"^project: (\w+)$", r"project: \1_last_event", config.read_text(), flags=re.M)
+    config.write_text(text.replace("registry_redis.db", "registry_last_event.db"))
+    fs = store.open_store(Settings(repo=twin, profile="redis", redis_url=p.settings.redis_url))
+    store.apply(fs)
+    store.materialize(fs)
+    print(f"  last-event twin: {removed} request_time declaration(s) removed")
+    return twin
+
+
+def measure_request_time(p: Project, procs: list[subprocess.Popen]) -> None:
+    """``/predict`` with request-time windows vs the last-event twin, one run."""
+    print(f"request-time windows: {len(p.bodies):,} /predict calls each, in-process ONNX")
+    twin = last_event_twin(p)
+    stop_spark()
+    http = requests.Session()
+    urls = {}
+    for name, repo in (("request-time", p.settings.repo), ("last-event", twin)):
+        proc, url = serve(repo, p.env)
+        procs.append(proc)
+        probe = http.post(f"{url}/predict", json=p.bodies[0], timeout=10).json()
+        if probe.get("fallback"):
+            print(f"    {name}: /predict answers a fallback ({probe}): not measured")
+            return
+        urls[name] = url
+    half = len(p.bodies) // 2
+    times: dict[str, list[np.ndarray]] = {name: [] for name in urls}
+    for chunk in (p.bodies[:half], p.bodies[half:]):
+        for name, url in urls.items():
+            times[name].append(
+                timed(lambda r, u=url: http.post(f"{u}/predict", json=r, timeout=10), chunk)
+            )
+    rt = report("(d) /predict, request-time windows", np.concatenate(times["request-time"]))
+    le = report("(d) /predict, last-event rows", np.concatenate(times["last-event"]))
+    print(f"  request-time vs last-event: {rt[0] / le[0]:.2f}x p50, {rt[1] / le[1]:.2f}x p99")

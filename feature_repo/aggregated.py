@@ -13,7 +13,14 @@ view's tags, so it is in the registry and in ``feast ui``:
   entity had an event in the longest window plus a day, each window ``[as_of - W, as_of)``);
 * ``hotpath.aggregations``: the ``Aggregation`` protos, as JSON;
 * ``hotpath.known_at``: per feature, a timestamp column before which a row's value does not
-  count yet (a fraud label is known at ``label_ts``); daily views, ``sum`` and ``mean`` only.
+  count yet (a fraud label is known at ``label_ts``); daily views, ``sum`` and ``mean`` only;
+* ``hotpath.request_time``: per_event views only, the tile resolution in µs when the
+  view's windows end at the *request* (``request_time=timedelta(minutes=1)``): serving
+  computes each aggregate over ``(now - W, now]`` from the entity's tiles, to that
+  resolution (``online_store/tiles.py`` says exactly what it counts), and training rows are
+  computed at each label's instant the same way. Without it a window ends at the entity's
+  last event and the row is served until the TTL (what Feast's own SDK always serves).
+  count, sum, mean, max and min only; windows whole multiples of the resolution.
 
 Why tags and not ``StreamFeatureView(aggregations=...)``: Feast's compute engine applies a
 view's ``aggregations`` itself on ``feast materialize`` (one tumbling window per view), which
@@ -67,13 +74,15 @@ def aggregated_view(
     ttl: timedelta,
     stream: bool = False,
     known_at: dict[str, str] | None = None,
+    request_time: timedelta | None = None,
     tags: dict[str, str] | None = None,
     description: str = "",
     owner: str = "",
 ) -> FeatureView:
     """A feature view computed from ``events`` by ``aggregations``, one feature each (named by
     ``Aggregation.name``), grouped by the entities' join keys. ``stream=True``: the stream
-    computes it live too and pushes into ``<name>_push``."""
+    computes it live too and pushes into ``<name>_push``. ``request_time=R``: its windows end
+    at the request, evaluated from tiles of resolution ``R`` (see the module docstring)."""
     columns = _column_types(events)
     table = SparkSource(
         name=f"{name}_source",
@@ -92,6 +101,8 @@ def aggregated_view(
     }
     if known_at:
         computation["hotpath.known_at"] = json.dumps(known_at)
+    if request_time is not None:
+        computation["hotpath.request_time"] = str(round(request_time.total_seconds() * 1e6))
     return FeatureView(
         name=name,
         entities=entities,

@@ -48,11 +48,18 @@ EXPECTATIONS = {
     "user_velocity": {
         "min_rows_per_day": 1,
         "columns": {
-            "user_txn_count_5m": {"min": 1, "max": 1_000},
+            # request-time windows: 0 at the rows where the user's last tile left the window
+            "user_txn_count_5m": {"min": 0, "max": 1_000},
             "user_amount_sum_5m": {"min": 0, "max": 10_000_000},
-            "user_txn_count_1h": {"min": 1, "max": 10_000},
+            "user_txn_count_1h": {"min": 0, "max": 10_000},
             "user_amount_sum_1h": {"min": 0, "max": 100_000_000},
         },
+    },
+    "user_amount_peak": {
+        "min_rows_per_day": 1,
+        # request-time: null at the row where the user's hour empties, at most one per
+        # payment row before it (more on a day that begins with one)
+        "columns": {"user_amount_max_1h": {"min": 0, "max": 1_000_000, "max_null_fraction": 0.6}},
     },
     "user_merchant_spread": {
         "min_rows_per_day": 1,

@@ -77,6 +77,24 @@ class FallbackRule:
 
 
 @dataclass(frozen=True)
+class CanaryThresholds:
+    """When serving rolls a canary of this model back (``hotpath models canary``; None:
+    serving's default, see ``serving/canary.py``): the candidate's fallback/error share
+    above the stable version's, its p99 latency over the stable's, the PSI of its scores
+    against the stable's on the same traffic, each judged over the last ``window`` rows
+    once each version has ``min_samples``; ``step_s`` > 0 advances the steps on a
+    schedule."""
+
+    max_fallback_excess: float | None = None
+    max_p99_ratio: float | None = None
+    p99_slack_ms: float | None = None
+    max_psi: float | None = None
+    window: int | None = None
+    min_samples: int | None = None
+    step_s: float | None = None
+
+
+@dataclass(frozen=True)
 class DecisionPolicy:
     """Score -> decision (the first threshold the score reaches, highest first; ``below``
     under all), reason codes, and the rule-based decision used without a score (the first
@@ -87,6 +105,8 @@ class DecisionPolicy:
     reasons: tuple[Reason, ...] = ()
     fallback: tuple[FallbackRule, ...] = ()
     fallback_otherwise: str = ""
+    # recorded with the policy in metadata.json, so a published version carries them
+    canary: CanaryThresholds = field(default_factory=CanaryThresholds)
 
 
 @dataclass(frozen=True)

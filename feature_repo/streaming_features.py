@@ -1,8 +1,20 @@
 """Real-time velocity features: computed live by the stream, backfilled by Spark.
 
-One row per payment, stamped with its event time; each aggregate covers the window
-ending at (and including) that payment. The TTL equals the longest window in the view,
-so a value is never served once its window has certainly moved past it.
+Each view says which window semantics it uses (its description says it too):
+
+* **request time** (``request_time=MINUTE``: ``user_velocity``, ``merchant_velocity``,
+  ``user_amount_peak``): the windows end at the *request*. Serving computes "payments in
+  the last 5 minutes" at the instant it scores, from the entity's one-minute tiles, so a
+  user who paid at 12:00 has a 5-minute count of 0 at 12:30 (not 1, not missing), and a
+  burst after a quiet period counts at once. Resolution: a window ``W`` at ``t`` counts the
+  payments in ``[floor(t/1min)·1min - W + 1min, t]``: never one older than ``W``, and it
+  may miss up to one minute at its oldest edge. Training rows are computed the same way at
+  each label's instant. The TTL (the longest window) only bounds how long Feast's own SDK
+  serves the last row.
+* **last event** (``user_merchant_spread``, ``user_merchant_velocity``: distinct counts,
+  which tiles cannot hold): one row per payment, each aggregate over the window ending at
+  (and including) that payment, served until the TTL, the longest window, so a value is
+  never served once its window has certainly moved past it.
 """
 
 from datetime import timedelta
@@ -26,8 +38,12 @@ user_velocity = aggregated_view(
         Aggregation("amount", "sum", HOUR, name="user_amount_sum_1h"),
     ],
     ttl=HOUR,
+    request_time=MINUTE,
     tags={"online_store": "redis", "freshness": "stream", "team": "fraud"},
-    description="Per-user payment count and amount over the last 5 minutes and 1 hour.",
+    description=(
+        "Per-user payment count and amount over the last 5 minutes and 1 hour, "
+        "as of the request (request-time windows, 1-minute tiles)."
+    ),
 )
 
 user_merchant_spread = aggregated_view(
@@ -41,7 +57,10 @@ user_merchant_spread = aggregated_view(
     ],
     ttl=24 * HOUR,
     tags={"online_store": "redis", "freshness": "stream", "team": "fraud"},
-    description="Distinct merchants a user paid in the last 24 hours.",
+    description=(
+        "Distinct merchants a user paid in the 24 hours up to their last payment "
+        "(last-event window)."
+    ),
 )
 
 merchant_velocity = aggregated_view(
@@ -57,8 +76,12 @@ merchant_velocity = aggregated_view(
         Aggregation("amount", "sum", HOUR, name="merchant_amount_sum_1h"),
     ],
     ttl=HOUR,
+    request_time=MINUTE,
     tags={"online_store": "redis", "freshness": "stream", "team": "fraud"},
-    description="Per-merchant payment count and amount over the last 5 minutes and 1 hour.",
+    description=(
+        "Per-merchant payment count and amount over the last 5 minutes and 1 hour, "
+        "as of the request (request-time windows, 1-minute tiles)."
+    ),
 )
 
 user_amount_peak = aggregated_view(
@@ -69,8 +92,12 @@ user_amount_peak = aggregated_view(
     stream=True,
     aggregations=[Aggregation("amount", "max", HOUR, name="user_amount_max_1h")],
     ttl=HOUR,
+    request_time=MINUTE,
     tags={"online_store": "redis", "freshness": "stream", "team": "fraud"},
-    description="A user's largest payment in the last hour.",
+    description=(
+        "A user's largest payment in the last hour, as of the request (request-time "
+        "window, 1-minute tiles; none in the hour: missing)."
+    ),
 )
 
 user_merchant_velocity = aggregated_view(
@@ -86,5 +113,8 @@ user_merchant_velocity = aggregated_view(
     ],
     ttl=24 * HOUR,
     tags={"online_store": "redis", "freshness": "stream", "team": "fraud"},
-    description="Distinct amounts a user paid one merchant in the last 24 hours (card testing).",
+    description=(
+        "Distinct amounts a user paid one merchant in the 24 hours up to their last payment "
+        "there (last-event window; card testing)."
+    ),
 )

@@ -5,19 +5,29 @@ everything resolvable precomputed at start-up: one query for all its views on SQ
 pipelined round trip on Redis (one ``HMGET`` per entity key, pre-packed on a raw socket),
 redis-py's cluster pipeline on Redis Cluster, Feast's own ``online_read`` for any other
 store. Values are decoded as Feast's SDK returns them (:mod:`online_store.layout`).
+
+A request-time view (:class:`RequestTime`: its windows end at the request) is read with its
+tiles in the same call (the ``_tiles:<view>`` field of the same ``HMGET``; on SQLite the
+``_tiles`` row the same ``SELECT`` returns) and answered as of the instant the caller gives
+(``online_store.tiles``' semantics): an entity without events in a window, or without a row
+at all, has a count and a sum of 0 there, never a missing value. Feast's own read
+(:class:`FeastReader`, the tiers it alone reads) has no tiles: it returns the last-event
+row, as Feast's SDK does.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from feast import FeatureStore
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.value_type import ValueType
 
 from online_store.connect import RespClient, pack, redis_client
@@ -32,18 +42,67 @@ from online_store.layout import (
     ts_field,
 )
 from online_store.tiers import Placement, feast_store, placement
+from online_store.tiles import (
+    TILES_FEATURE,
+    TilePlan,
+    declared_aggregations,
+    tiles_field,
+    view_plan,
+)
+
+
+@dataclass(frozen=True)
+class RequestTime:
+    """A request-time view's tile plan (``online_store.tiles.view_plan``, built once) and,
+    per feature read, its aggregation's place in :meth:`TilePlan.evaluate`'s answer."""
+
+    plan: TilePlan
+    pick: tuple[int, ...]
+
+    @classmethod
+    def of(cls, view: Any, features: Sequence[str]) -> RequestTime | None:
+        """For a registered feature view read for ``features``; None: its windows end at
+        its last event (no ``hotpath.request_time`` tag)."""
+        plan = view_plan(view)
+        if plan is None:
+            return None
+        names = [a.name for a in declared_aggregations(view)]
+        return cls(plan, tuple(names.index(f) for f in features))
+
+    def values(self, blobs: Sequence[bytes | None], now_us: int) -> list[list[Any]]:
+        """Per entity, the features' values at ``now_us`` from its tiles blob (None: no
+        tiles, empty windows), all of one read's entities at once (``evaluate_many``)."""
+        pick = self.pick
+        return [[out[i] for i in pick] for out in self.plan.evaluate_many(blobs, now_us)]
 
 
 @dataclass(frozen=True)
 class ViewPlan:
     """What to read of one feature view: its sorted join keys, their types, the features
-    (in the order callers get them) and its TTL."""
+    (in the order callers get them), its TTL and, for a request-time view, its tiles."""
 
     name: str
     join_keys: tuple[str, ...]
     key_types: tuple[ValueType, ...]
     features: tuple[str, ...]
     ttl_s: float | None
+    request_time: RequestTime | None = None
+
+    @classmethod
+    def of(cls, store: FeatureStore, view: Any, features: Sequence[str]) -> ViewPlan:
+        """The plan of a registered feature view read for ``features``."""
+        keys = sorted(
+            (store.get_entity(e).join_key, store.get_entity(e).value_type) for e in view.entities
+        )
+        names = tuple(features)
+        return cls(
+            view.name,
+            tuple(k for k, _ in keys),
+            tuple(t for _, t in keys),
+            names,
+            view.ttl.total_seconds() if view.ttl else None,
+            RequestTime.of(view, names),
+        )
 
 
 Found = list[tuple[float | None, Sequence[Any] | None]]
@@ -53,16 +112,22 @@ Keys = dict[tuple[str, ...], list[bytes]]  # serialized entity keys per set of j
 class Reader:
     """Reads its views for a batch of entity keys: ``send`` issues the request,
     ``receive`` returns, per view (in plan order) and row, (event time, values in the
-    view's feature order) or (None, None) when the entity has no row."""
+    view's feature order) or (None, None) when the entity has no row. A request-time view
+    (``plans[i].request_time``) always has values, as of ``now_us``; its event time is its
+    last event's (None: no row)."""
+
+    plans: list[ViewPlan]  # the views as this reader answers them (plan order)
 
     def send(self, keys: Keys) -> Any:
         return keys
 
-    def receive(self, handle: Any) -> list[Found]:
+    def receive(self, handle: Any, now_us: int) -> list[Found]:
         raise NotImplementedError
 
-    def read(self, keys: Keys) -> list[Found]:
-        return self.receive(self.send(keys))
+    def read(self, keys: Keys, now_us: int | None = None) -> list[Found]:
+        """``send`` then ``receive``; request-time views as of ``now_us`` (default: now)."""
+        now_us = int(time.time() * 1e6) if now_us is None else now_us
+        return self.receive(self.send(keys), now_us)
 
     def ping(self) -> None:
         """Raise unless the store answers."""
@@ -82,7 +147,7 @@ class SqliteReader(Reader):
         self.conn = sqlite3.connect(path, check_same_thread=False)
         self.lock = threading.Lock()  # readers run in worker threads; one at a time
         self.project = project
-        self.views = views
+        self.views = self.plans = views
         self._sql: dict[tuple[int, int], str] = {}  # per (view, number of keys): its SELECT
 
     def ping(self) -> None:
@@ -99,7 +164,7 @@ class SqliteReader(Reader):
                 ).fetchone()[0]
             ]
 
-    def receive(self, keys):
+    def receive(self, keys, now_us):
         parts = []  # one SELECT per view, for its number of keys (entities may differ)
         for i, plan in enumerate(self.views):
             n = len(keys[plan.join_keys])
@@ -118,9 +183,18 @@ class SqliteReader(Reader):
             rows = self.conn.execute(sql, params).fetchall()
         for i, key, feature, value, event_ts in rows:
             _, values = found[i].setdefault(key, (seconds(event_ts), {}))
-            values[feature] = decode_value(value)
+            # the tiles: raw bytes, not memoised like the values (each entity's differ)
+            values[feature] = value if feature == TILES_FEATURE else decode_value(value)
         out = []
         for i, plan in enumerate(self.views):
+            rt = plan.request_time
+            if rt is not None:  # every row's values from its tiles, evaluated at once
+                hits = [found[i].get(b) for b in keys[plan.join_keys]]
+                raw = [hit[1].get(TILES_FEATURE) if hit is not None else None for hit in hits]
+                blobs = [ValueProto.FromString(r).bytes_val if r else None for r in raw]
+                values = rt.values(blobs, now_us)
+                out.append([(hit and hit[0], v) for hit, v in zip(hits, values, strict=True)])
+                continue
             per_view: Found = []
             for b in keys[plan.join_keys]:
                 hit = found[i].get(b)
@@ -141,9 +215,13 @@ class RedisReader(Reader):
         self.client = client
         self.project_bytes = project.encode()  # Feast's key: serialized entity key + project
         self.n_views = len(views)
-        # per entity key: the views on it (index, feature count), the HMGET header and the
-        # packed field list (each view's features, then its ``_ts:<view>``)
-        self.groups: list[tuple[tuple[str, ...], list[tuple[int, int]], bytes, bytes]] = []
+        self.plans = views
+        # per entity key: the views on it (index, feature count, request-time plan or None),
+        # the HMGET header and the packed field list (each view's features, then its
+        # ``_ts:<view>``, then a request-time view's ``_tiles:<view>``)
+        self.groups: list[
+            tuple[tuple[str, ...], list[tuple[int, int, RequestTime | None]], bytes, bytes]
+        ] = []
         by_key: dict[tuple[str, ...], list[int]] = {}
         for i, plan in enumerate(views):
             by_key.setdefault(plan.join_keys, []).append(i)
@@ -151,7 +229,7 @@ class RedisReader(Reader):
             fields = _hmget_fields(views, members)
             head = f"*{len(fields) + 2}\r\n$5\r\nHMGET\r\n".encode()
             tail = pack("HMGET", b"", *fields)[len(head) + len(b"$0\r\n\r\n") :]
-            spans = [(i, len(views[i].features)) for i in members]
+            spans = [(i, len(views[i].features), views[i].request_time) for i in members]
             self.groups.append((join_keys, spans, head, tail))
 
     def ping(self) -> None:
@@ -171,23 +249,32 @@ class RedisReader(Reader):
         self.client.send(b"".join(commands))
         return keys, len(commands)
 
-    def receive(self, handle):
+    def receive(self, handle, now_us):
         keys, n = handle
-        return self._parse(keys, iter(self.client.receive(n)))
+        return self._parse(keys, iter(self.client.receive(n)), now_us)
 
-    def _parse(self, keys: Keys, replies: Any) -> list[Found]:
+    def _parse(self, keys: Keys, replies: Any, now_us: int) -> list[Found]:
         out: list[Found] = [[] for _ in range(self.n_views)]
+        # request-time views: their blobs, in row order
+        tiles: dict[int, tuple[RequestTime, list[bytes | None]]] = {}
         for join_keys, spans, _, _ in self.groups:
             for _ in keys[join_keys]:
                 raw = next(replies)
                 at = 0
-                for i, n in spans:
+                for i, n, rt in spans:
                     values, ts_blob = raw[at : at + n], raw[at + n]
                     at += n + 1
-                    if any(values):
+                    if rt is not None:  # its values: evaluated below, all rows at once
+                        out[i].append((decode_stamp(ts_blob) if ts_blob else None, None))
+                        tiles.setdefault(i, (rt, []))[1].append(raw[at])
+                        at += 1
+                    elif any(values):
                         out[i].append((decode_stamp(ts_blob), decode_values(values)))
                     else:
                         out[i].append((None, None))
+        for i, (rt, blobs) in tiles.items():
+            values = rt.values(blobs, now_us)
+            out[i] = [(stamp, v) for (stamp, _), v in zip(out[i], values, strict=True)]
         return out
 
 
@@ -199,7 +286,7 @@ class RedisClusterReader(RedisReader):
         super().__init__(None, project, views)  # type: ignore[arg-type]
         self.cluster = client
         self.fields = {
-            join_keys: _hmget_fields(views, [i for i, _ in spans])
+            join_keys: _hmget_fields(views, [span[0] for span in spans])
             for join_keys, spans, _, _ in self.groups
         }
 
@@ -217,24 +304,26 @@ class RedisClusterReader(RedisReader):
     def send(self, keys):
         return keys
 
-    def receive(self, keys):
+    def receive(self, keys, now_us):
         pipe = self.cluster.pipeline(transaction=False)
         for join_keys, _, _, _ in self.groups:
             for entity_key in keys[join_keys]:
                 pipe.hmget(entity_key + self.project_bytes, self.fields[join_keys])
-        return self._parse(keys, iter(pipe.execute()))
+        return self._parse(keys, iter(pipe.execute()), now_us)
 
 
 class FeastReader(Reader):
-    """Any other tier (ScyllaDB, Cassandra...): Feast's own ``online_read`` for the tier."""
+    """Any other tier (ScyllaDB, Cassandra...): Feast's own ``online_read`` for the tier.
+    It reads no tiles: a request-time view's values are its last-event row (as Feast's SDK
+    serves it), and its TTL applies."""
 
     def __init__(self, store: FeatureStore, tier: str | None, views: list[ViewPlan]) -> None:
         self.config, self.online = feast_store(store, tier)
         self.views = [store.get_feature_view(v.name) for v in views]
-        self.plans = views
+        self.plans = [replace(v, request_time=None) for v in views]
         self.project = store.project
 
-    def receive(self, keys):
+    def receive(self, keys, now_us):
         from feast.infra.key_encoding_utils import deserialize_entity_key
 
         out = []
@@ -261,8 +350,14 @@ class FeastReader(Reader):
 
 
 def _hmget_fields(views: list[ViewPlan], members: list[int]) -> list[bytes]:
-    """The HMGET fields of ``members`` of ``views``, one view after another."""
-    return [f for i in members for f in hash_fields(views[i].name, views[i].features)]
+    """The HMGET fields of ``members`` of ``views``, one view after another (a request-time
+    view's tiles after its event time)."""
+    return [
+        f
+        for i in members
+        for f in hash_fields(views[i].name, views[i].features)
+        + ([tiles_field(views[i].name)] if views[i].request_time else [])
+    ]
 
 
 def _sqlite_path(store: FeatureStore, config: Any) -> Path:

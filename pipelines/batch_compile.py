@@ -12,7 +12,20 @@ Point-in-time correct, by the semantics ``feature_repo/aggregated.py`` states:
   into partial aggregates per key and day (and day their ``known_at`` value became known),
   so a 30-day window costs ~31 bucket rows per key, not a rescan of the raw events. The
   buckets are partitioned by key, so each bucket is copied to the snapshots it is in and
-  summed there without a second shuffle.
+  summed there without a second shuffle;
+* ``per_event`` with ``request_time`` (``View.tiles``, resolution ``R``): the windows end
+  at the *request*, so a row per key at each event instant and at each instant a tile
+  with events leaves a window (tile ``k`` leaves window ``W`` at ``(k + W/R)·R``), each
+  window over ``[floor(t/R)·R - W + R, t]`` (``online_store/tiles.py``: what serving
+  evaluates from the tiles at ``t``). The value is constant between two rows, so Feast's
+  point-in-time join (latest row ``<= t``) gives the request-time value at any instant.
+  After a key's last tile leaves its longest window a row holds count 0 and sum 0 (max,
+  min, mean missing): the TTL (the longest window) keeps it that long, and after it a
+  count or sum is missing, which training fills with 0 (``training.default_for``), the
+  value serving computes for an empty window (a max, min or mean is missing on both
+  sides). Expiry rows after the job's now are written too (the rows depend on the events
+  alone, so a re-run writes the same files): they hold until an event arrives after the
+  backfill, whose streamed row counts from its instant, until the next backfill.
 """
 
 from __future__ import annotations
@@ -50,11 +63,13 @@ def lookback_days(view: View) -> int:
 
 
 def passes(views: Sequence[View]) -> list[tuple[View, ...]]:
-    """``views`` grouped by what one pass can compute together: the same events, join keys
-    and cadence (one window sort, or one daily roll-up, for the whole group)."""
-    groups: dict[tuple[str, tuple[str, ...], str], list[View]] = {}
+    """``views`` grouped by what one pass can compute together: the same events, join keys,
+    cadence and request-time resolution (one window sort, or one daily roll-up, for the
+    whole group)."""
+    groups: dict[tuple[str, tuple[str, ...], str, int], list[View]] = {}
     for view in views:
-        groups.setdefault((view.events.name, view.keys, view.cadence), []).append(view)
+        resolution = view.tiles.resolution_us if view.tiles else 0
+        groups.setdefault((view.events.name, view.keys, view.cadence, resolution), []).append(view)
     return [tuple(g) for g in groups.values()]
 
 
@@ -73,6 +88,8 @@ def compute_shared(views: Sequence[View], events: DataFrame, first: date, last: 
     if len(passes(views)) != 1:
         raise ValueError(f"{[v.name for v in views]} are not one pass (events, keys, cadence)")
     aggs = [(_col(i, j), a) for i, v in enumerate(views) for j, a in enumerate(v.aggs)]
+    if views[0].tiles:
+        return _request_time(views, events, first, last)
     cadence = views[0].cadence
     return (_daily if cadence == DAILY else _per_event)(views, aggs, events, first, last)
 
@@ -84,6 +101,8 @@ def view_rows(shared: DataFrame, views: Sequence[View], index: int) -> DataFrame
     view = views[index]
     if view.cadence == DAILY and _reach(view) < max(map(_reach, views)):
         shared = shared.filter(F.col("_nearest") <= _reach(view))
+    if view.tiles and len(views) > 1:  # its event instants and its own windows' expiries
+        shared = shared.filter(F.col("_event") | (F.col("_leaves").bitwiseAND(1 << index) != 0))
     created = F.timestamp_micros(F.lit(int(BACKFILL_CREATED.timestamp()) * US))
     return shared.select(
         *view.keys,
@@ -232,4 +251,133 @@ def _daily(
         .agg(*finals, F.min("_lag").alias("_nearest"))
         .withColumn("event_timestamp", F.to_timestamp("as_of"))
         .withColumnRenamed("as_of", "date")
+    )
+
+
+def _request_time(views: Sequence[View], events: DataFrame, first: date, last: date) -> DataFrame:
+    """The request-time rows of a group sharing one resolution ``R``, scalable: events and
+    expiry instants in one sort by key, tile and instant; a cumulative window within each
+    tile gives the events of ``t``'s tile up to ``t`` (the *head*), and a range window over
+    the tile indexes sums the whole tiles before it (each tile's partial is the head at
+    its last instant), so no frame holds more than ``W/R`` tiles' rows.
+
+    Columns: join keys, ``event_timestamp``, ``date``, each view's features under private
+    names, ``_event`` (an event at this instant) and ``_leaves`` (bit ``i``: a tile leaves
+    one of ``views[i]``'s windows here)."""
+    view = views[0]
+    resolution = view.tiles.resolution_us
+    keys = list(view.keys)
+    types = {f.name: f.dataType for f in events.schema.fields}
+    # what the tiles hold (the slots of every view) and the windows, in tiles, by view
+    slots = sorted({s for v in views for s in v.tiles.slots[1:]})
+    windows: dict[int, int] = {}  # W/R -> bit mask of the views with such a window
+    for i, v in enumerate(views):
+        for a in v.tiles.aggs:
+            windows[a.window_tiles] = windows.get(a.window_tiles, 0) | (1 << i)
+
+    us = F.unix_micros(F.col(view.events.timestamp_field))
+    tile = F.expr(f"(_us - pmod(_us, {resolution})) div {resolution}")  # floor, exact
+    columns = sorted({c for _, c in slots})
+    rows = (
+        events.select(*keys, us.alias("_us"), *columns)
+        .repartition(*keys)  # one shuffle: every window and grouping below is by key
+        .withColumn("_tile", tile)
+    )
+    # Each tile with events leaves window W at the start of tile k + W/R.
+    leaving = (
+        rows.select(*keys, "_tile")
+        .distinct()
+        .select(
+            *keys,
+            F.explode(
+                F.array(
+                    *(
+                        F.struct(F.lit(n).alias("n"), F.lit(m).alias("m"))
+                        for n, m in windows.items()
+                    )
+                )
+            ).alias("_w"),
+            "_tile",
+        )
+        .select(
+            *keys,
+            (F.col("_tile") + F.col("_w.n")).alias("_tile"),
+            F.col("_w.m").alias("_m"),
+        )
+        .withColumn("_us", F.col("_tile") * resolution)
+    )
+    marked = rows.withColumns({"_one": F.lit(1), "_m": F.lit(0)})
+    leaving = leaving.withColumn("_one", F.lit(None).cast("int")).withColumns(
+        {c: F.lit(None).cast(types[c]) for c in columns}
+    )
+    both = marked.unionByName(leaving)
+
+    in_tile = Window.partitionBy(*keys, "_tile").orderBy("_us")
+    head_frame = in_tile.rangeBetween(Window.unboundedPreceding, Window.currentRow)
+    peers = in_tile.rangeBetween(Window.currentRow, Window.currentRow)
+    after = in_tile.rangeBetween(Window.currentRow, Window.unboundedFollowing)
+    partial = {
+        "sum": lambda c: F.sum(_summed(view, c)),
+        "max": F.max,
+        "min": F.min,
+    }
+    head = {("count", ""): F.sum("_one")} | {(k, c): partial[k](c) for k, c in slots}
+    name = {s: f"_h{i}" for i, s in enumerate(head)}
+    instant = F.lag("_us").over(in_tile)
+    instants = (
+        both.select(
+            *keys,
+            "_tile",
+            "_us",
+            *(expr.over(head_frame).alias(name[s]) for s, expr in head.items()),
+            (F.max("_us").over(after) == F.col("_us")).alias("_last"),  # the tile's last
+            F.bit_or("_m").over(peers).alias("_leaves"),
+            F.count("_one").over(peers).alias("_n"),
+            (instant.isNull() | (instant != F.col("_us"))).alias("_first"),
+        )
+        .filter(F.col("_first"))  # ties share their values: one row per instant
+        .drop("_first")
+    )
+
+    by_tile = Window.partitionBy(*keys).orderBy("_tile")
+    combine = {"count": F.sum, "sum": F.sum, "max": F.max, "min": F.min}
+
+    def before(s: tuple[str, str], n: int) -> Column:
+        """The whole tiles before ``t``'s within window ``n`` tiles: ``[k - n + 1, k - 1]``."""
+        frame = by_tile.rangeBetween(-(n - 1), -1)
+        return combine[s[0]](F.when(F.col("_last"), F.col(name[s]))).over(frame)
+
+    def total(s: tuple[str, str], n: int) -> Column:
+        now = F.col(name[s])
+        if n == 1:  # a window of one tile: t's tile alone
+            return now if s[0] in ("max", "min") else F.coalesce(now, F.lit(0))
+        whole = before(s, n)
+        if s[0] == "max":
+            return F.greatest(whole, now)
+        if s[0] == "min":
+            return F.least(whole, now)
+        return F.coalesce(whole, F.lit(0)) + F.coalesce(now, F.lit(0))
+
+    def value(v: View, j: int) -> Column:
+        a = v.tiles.aggs[j]
+        count = total(("count", ""), a.window_tiles)
+        if a.function == "count":
+            return count
+        got = total(v.tiles.slots[a.slot], a.window_tiles)
+        return F.when(count > 0, got / count) if a.function == "mean" else got
+
+    return (
+        instants.select(
+            *keys,
+            F.timestamp_micros("_us").alias("event_timestamp"),
+            *(
+                value(v, j).alias(_col(i, j))
+                for i, v in enumerate(views)
+                for j in range(len(v.aggs))
+            ),
+            (F.col("_n") > 0).alias("_event"),
+            "_leaves",
+        )
+        .withColumn("date", F.to_date("event_timestamp"))
+        .filter(F.col("date").between(first, last))
     )

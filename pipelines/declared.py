@@ -18,9 +18,8 @@ from typing import Any
 
 from feast import Entity, FeatureView
 from feast.aggregation import Aggregation
-from feast.protos.feast.core.Aggregation_pb2 import Aggregation as AggregationProto
-from google.protobuf.json_format import ParseDict
 
+from online_store.tiles import REQUEST_TIME_TAG, TilePlan, declared_aggregations, view_plan
 from pipelines.errors import HotpathError
 
 PER_EVENT, DAILY = "per_event", "daily"
@@ -71,6 +70,12 @@ class View:
     created: str  # created-timestamp column ("" if none)
     ttl_us: int | None
     dtypes: dict[str, Any]  # feature -> Feast type
+    tiles: TilePlan | None = None  # request-time windows: the tiles serving evaluates
+
+    @property
+    def request_time(self) -> bool:
+        """Its windows end at the request (evaluated from tiles), not at its last event."""
+        return self.tiles is not None
 
     @property
     def longest_us(self) -> int:
@@ -103,8 +108,7 @@ def events_of(source: Any) -> Events:
 
 def _aggs(view: FeatureView) -> list[Aggregation]:
     try:
-        protos = json.loads(view.tags["hotpath.aggregations"])
-        return [Aggregation.from_proto(ParseDict(p, AggregationProto())) for p in protos]
+        return declared_aggregations(view)
     except Exception as e:  # JSON, protobuf's ParseError, a wrong shape: one line
         raise DeclarationError(f"{view.name}: unreadable hotpath.aggregations tag ({e})") from None
 
@@ -183,6 +187,14 @@ def compile_view(
     streamed = view.stream_source is not None
     if streamed and cadence != PER_EVENT:
         raise fail("only per_event views can be streamed")
+    tiles = None
+    if REQUEST_TIME_TAG in tags:
+        if cadence != PER_EVENT:
+            raise fail("request_time applies to per_event views")
+        try:
+            tiles = view_plan(view)
+        except ValueError as e:
+            raise fail(f"request_time: {e}") from None
     batch = view.batch_source
     return View(
         name=view.name,
@@ -195,6 +207,7 @@ def compile_view(
         created=batch.created_timestamp_column or "",
         ttl_us=round(view.ttl.total_seconds() * US) if view.ttl else None,
         dtypes=declared,
+        tiles=tiles,
     )
 
 

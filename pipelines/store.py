@@ -231,12 +231,12 @@ def read_vector(
     its age, and the model's default for each missing one when ``defaults`` is given."""
     from serving.online_features import OnlineFeatures, served
 
+    now_s = (now or datetime.now(UTC)).timestamp()
     try:
         reader = OnlineFeatures(store, service)
-        (vector,) = reader.read([entity])
+        (vector,) = reader.read([entity], now_s)  # request-time views as of ``now``
     except Exception as e:
         raise HotpathError(f"online read failed: {first_line(e)}") from None
-    now_s = (now or datetime.now(UTC)).timestamp()
     served(vector, reader.ttl_of(), now_s)
     out = []
     for name in reader.feature_names:

@@ -29,6 +29,7 @@ import pandas as pd
 import pyarrow.dataset as ds
 from feast import FeatureStore
 
+from online_store.tiles import zero_when_empty
 from pipelines.contract import default_model, models
 from pipelines.errors import HotpathError, first_line
 from serving.decision import Policy
@@ -81,13 +82,19 @@ def default_for(feature: str) -> float:
 
 
 def feature_specs(store: FeatureStore, service: str) -> list[FeatureSpec]:
-    """The service's features in its declared order, with types and missing-value defaults."""
+    """The service's features in its declared order, with types and missing-value defaults.
+    A request-time count or sum missing offline (its key's last row past the TTL) is an
+    empty window: 0 whatever its name (``online_store.tiles.zero_when_empty``), the value
+    serving computes for it."""
     fs = _service(store, service)
-    return [
-        FeatureSpec(f.name, str(f.dtype), default_for(f.name))
-        for proj in fs.feature_view_projections
-        for f in proj.features
-    ]
+    views = {v.name: v for v in store.list_feature_views()}
+    specs = []
+    for proj in fs.feature_view_projections:
+        empty = zero_when_empty(views[proj.name]) if proj.name in views else set()
+        for f in proj.features:
+            default = 0.0 if f.name in empty else default_for(f.name)
+            specs.append(FeatureSpec(f.name, str(f.dtype), default))
+    return specs
 
 
 def _service(store: FeatureStore, service: str) -> Any:

@@ -56,25 +56,40 @@ for candidate in python3.11 python3.12 python3; do
 done
 [[ -n "$python" ]] || { echo "error: Python 3.11 or 3.12 is required" >&2; exit 1; }
 
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
-if [[ ! -f "$stamp" ]]; then
+# The two environments install at once (each is mostly download, unpack and compile of
+# .pyc: one does not wait for the other's I/O); a failure in either fails the set-up.
+install_main() {
   echo "==> creating .venv with $($python --version) and installing hotpath (a few minutes)"
   [[ -x .venv/bin/python ]] || "$python" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[dev]"
   rm -f .venv/.installed-*
-  touch "$stamp"
-fi
+  touch "$1"
+}
 
+install_triton() {
+  echo "==> creating .venv-triton with nvidia-pytriton (its tritonserver runs the local Triton)"
+  [[ -x .venv-triton/bin/python ]] || "$python" -m venv .venv-triton
+  .venv-triton/bin/python -m pip install -q --upgrade pip
+  .venv-triton/bin/python -m pip install -q "${TRITON_PINS[@]}"
+  rm -f .venv-triton/.installed-*
+  touch "$1"
+}
+
+pids=()
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [[ ! -f "$stamp" ]]; then
+  install_main "$stamp" &
+  pids+=($!)
+fi
 if [[ $with_triton -eq 1 ]]; then
   tstamp=.venv-triton/.installed-$(echo "${TRITON_PINS[*]}" | sha256sum | cut -c1-16)
   if [[ ! -f "$tstamp" ]]; then
-    echo "==> creating .venv-triton with nvidia-pytriton (its tritonserver runs the local Triton)"
-    [[ -x .venv-triton/bin/python ]] || "$python" -m venv .venv-triton
-    .venv-triton/bin/python -m pip install -q --upgrade pip
-    .venv-triton/bin/python -m pip install -q "${TRITON_PINS[@]}"
-    rm -f .venv-triton/.installed-*
-    touch "$tstamp"
+    install_triton "$tstamp" &
+    pids+=($!)
   fi
 fi
+for pid in "${pids[@]}"; do
+  wait "$pid" || { echo "error: installing the Python environments failed (see above)" >&2; exit 1; }
+done
 echo "==> ready: $(.venv/bin/python --version), $(java -version 2>&1 | head -1)"

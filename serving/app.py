@@ -26,20 +26,30 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from serving import admission, problems
+from serving.canary import Canary
 from serving.decision import Policy
 from serving.errors import HotpathError, first_line
 from serving.health import Health, Monitor
 from serving.logs import Throttled, event, setup
 from serving.metrics import Metrics
 from serving.model_backend import ModelBackend, OnnxBackend, TritonBackend
-from serving.model_repository import ModelMetadata, load_metadata, onnx_path, published, versions
+from serving.model_repository import (
+    ModelMetadata,
+    latest_version,
+    load_metadata,
+    onnx_path,
+    pinned,
+    published,
+    versions,
+)
+from serving.model_versions import BadCommand, ModelVersions, NoSuchVersion, VersionRefused
 from serving.online_features import OnlineFeatures
 from serving.predict_routes import PredictRoutes
 from serving.prediction_cache import PredictionCache
@@ -65,6 +75,7 @@ class StartupError(HotpathError):
 
 
 _throttled = Throttled()  # warm-up is retried on every /ready poll: a line per interval
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 @dataclass
@@ -77,6 +88,7 @@ class Served:
     rank: type[BaseModel] | None  # with a candidate key: the body of .../rank
     scorer: Scorer
     health: Health
+    canary: Canary | None = None  # a candidate answering a share of the entities
 
     def describe(self, root: Any) -> dict[str, Any]:
         m = self.meta
@@ -103,6 +115,61 @@ class Runtime:
     monitor: Monitor
     metrics: Metrics
     served_log: ServedLog | None  # the served-vector log's writer (settings.served_log)
+    store: Any = None  # the FeatureStore new versions are checked against
+    cache_redis: Any = None  # the prediction cache's shared level, if any
+    versions: ModelVersions | None = None  # set by the lifespan
+
+    def backlog_changed(self) -> None:
+        """Admission's backlog test over the scorers serving now (one bound method for
+        one model: it runs on every request)."""
+        scorers = [m.scorer for m in self.models.values()]
+        admission.configure(
+            self.settings.max_in_flight,
+            scorers[0].backlogged
+            if len(scorers) == 1
+            else lambda: any(s.backlogged() for s in scorers),
+        )
+
+    def attach(self, served: Served) -> None:
+        """The served-vector log and prediction cache the settings ask for."""
+        settings, m = self.settings, served.meta
+        if self.served_log is not None:
+            served.scorer.served_log = self.served_log.model(self.store, m)
+        ttl = settings.prediction_cache.get(m.model_name)
+        if ttl is None:
+            return
+        try:
+            served.scorer.cache = PredictionCache(
+                m.model_name,
+                m.version,
+                ttl,
+                settings.prediction_cache_jitter,
+                settings.prediction_cache_entries,
+                self.cache_redis,
+                self.metrics.prediction_cache,
+            )
+        except ValueError as e:
+            raise StartupError(str(e)) from None
+
+    async def build(self, name: str, version: int) -> Served:
+        """``version`` of ``name`` beside the serving one, made off the event loop (the
+        registry check, ONNX Runtime loading the file, the log's schema from Feast)."""
+        backend: ModelBackend | None = None
+        if self.settings.backend == "triton":  # its asyncio channel belongs to this loop
+            backend = TritonBackend(self.settings.triton_url, name, version)
+
+        def make() -> Served:
+            served = _serve_model(self.settings, self.store, name, self.metrics, version, backend)
+            self.attach(served)
+            return served
+
+        try:
+            served = await asyncio.to_thread(make)
+        except BaseException:
+            if backend is not None:
+                await backend.close()
+            raise
+        return served
 
 
 def build_runtime(settings: ServingSettings) -> Runtime:
@@ -123,34 +190,28 @@ def build_runtime(settings: ServingSettings) -> Runtime:
             metrics,
         )
     models = {n: _serve_model(settings, store, n, metrics) for n in names}
-    if log is not None:
-        for m in models.values():
-            m.scorer.served_log = log.model(store, m.meta)
-    _add_caches(settings, models, metrics)
+    unknown = sorted(set(settings.prediction_cache) - set(models))
+    if unknown:
+        raise StartupError(f"prediction_cache names models that are not served: {unknown}")
     defaults = [n for n, m in models.items() if m.meta.default] or names[:1]
     default_name = settings.default_model or (defaults[0] if len(defaults) == 1 else None)
     if default_name is not None and default_name not in models:
         raise StartupError(f"default model {default_name!r} is not served ({', '.join(models)})")
-    scorers = [m.scorer for m in models.values()]
-    backlogged = (
-        scorers[0].backlogged if len(scorers) == 1 else lambda: any(s.backlogged() for s in scorers)
-    )
-    admission.configure(settings.max_in_flight, backlogged)
     healths = {n: m.health for n, m in models.items()}
     monitor = Monitor(healths, metrics, settings.breaker_probe_s)
     default = models[default_name] if default_name is not None else None
-    return Runtime(settings, models, default, monitor, metrics, log)
+    rt = Runtime(settings, models, default, monitor, metrics, log, store, _cache_redis(settings))
+    for m in models.values():
+        rt.attach(m)
+    rt.backlog_changed()
+    return rt
 
 
-def _add_caches(settings: ServingSettings, models: dict[str, Served], metrics: Metrics) -> None:
-    """The prediction caches the settings ask for (see :mod:`serving.prediction_cache`)."""
-    if not settings.prediction_cache:
-        return
-    unknown = sorted(set(settings.prediction_cache) - set(models))
-    if unknown:
-        raise StartupError(f"prediction_cache names models that are not served: {unknown}")
+def _cache_redis(settings: ServingSettings) -> Any:
+    """The prediction caches' shared Redis level, if asked for (see
+    :mod:`serving.prediction_cache`)."""
     shared = None
-    if settings.prediction_cache_redis_url:
+    if settings.prediction_cache and settings.prediction_cache_redis_url:
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -169,25 +230,21 @@ def _add_caches(settings: ServingSettings, models: dict[str, Served], metrics: M
                 f"prediction cache: Redis at {settings.prediction_cache_redis_url} does not "
                 f"answer ({e})"
             ) from None
-    for name, ttl in settings.prediction_cache.items():
-        m = models[name]
-        try:
-            m.scorer.cache = PredictionCache(
-                name,
-                m.meta.version,
-                ttl,
-                settings.prediction_cache_jitter,
-                settings.prediction_cache_entries,
-                shared,
-                metrics.prediction_cache,
-            )
-        except ValueError as e:
-            raise StartupError(str(e)) from None
+    return shared
 
 
-def _serve_model(settings: ServingSettings, store: Any, name: str, metrics: Metrics) -> Served:
-    """One published model (its latest version), checked against the registry."""
-    meta = load_metadata(settings.repository, name)
+def _serve_model(
+    settings: ServingSettings,
+    store: Any,
+    name: str,
+    metrics: Metrics,
+    version: int | None = None,
+    backend: ModelBackend | None = None,
+) -> Served:
+    """One published model, checked against the registry: ``version``, else its pinned
+    version, else its newest; on ``backend``, else one made for it."""
+    repo = settings.repository
+    meta = load_metadata(repo, name, version or pinned(repo, name) or latest_version(repo, name))
     where = f"model {meta.model_name} v{meta.version}"
     try:
         reader = OnlineFeatures(
@@ -219,8 +276,10 @@ def _serve_model(settings: ServingSettings, store: Any, name: str, metrics: Metr
     unknown = sorted(policy.fields - set(reader.feature_names) - {f.name for f in meta.request})
     if unknown:
         raise StartupError(f"{where}: its decision policy reads fields it is not served: {unknown}")
-    if settings.backend == "triton":
-        backend: ModelBackend = TritonBackend(settings.triton_url, meta.model_name, meta.version)
+    if backend is not None:
+        pass
+    elif settings.backend == "triton":
+        backend = TritonBackend(settings.triton_url, meta.model_name, meta.version)
     else:
         backend = OnnxBackend(onnx_path(settings.repository, meta.model_name, meta.version))
     children = metrics.model(
@@ -250,14 +309,23 @@ async def warm_up(rt: Runtime) -> None:
     no lazy initialisation; not counted in metrics, with budgets that start-up contention
     (other workers loading) cannot break."""
     for served in rt.models.values():
-        dummy = _dummy(served.meta)
-        with served.scorer.warming():
-            for size in (1, 1, 1, 32):
-                await served.scorer.predict([dummy] * size, admission.arrival({}))
-        await served.health.check_model()
-        served.health.check_store()
+        try:  # Triton: this version, if it does not serve it yet
+            await served.scorer.backend.load()
+        except Exception as e:  # unreachable: the health check below says so
+            _throttled(logging.WARNING, "model_load_failed", error=first_line(e))
+        await warm_model(served)
     rt.monitor.warmed_up = True
     rt.monitor.publish()
+
+
+async def warm_model(served: Served) -> None:
+    """One model's warm-up: at start-up, and for each new version before it is served."""
+    dummy = _dummy(served.meta)
+    with served.scorer.warming():
+        for size in (1, 1, 1, 32):
+            await served.scorer.predict([dummy] * size, admission.arrival({}))
+    await served.health.check_model()
+    served.health.check_store()
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -295,10 +363,15 @@ def create_app(settings: ServingSettings | None = None) -> PredictRoutes:
         gc.collect()
         gc.freeze()
         monitor = asyncio.create_task(rt.monitor.run())
+        rt.versions = ModelVersions(rt, rt.build, warm_model)
+        poll = asyncio.create_task(rt.versions.run()) if settings.model_poll_s > 0 else None
         if rt.served_log is not None:
             rt.served_log.start()
         yield
         monitor.cancel()
+        if poll is not None:
+            poll.cancel()
+        await rt.versions.close()
         if rt.served_log is not None:  # every answered prediction written before exit
             await asyncio.to_thread(rt.served_log.close)
         for served in rt.models.values():
@@ -366,6 +439,72 @@ def create_app(settings: ServingSettings | None = None) -> PredictRoutes:
             entry["default"] = served is rt.default
             out.append(entry)
         return _json({"models": out})
+
+    # ---- versions (serving.model_versions): `hotpath models ...`, the operators' API (with
+    # side effects on the served versions and the repository's pins): not in the clients'
+    # OpenAPI document
+    def admin(request: Request) -> ModelVersions:
+        key = settings.admin_key
+        if key is not None:
+            _authorize(request, key)
+        elif request.client is None or request.client.host not in LOOPBACK:
+            raise problems.Unauthorized
+        versions = request.app.state.runtime.versions
+        assert versions is not None  # set before the first request
+        return versions
+
+    async def command(
+        request: Request, name: str, action: str, fields: tuple[str, ...] | None = ("version",)
+    ) -> Response:
+        """``ModelVersions.<action>(name, *fields)``, the fields from the JSON body (None:
+        the body itself, checked by the action)."""
+        versions = admin(request)
+        try:
+            body = await request.json() if await request.body() else {}
+            if fields is None:
+                if not isinstance(body, dict):
+                    raise ValueError
+                args: list[Any] = [body]
+            else:
+                args = [body.get(f) for f in fields] if isinstance(body, dict) else [""]
+                if not all(a is None or type(a) is int for a in args):
+                    raise HTTPException(422, f"{', '.join(fields)}: integers or null")
+            done = await getattr(versions, action)(name, *args)
+        except NoSuchVersion as e:
+            raise HTTPException(404, str(e)) from None
+        except VersionRefused as e:
+            raise HTTPException(409, str(e)) from None
+        except BadCommand as e:
+            raise HTTPException(422, str(e)) from None
+        except ValueError:
+            raise HTTPException(422, 'body must be JSON like {"version": 2}') from None
+        return _json({name: done})
+
+    @app.post("/admin/models/{name}/shadow", include_in_schema=False)
+    async def shadow(request: Request, name: str) -> Response:
+        """``{"version": N, "queue": Q}`` scores a copy of the traffic (null: stop)."""
+        return await command(request, name, "shadow", ("version", "queue"))
+
+    @app.post("/admin/models/{name}/canary", include_in_schema=False)
+    async def canary(request: Request, name: str) -> Response:
+        """``{"version": N, "percent": P, "thresholds": {...}}``, ``{"step": true}`` or
+        ``{"abort": true}`` (serving.canary)."""
+        return await command(request, name, "canary", None)
+
+    @app.get("/admin/models", include_in_schema=False)
+    async def models_status(request: Request) -> Response:
+        """Each model's serving, pinned, published and refused versions."""
+        return _json(admin(request).status())
+
+    @app.post("/admin/models/{name}/promote", include_in_schema=False)
+    async def promote(request: Request, name: str) -> Response:
+        """Serve ``{"version": N}`` (null: the newest, following new ones) and pin it."""
+        return await command(request, name, "promote")
+
+    @app.post("/admin/models/{name}/rollback", include_in_schema=False)
+    async def rollback(request: Request, name: str) -> Response:
+        """Serve ``{"version": N}`` (null: the one below the serving one) and pin it."""
+        return await command(request, name, "rollback")
 
     app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
     key = settings.api_key.get_secret_value() if settings.api_key is not None else None

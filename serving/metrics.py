@@ -129,6 +129,53 @@ class Metrics:
             ["model", "outcome"],
             registry=r,
         )
+        self.model_transitions = Counter(
+            "hotpath_model_transitions_total",
+            "Model version transitions (serving.model_versions) by action (published: a new "
+            "version seen by polling; pinned: a pin seen by polling; promote, rollback: a "
+            "command) and outcome (served; refused: the old version kept serving)",
+            ["model", "action", "outcome"],
+            registry=r,
+        )
+        self.model_serving = Gauge(
+            "hotpath_model_serving",
+            "1 for the version a model serves (over workers: 1 for each version any serves)",
+            ["model", "version"],
+            registry=r,
+        )
+        self.publish_to_serving = Gauge(
+            "hotpath_model_publish_to_serving_seconds",
+            "From publication to serving, warmed up (the last version picked up by polling)",
+            ["model"],
+            registry=r,
+        )
+        self.shadow_rows = Counter(
+            "hotpath_shadow_rows_total",
+            "Rows a shadow candidate scored (serving.shadow): its decision agreed with the "
+            "serving version's or not; dropped (its queue was full); error",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.shadow_diff = Histogram(
+            "hotpath_shadow_score_diff",
+            "|candidate score - serving score| per row a shadow candidate scored",
+            ["model"],
+            buckets=(0.0001, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+            registry=r,
+        )
+        self.canary_rows = Counter(
+            "hotpath_canary_rows_total",
+            "Rows answered while a canary runs (serving.canary), by arm (stable, candidate) "
+            "and outcome (ok, fallback, error)",
+            ["model", "arm", "outcome"],
+            registry=r,
+        )
+        self.canary_percent = Gauge(
+            "hotpath_canary_percent",
+            "Share of the entities a canary candidate answers (0: no canary)",
+            ["model"],
+            registry=r,
+        )
         self.ready = Gauge(
             "hotpath_ready",
             "1 when this worker is ready (the lowest over workers)",

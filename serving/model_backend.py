@@ -1,7 +1,14 @@
-"""Model backends behind one interface: in-process ONNX Runtime, or Triton over gRPC."""
+"""Model backends behind one interface: in-process ONNX Runtime, or Triton over gRPC.
+
+Each backend object serves one version; :mod:`serving.model_versions` makes a new one per
+version, has it :meth:`~ModelBackend.load` before warming it up, and closes the old one
+once its requests are answered.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -19,6 +26,11 @@ class ModelBackend(Protocol):
 
     async def ready(self) -> bool:
         """The backend's own health call: can it serve this model now?"""
+        ...
+
+    async def load(self, keep: Iterable[int] | None = None) -> None:
+        """Make this version servable, keeping the versions in ``keep`` servable too
+        (None: whatever serves now)."""
         ...
 
     async def close(self) -> None: ...
@@ -40,14 +52,24 @@ class OnnxBackend:
         # Inline: a tree ensemble over a coalesced batch takes tens of µs, less than a
         # thread hop; it does no I/O and cannot hang, so the caller judges its deadline
         # by the time it took (``wait_for`` alone could not interrupt it anyway).
+        return self.score(x)
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """:meth:`predict`, callable from a thread (a shadow candidate scores off the loop)."""
         (proba,) = self.session.run([OUTPUT_PROBABILITIES], {INPUT_NAME: x})
         return proba[:, 1]
 
     async def ready(self) -> bool:
         return True  # loaded in this process; whether it answers in budget is probed too
 
+    async def load(self, keep: Iterable[int] | None = None) -> None:
+        return None  # the session was made in __init__
+
     async def close(self) -> None:
-        return None
+        return None  # the session is freed with this object
+
+
+LOAD_TIMEOUT_S = 300  # a Python-backend model takes seconds; a GPU one may take minutes
 
 
 class TritonBackend:
@@ -74,6 +96,26 @@ class TritonBackend:
 
     async def ready(self) -> bool:
         return bool(await self.client.is_model_ready(self.model, self.version))
+
+    async def load(self, keep: Iterable[int] | None = None) -> None:
+        """Nothing if Triton serves this version already (its version policy, or another
+        worker asked); else a load through Triton's model control API (``--model-control-
+        mode=explicit``) with the loaded configuration, its version policy set to this
+        version and ``keep`` (None: the versions Triton serves now). Triton swaps a
+        reloaded model in only once it has loaded, so the versions it serves keep serving,
+        and a failed load leaves them as they were."""
+        if not self.version or await self.client.is_model_ready(self.model, self.version):
+            return
+        c = self.client
+        config = (await c.get_model_config(self.model, as_json=True, client_timeout=10))["config"]
+        if keep is None:
+            meta = await c.get_model_metadata(self.model, as_json=True, client_timeout=10)
+            keep = [int(v) for v in meta.get("versions", [])]
+        wanted = sorted({int(self.version), *keep})
+        config["version_policy"] = {"specific": {"versions": wanted}}
+        await c.load_model(self.model, config=json.dumps(config), client_timeout=LOAD_TIMEOUT_S)
+        if not await c.is_model_ready(self.model, self.version):
+            raise RuntimeError(f"Triton loaded {self.model} but v{self.version} is not ready")
 
     async def close(self) -> None:
         await self.client.close()

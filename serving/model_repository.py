@@ -10,6 +10,8 @@ Layout (Triton's convention, unchanged, so NVIDIA's tools work on it)::
     <root>/<model>/<version>/model.py    the Python backend's runner (local.pbtxt, gpu.pbtxt):
                                          serving/triton_model.py, copied
     <root>/<model>/<version>/metadata.json
+    <root>/<model>/pinned                the version servers must serve (absent: the newest);
+                                         written by ``hotpath models promote|rollback``
 
 A local Triton picks the CPU config with ``--model-config-name=local``, a GPU machine
 with a pip-installed Triton (no onnxruntime backend) ``--model-config-name=gpu``. Training
@@ -39,6 +41,7 @@ OUTPUT_PROBABILITIES = "probabilities"  # [batch, 2]: P(label false), P(label tr
 LOCAL_CONFIG_NAME = "local"
 GPU_CONFIG_NAME = "gpu"
 RUNNER = Path(__file__).with_name("triton_model.py")  # copied as each version's model.py
+PIN_FILE = "pinned"
 
 
 class ModelRepositoryError(HotpathError):
@@ -305,6 +308,38 @@ def load_metadata(root: Path, model: str, version: int | None = None) -> ModelMe
     if sha256_file(folder / "model.onnx") != meta.onnx_sha256:
         raise ModelRepositoryError(f"{folder / 'model.onnx'} does not match its recorded hash")
     return meta
+
+
+def pinned(root: Path, model: str) -> int | None:
+    """The version pinned for ``model`` (None: serve the newest published)."""
+    try:
+        return int((root / model / PIN_FILE).read_text().strip())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        raise ModelRepositoryError(f"{root / model / PIN_FILE} does not hold a version") from None
+
+
+def pin(root: Path, model: str, version: int | None) -> None:
+    """Pin ``version`` of ``model`` (None: unpin, follow the newest). Written aside and
+    renamed, so a server polling the repository never reads half a pin."""
+    path = root / model / PIN_FILE
+    if version is None:
+        path.unlink(missing_ok=True)
+        return
+    if version not in versions(root, model):
+        raise ModelRepositoryError(f"model {model!r} has no version {version} in {root}")
+    tmp = path.with_name(f".{PIN_FILE}.{os.getpid()}")
+    try:
+        tmp.write_text(f"{version}\n")
+        tmp.replace(path)
+    except OSError as e:
+        raise ModelRepositoryError(f"cannot pin {model} v{version} in {root}: {e}") from None
+
+
+def published_at(root: Path, model: str, version: int) -> float:
+    """When ``version`` appeared (its metadata's mtime: written just before the rename)."""
+    return (root / model / str(version) / "metadata.json").stat().st_mtime
 
 
 def onnx_path(root: Path, model: str, version: int | None = None) -> Path:

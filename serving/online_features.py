@@ -8,6 +8,11 @@ values equal ``FeatureStore.get_online_features``.
 
 Feast returns whatever was materialized, however old; :meth:`OnlineFeatures.read` does the
 same (for parity), and :func:`served` applies each view's TTL: an expired value is missing.
+
+A request-time view (tag ``hotpath.request_time``) is the exception: its values are computed
+from the entity's tiles at the request instant (one clock read per batch), in the same round
+trip, so they are never old and no TTL applies to them (an empty window is a count of 0);
+Feast's SDK, and the tiers only Feast reads, serve its last-event row instead.
 """
 
 from __future__ import annotations
@@ -51,7 +56,6 @@ class OnlineFeatures:
         fs = store.get_feature_service(service)
         self.project = store.project
         self.version = store.config.entity_key_serialization_version
-        entities = {e.name: e for e in store.list_entities()}
         odfvs = {v.name: v for v in store.list_on_demand_feature_views()}
         self.views: list[ViewPlan] = []
         self.on_demand: list[OnDemandPlan] = []
@@ -74,25 +78,23 @@ class OnlineFeatures:
                     )
                 )
                 continue
-            view = store.get_feature_view(proj.name)
-            keys = sorted(
-                ((entities[e].join_key, entities[e].value_type) for e in view.entities),
-                key=lambda kv: kv[0],
-            )
-            self.views.append(
-                ViewPlan(
-                    view.name,
-                    tuple(k for k, _ in keys),
-                    tuple(t for _, t in keys),
-                    names,
-                    view.ttl.total_seconds() if view.ttl else None,
-                )
-            )
-        self._ttls = {n: v.ttl_s for v in self.views for n in v.features}
+            self.views.append(ViewPlan.of(store, store.get_feature_view(proj.name), names))
+        # one reader per online store tier, each reading its views (see online_store.tiers)
+        self._backends: list[tuple[Reader, list[int]]] = readers(store, self.views, timeout_s)
+        # a view answered at request time has no TTL: its values are as of the request
+        at_request = {
+            i
+            for backend, members in self._backends
+            for i, plan in zip(members, backend.plans, strict=True)
+            if plan.request_time is not None
+        }
+        ttls = [None if i in at_request else v.ttl_s for i, v in enumerate(self.views)]
+        self._ttls = {n: ttl for v, ttl in zip(self.views, ttls, strict=True) for n in v.features}
         self.view_names = [v.name for v in self.views]
         # per view: its features, as many Nones (all missing), its name and TTL
         self._served_plans = [
-            (v.features, (None,) * len(v.features), v.name, v.ttl_s) for v in self.views
+            (v.features, (None,) * len(v.features), v.name, ttl)
+            for v, ttl in zip(self.views, ttls, strict=True)
         ]
         self._stored_names = [n for v in self.views for n in v.features]
         self._on_demand_none = dict.fromkeys(n for o in self.on_demand for n in o.outputs)
@@ -109,8 +111,6 @@ class OnlineFeatures:
         self.feature_names = [n for v in self.views for n in v.features] + [
             n for o in self.on_demand for n in o.outputs
         ]
-        # one reader per online store tier, each reading its views (see online_store.tiers)
-        self._backends: list[tuple[Reader, list[int]]] = readers(store, self.views, timeout_s)
 
     def entity_keys(self, rows: Sequence[dict[str, Any]]) -> dict[tuple[str, ...], list[bytes]]:
         """Feast's serialized entity key of every row, per distinct set of join keys: each
@@ -139,10 +139,11 @@ class OnlineFeatures:
                 out[jk] = [prefix + b"".join(bs) for bs in zip(*cols, strict=True)]
         return out
 
-    def read(self, rows: Sequence[dict[str, Any]]) -> list[Vector]:
+    def read(self, rows: Sequence[dict[str, Any]], now: float | None = None) -> list[Vector]:
         """Stored and on-demand values for each row (``row`` holds join keys and request
-        fields); no TTL applied, like Feast."""
-        stored = self._stored(rows)
+        fields); no TTL applied, like Feast. Request-time views as of ``now`` (epoch
+        seconds; default: the wall clock)."""
+        stored = self._stored(rows, time.time() if now is None else now)
         names, plans = self._stored_names, self._served_plans
         vectors = []
         for i in range(len(rows)):
@@ -170,9 +171,11 @@ class OnlineFeatures:
         """What the model is served for each row, in one pass (the request path's
         :meth:`read` + :func:`served`): the values, each view's TTL applied (an expired
         view's values are missing; on-demand features see them before, as with
-        :meth:`read`), and each view's age in seconds (None: no value, or expired)."""
-        stored = self._stored(rows)
+        :meth:`read`), and each view's age in seconds (None: no value, or expired).
+        ``now`` (epoch seconds, default the wall clock, read once): the instant request-time
+        views are computed at and ages and TTLs are judged at."""
         now = time.time() if now is None else now
+        stored = self._stored(rows, now)
         names, plans = self._stored_names, self._served_plans
         values: list[dict[str, Any]] = []
         ages: list[dict[str, float | None]] = []
@@ -203,9 +206,11 @@ class OnlineFeatures:
             values[i].update(dict.fromkeys(features))
         return values, ages
 
-    def _stored(self, rows: Sequence[dict[str, Any]]) -> list[Found]:
-        """Per view (plan order), per row: (event time, values) or (None, None). An entity
-        key several rows share (one user and 100 candidate merchants) is read once."""
+    def _stored(self, rows: Sequence[dict[str, Any]], now: float) -> list[Found]:
+        """Per view (plan order), per row: (event time, values) or (None, None); request-time
+        views as of ``now``. An entity key several rows share (one user and 100 candidate
+        merchants) is read once."""
+        now_us = round(now * 1e6)  # exact for an instant given as whole µs / 1e6
         keys = self.entity_keys(rows)
         spread: dict[tuple[str, ...], list[int]] = {}  # join keys -> row i's distinct key
         if len(rows) > 1:
@@ -220,7 +225,7 @@ class OnlineFeatures:
         pending = [(backend.send(keys), backend, members) for backend, members in self._backends]
         stored: list[Found] = [[] for _ in self.views]
         for handle, backend, members in pending:
-            for i, found in zip(members, backend.receive(handle), strict=True):
+            for i, found in zip(members, backend.receive(handle, now_us), strict=True):
                 where = spread.get(self.views[i].join_keys)
                 stored[i] = found if where is None else [found[j] for j in where]
         return stored
@@ -245,7 +250,8 @@ class OnlineFeatures:
                     vals[name] = v
 
     def ttl_of(self) -> dict[str, float | None]:
-        """Each stored feature's view TTL in seconds (computed once, at start-up)."""
+        """Each stored feature's view TTL in seconds (computed once, at start-up; None for a
+        view answered at request time: its values are never old)."""
         return self._ttls
 
     def ping(self) -> None:

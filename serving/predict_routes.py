@@ -78,11 +78,15 @@ class PredictRoutes:
             if self._key is not None and _header(scope, b"x-api-key") != self._key:
                 raise Unauthorized
             route, name = found
+            raw = await _body(receive)
+            # the version is picked after the last await before the scorer queues the
+            # request: a request never waits on a version that was swapped out meanwhile
+            # (serving.model_versions releases a replaced version once its queue is empty)
             rt = self.state.runtime
             served = rt.default if name is None else rt.models.get(name)
             if served is None:
                 raise UnknownModel(name or "(default)", list(rt.models))
-            answer = await route(served, await _body(receive), admission.arrival(scope))
+            answer = await route(served, raw, admission.arrival(scope))
             status, out, headers = 200, orjson.dumps(answer), None
         except ClientGone:
             return
@@ -95,7 +99,7 @@ class PredictRoutes:
 
     async def _one(self, served: Any, raw: bytes, arrival: float) -> Any:
         row = served.request.model_validate_json(raw)
-        (p,) = await served.scorer.predict([row.model_dump()], arrival)
+        (p,) = await (served.canary or served.scorer).predict([row.model_dump()], arrival)
         return p
 
     async def _batch(self, served: Any, raw: bytes, arrival: float) -> Any:
@@ -104,7 +108,7 @@ class PredictRoutes:
         if len(items) > self._max_batch:
             raise TooLarge(self._max_batch, field)
         rows = [item.model_dump() for item in items]
-        return {"predictions": await served.scorer.predict(rows, arrival)}
+        return {"predictions": await (served.canary or served.scorer).predict(rows, arrival)}
 
     async def _rank(self, served: Any, raw: bytes, arrival: float) -> Any:
         """Every candidate with the request's other fields as one coalesced job: one store
@@ -119,7 +123,7 @@ class PredictRoutes:
         base = req.model_dump(exclude={"candidates", "top_k"})
         key = meta.candidate_key
         rows = [{**base, key: c} for c in candidates]
-        answers = await served.scorer.predict(rows, arrival)
+        answers = await (served.canary or served.scorer).predict(rows, arrival)
         order = sorted(
             range(len(answers)),
             key=lambda i: -answers[i]["score"] if answers[i]["score"] is not None else 0.0,
@@ -138,7 +142,7 @@ class PredictRoutes:
             "ranked": ranked,
             "fallback": answers[0]["fallback"],
             "model": meta.model_name,
-            "model_version": meta.version,
+            "model_version": answers[0]["model_version"],  # (a canary's, maybe)
             "latency_ms": answers[0]["latency_ms"],
         }
 

@@ -45,6 +45,7 @@ from serving.prediction_cache import PredictionCache
 from serving.resilience import CircuitBreaker
 from serving.served_log import ModelLog
 from serving.settings import ServingSettings
+from serving.shadow import Shadow
 
 MISSES_BEFORE_PAUSE = 3  # waits in a row that ran out before the company came
 PAUSE_S = 0.1  # then no waiting this long
@@ -111,12 +112,17 @@ class Scorer:
         self._log = Throttled()  # request-path events: a line per kind per interval
         self.served_log: ModelLog | None = None  # set by the app when logging is on
         self.cache: PredictionCache | None = None  # set by the app when declared
+        self.shadow: Shadow | None = None  # a candidate scoring a copy (serving.shadow)
 
     def backlogged(self) -> bool:
         """Has the oldest queued request waited half its queue budget? (Then new arrivals
         are refused at admission: they would only be shed later.)"""
         q = self._queue
         return bool(q) and time.perf_counter() - q[0].arrival > self._queue_s / 2
+
+    def idle(self) -> bool:
+        """Nothing queued or being scored (a replaced version may be released)."""
+        return not self._queue and self._drainer is None
 
     @contextlib.contextmanager
     def warming(self) -> Iterator[None]:
@@ -286,6 +292,8 @@ class Scorer:
             self._log(logging.WARNING, "model_error", type(e).__name__, error=first_line(e))
             return None, "model_error"
         self.model_breaker.success()
+        if self.shadow is not None and self.recording:  # queued: scored off this path
+            self.shadow.submit(x, scores)
         return scores, None
 
     def _matrix(self, values: list[dict[str, Any]]) -> np.ndarray:

@@ -309,6 +309,33 @@ class ServedLog:
                 model.written.inc(sum(b.num_rows for b in batches))
 
 
+def served_requests(folder: Path, model: str, limit: int) -> pd.DataFrame:
+    """The newest ``limit`` rows ``model`` was served that read the store: the request's
+    columns (join keys, request fields), ``__log_timestamp`` (when the vector was read) and
+    each logged feature as ``{view}__{feature}`` (its value; None where the status says it
+    was not found or empty)."""
+    import pyarrow.dataset as ds
+
+    if not folder.is_dir():
+        return pd.DataFrame()
+    dataset = ds.dataset(folder, format="parquet")
+    names = dataset.schema.names
+    features = [n for n in names if f"{n}__status" in names]
+    derived = {f"{n}__{x}" for n in features for x in ("status", "timestamp")}
+    system = {LOG_DATE_FIELD, REQUEST_ID_FIELD} | {f.name for f in OUTCOME_FIELDS}
+    request = [n for n in names if n not in derived and n not in system and n not in features]
+    table = dataset.to_table(
+        columns=request + features + [f"{n}__status" for n in features],
+        filter=pc.field(MODEL) == model,
+    )
+    if features and table.num_rows:
+        table = table.filter(pc.not_equal(table[f"{features[0]}__status"], int(INVALID)))
+    frame = table.to_pandas().nlargest(limit, LOG_TIMESTAMP_FIELD)
+    for n in features:
+        frame[n] = frame[n].astype(object).where(frame.pop(f"{n}__status") == int(PRESENT), None)
+    return frame.reset_index(drop=True)
+
+
 def served_vectors(folder: Path, model: str) -> pd.DataFrame:
     """The vectors ``model`` was served, from its FeatureService's log ``folder``: one
     column per feature (its plain name, as the model's metadata names it), missing values

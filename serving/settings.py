@@ -34,13 +34,21 @@ class ServingSettings(BaseSettings):
     repo: Path = DEFAULT_REPO
     feature_store_yaml: Path | None = None  # default: the repo's feature_store.yaml
     model_repository: Path | None = None  # default: ../data/model_repository beside the repo
-    # served: every published model (default), or these; each at its latest version
+    # served: every published model (default), or these; each at its pinned version, else
+    # its newest
     models: list[str] | None = None
     # the model /predict and /predict/batch serve (default: the one declared ``default``)
     default_model: str | None = None
     backend: Literal["onnx", "triton"] = "onnx"  # in-process ONNX Runtime, or Triton (gRPC)
     triton_url: str = "127.0.0.1:8001"
     api_key: SecretStr | None = None  # required on /predict when set
+    # required (as X-API-Key) on /admin/models...; unset: those answer loopback clients only
+    admin_key: SecretStr | None = None
+    # each worker looks for a new version or a changed pin this often (0: never; then only
+    # `hotpath models promote|rollback` changes versions). See serving.model_versions
+    model_poll_s: float = 5.0
+    # batches a shadow candidate may have waiting (`hotpath models shadow`); past it dropped
+    shadow_queue: int = 256
     metrics_key: SecretStr | None = None  # required (as X-API-Key) on /metrics when set
     host: str = "127.0.0.1"  # loopback unless told
     port: int = 8080

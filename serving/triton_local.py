@@ -4,7 +4,8 @@ The wheel bundles ``tritonserver`` (2.51) with only the Python backend, and pins
 numpy < 2, so it lives in its own virtual environment (``.venv-triton``, made by
 ``scripts/setup.sh --with-triton``). The server runs the model repository's
 ``configs/local.pbtxt`` (``--model-config-name=local``), bound to loopback, in its
-own process session so it outlives the command that started it.
+own process session so it outlives the command that started it, with explicit model
+control (every model loaded at start; a new version loaded when the service asks).
 
 Known behaviour handled here: a launch sometimes hangs while loading a model, so
 readiness has a deadline and a hung server is killed and started again; a clean
@@ -257,6 +258,10 @@ class LocalTriton:
             str(server / "bin" / "tritonserver"),
             f"--model-repository={repo.resolve()}",
             f"--model-config-name={config_name}",
+            # every model loaded at start, as by default, and new versions loaded on request
+            # through the model control API (serving.model_versions)
+            "--model-control-mode=explicit",
+            "--load-model=*",
             f"--backend-directory={server / 'backends'}",
             f"--cache-directory={server / 'caches'}",
             "--http-address=127.0.0.1",

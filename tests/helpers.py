@@ -206,6 +206,21 @@ def start_mock_kafka(workdir: Path, brokers: int = 3) -> MockKafka:
     raise ServerError(f"kcat's mock Kafka cluster did not start: {log.read_text()[-500:]}")
 
 
+def republish(root: Path, model: str, version: int, extra_feature: str | None = None) -> int:
+    """Publish ``version``'s ONNX file and metadata again as the next version, as training
+    would (optionally with a feature the registry does not have); returns the new version."""
+    import dataclasses
+
+    from serving.model_repository import FeatureSpec, ModelSpec, load_metadata, onnx_path, publish
+
+    meta = load_metadata(root, model, version)
+    if extra_feature is not None:
+        extra = FeatureSpec(extra_feature, "Float64", 0.0)
+        meta = dataclasses.replace(meta, features=[*meta.features, extra])
+    spec = ModelSpec(model, len(meta.features))
+    return int(publish(root, spec, onnx_path(root, model, version), meta).name)
+
+
 def local_triton(workdir: Path) -> LocalTriton:
     """The local Triton (its own venv: ``scripts/setup.sh --with-triton``), not started;
     the caller starts it on the ports it wants and stops it."""

@@ -3,9 +3,10 @@
     python tests/load_client.py HOST PORT CONNECTIONS SECONDS BODIES.json [API_KEY]
 
 Each connection sends POST /predict with the next body, waits for the whole answer and
-sends again, until SECONDS have passed. Prints one JSON summary: answers by kind (real
-prediction, fallback, 503 with and without Retry-After, other), latency percentiles per
-kind in ms, and the errors seen. Raw sockets on uvloop, so the client costs little next
+sends again, until SECONDS have passed or a SIGTERM came (each connection finishes the
+request it is on). Prints one JSON summary: answers by kind (real prediction, fallback,
+503 with and without Retry-After, other), latency percentiles per kind in ms, and the
+errors seen. Raw sockets on uvloop, so the client costs little next
 to the server it loads.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 import time
 from typing import Any
@@ -27,12 +29,12 @@ def _request(host: str, body: bytes, key: str) -> bytes:
 
 
 async def _connection(
-    host: str, port: int, requests: list[bytes], until: float, out: dict[str, list[float]]
+    host: str, port: int, requests: list[bytes], until: list[float], out: dict[str, list[float]]
 ) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     i = 0
     try:
-        while time.monotonic() < until:
+        while time.monotonic() < until[0]:
             t0 = time.perf_counter()
             writer.write(requests[i % len(requests)])
             i += 1
@@ -76,7 +78,8 @@ async def main(
 ) -> None:
     requests = [_request(host, json.dumps(b).encode(), key) for b in bodies]
     out: dict[str, list[float]] = {}
-    until = time.monotonic() + seconds
+    until = [time.monotonic() + seconds]  # SIGTERM: now
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, until.__setitem__, 0, 0.0)
     await asyncio.gather(
         *(
             _connection(host, port, requests[i:] + requests[:i], until, out)

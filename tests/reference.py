@@ -6,8 +6,12 @@ value is computed by filtering the raw events for its window directly.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+
+from pipelines.contract import feature_views
 
 DAY = pd.Timedelta(days=1)
 
@@ -58,14 +62,32 @@ def merchant_risk_stats(tx: pd.DataFrame, as_of: pd.Timestamp) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _velocity_tile() -> pd.Timedelta | None:
+    """``user_velocity``'s request-time resolution as the repo declares it (its
+    ``hotpath.request_time`` tag, µs); None: its windows end at each payment."""
+    repo = Path(__file__).resolve().parent.parent / "feature_repo"
+    tag = feature_views(repo)["user_velocity"].tags.get("hotpath.request_time")
+    return pd.Timedelta(microseconds=int(tag)) if tag else None
+
+
 def user_velocity(tx: pd.DataFrame) -> pd.DataFrame:
-    """For each payment: the user's payments in (t - window, t]."""
+    """For each payment at ``t``: the user's payments in each window as of ``t``,
+    ``(t - W, t]``; if the repo declares the view's 5-minute and 1-hour windows
+    request-time, of one-minute tiles say, they start at ``floor(t, R) - W + R``
+    (``[start, t]``). The 24-hour distinct count is always ``(t - 24h, t]``."""
+    tile = _velocity_tile()
     rows = []
     for user_id, g in tx.groupby("user_id"):
         for t in g.event_timestamp.unique():
-            w5 = g[(g.event_timestamp > t - pd.Timedelta(minutes=5)) & (g.event_timestamp <= t)]
-            w60 = g[(g.event_timestamp > t - pd.Timedelta(hours=1)) & (g.event_timestamp <= t)]
-            w24 = g[(g.event_timestamp > t - DAY) & (g.event_timestamp <= t)]
+            ts = g.event_timestamp
+            if tile is None:
+                w5 = g[(ts > t - pd.Timedelta(minutes=5)) & (ts <= t)]
+                w60 = g[(ts > t - pd.Timedelta(hours=1)) & (ts <= t)]
+            else:
+                start = t.floor(tile) + tile
+                w5 = g[(ts >= start - pd.Timedelta(minutes=5)) & (ts <= t)]
+                w60 = g[(ts >= start - pd.Timedelta(hours=1)) & (ts <= t)]
+            w24 = g[(ts > t - DAY) & (ts <= t)]
             rows.append(
                 {
                     "user_id": user_id,
@@ -112,7 +134,7 @@ def latest_within_ttl(
 # the semantics in ``feature_repo/aggregated.py`` by brute force over raw events.
 
 
-def _value(function: str, values: pd.Series) -> object:
+def _value(function: str, values: pd.Series | np.ndarray) -> object:
     """One aggregate of the window's values (empty window: count 0, sum 0, others None)."""
     if function == "count":
         return len(values)
@@ -126,11 +148,19 @@ def _value(function: str, values: pd.Series) -> object:
 
 
 def per_event(view, events: pd.DataFrame) -> pd.DataFrame:
-    """One row per key and event instant ``t``: each aggregate over ``(t - W, t]``."""
+    """One row per key and event instant ``t``: each aggregate over ``(t - W, t]``; for a
+    request-time view (``view.tiles``), over ``[floor(t/R)*R - W + R, t]``
+    (:func:`request_time_at`; its batch rows add the expiry instants: :func:`request_time`)."""
     keys = list(view.keys)
     rows = []
     for key, g in events.groupby(keys):
         key = key if isinstance(key, tuple) else (key,)
+        if getattr(view, "tiles", None) is not None:
+            at = np.unique(_micros(g.event_timestamp))
+            for t, values in zip(at, request_time_at(view, g, at), strict=True):
+                stamp = pd.Timestamp(int(t), unit="us", tz="UTC")
+                rows.append(dict(zip(keys, key, strict=True)) | {"event_timestamp": stamp} | values)
+            continue
         for t in g.event_timestamp.unique():
             row = dict(zip(keys, key, strict=True)) | {"event_timestamp": t}
             for a in view.aggs:
@@ -160,4 +190,51 @@ def daily(view, events: pd.DataFrame, as_of: pd.Timestamp) -> pd.DataFrame:
                 values = values.astype(float).where(inside[a.known_at] < as_of, 0.0)
             row[a.name] = _value(a.function, values)
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _micros(ts: pd.Series) -> np.ndarray:
+    """Timestamps as integer microseconds since the epoch (exact)."""
+    naive = pd.to_datetime(ts, utc=True).dt.tz_localize(None)
+    return naive.astype("datetime64[us]").astype(np.int64).to_numpy()
+
+
+def request_time_at(view, events: pd.DataFrame, instants) -> list[dict[str, object]]:
+    """Each aggregate of a request-time view over one key's ``events`` at each instant
+    ``t`` of ``instants`` (µs): the events with ``floor(t/R)*R - W + R <= ts <= t``
+    (``online_store/tiles.py``)."""
+    resolution = view.tiles.resolution_us
+    ts = _micros(events.event_timestamp)
+    columns = {a.column: events[a.column].to_numpy() for a in view.aggs}
+    out = []
+    for t in instants:
+        start = int(t) // resolution * resolution + resolution
+        masks = {w: (ts >= start - w) & (ts <= t) for w in {a.window_us for a in view.aggs}}
+        out.append(
+            {a.name: _value(a.function, columns[a.column][masks[a.window_us]]) for a in view.aggs}
+        )
+    return out
+
+
+def request_time(view, events: pd.DataFrame, until_us: int) -> pd.DataFrame:
+    """The rows of a request-time view: per key, one at each event instant and one at each
+    instant a tile holding events leaves a window (tile ``k``, window ``W``: ``(k + W/R)*R``),
+    up to ``until_us``; each value by :func:`request_time_at`."""
+    keys = list(view.keys)
+    resolution = view.tiles.resolution_us
+    rows = []
+    for key, g in events.groupby(keys):
+        key = key if isinstance(key, tuple) else (key,)
+        ts = _micros(g.event_timestamp)
+        instants = set(ts.tolist())
+        for k in set((ts // resolution).tolist()):
+            for a in view.aggs:
+                at = (k + a.window_us // resolution) * resolution
+                if at <= until_us:
+                    instants.add(at)
+        at = sorted(instants)
+        for t, values in zip(at, request_time_at(view, g, at), strict=True):
+            row = dict(zip(keys, key, strict=True))
+            row["event_timestamp"] = pd.Timestamp(t, unit="us", tz="UTC")
+            rows.append(row | values)
     return pd.DataFrame(rows)

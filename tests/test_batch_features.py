@@ -104,7 +104,11 @@ def test_per_event_views_match_pandas(batch_done: Project, name: str) -> None:
     if view.created:  # backfilled rows supersede streamed ones for the same instant
         assert (actual.pop(view.created) == pd.Timestamp(BACKFILL_CREATED)).all()
     assert_declared_types(actual, view)
-    expected = reference.per_event(view, batch_done.transactions)
+    if view.request_time:  # rows at events and at tile expiries up to the job's now
+        newest = int(reference._micros(actual.event_timestamp).max())
+        expected = reference.request_time(view, batch_done.transactions, newest)
+    else:
+        expected = reference.per_event(view, batch_done.transactions)
     assert_frames_match(actual, expected, [*view.keys, "event_timestamp"])
 
 
@@ -120,7 +124,12 @@ def _every_function(base: View, keys: tuple[str, ...], aggs: list[Agg]) -> View:
         return Int64
 
     return dataclasses.replace(
-        base, keys=keys, aggs=tuple(aggs), dtypes={a.name: dtype(a) for a in aggs}, created=""
+        base,
+        keys=keys,
+        aggs=tuple(aggs),
+        dtypes={a.name: dtype(a) for a in aggs},
+        created="",
+        tiles=None,  # windows ending at each event (tests/test_request_time_offline.py: tiles)
     )
 
 
@@ -260,11 +269,28 @@ def test_snapshot_closes_with_zero_row(batch_done: Project) -> None:
 def test_velocity_window_edges(batch_done: Project) -> None:
     v = read_offline(batch_done, "user_velocity")
     mine = v[v.user_id == VELOCITY_USER].sort_values("event_timestamp")
+    t0 = pd.Timestamp(batch_done.edge_day) + pd.Timedelta(hours=12)  # a tile edge
+    m, us = pd.Timedelta(minutes=1), pd.Timedelta(microseconds=1)
+    events = [t0, t0 + 5 * m - us, t0 + 10 * m - us, t0 + 60 * m, t0 + pd.Timedelta(days=1)]
+    at = mine.set_index("event_timestamp")
     # t0; t0+5m-1us (sees t0); two at t0+10m-1us (tie: one row, exactly 5m after the second
-    # payment, so it is out); t0+1h (t0 exactly 1h before: out); a day later (alone).
-    assert mine.user_txn_count_5m.tolist() == [1, 2, 2, 1, 1]
-    assert mine.user_txn_count_1h.tolist() == [1, 2, 4, 4, 1]
-    assert mine.user_amount_sum_1h.tolist() == [1.0, 3.0, 15.0, 30.0, 32.0]
+    # payment, so it is out); t0+1h (t0 exactly 1h before: out); a day later (alone). Both
+    # semantics agree at these instants (minute tiles: each window starts on a tile edge).
+    assert at.loc[events, "user_txn_count_5m"].tolist() == [1, 2, 2, 1, 1]
+    assert at.loc[events, "user_txn_count_1h"].tolist() == [1, 2, 4, 4, 1]
+    assert at.loc[events, "user_amount_sum_1h"].tolist() == [1.0, 3.0, 15.0, 30.0, 32.0]
+    if _view(batch_done, "user_velocity").request_time:
+        # and rows where a tile leaves a window: t0's tile leaves the 5-minute window at
+        # t0+5m (the one of t0+4m stays), the one of t0+9m at t0+14m; the last tile
+        # leaves the hour at t0+1d+1h, with an all-empty row
+        assert at.loc[t0 + 5 * m, "user_txn_count_5m"] == 1
+        assert at.loc[t0 + 14 * m, ["user_txn_count_5m", "user_txn_count_1h"]].tolist() == [0, 4]
+        last = at.loc[t0 + pd.Timedelta(days=1, hours=1)]
+        assert last.user_txn_count_1h == 0 and last.user_amount_sum_1h == 0
+        # each of the 5 tiles leaves both windows; t0's leaves the hour at the event t0+1h
+        assert len(mine) == len(events) + 2 * 5 - 1
+    else:
+        assert len(mine) == len(events)
     spread = read_offline(batch_done, "user_merchant_spread")  # its own table now
     mine = spread[spread.user_id == VELOCITY_USER].sort_values("event_timestamp")
     assert mine.user_distinct_merchants_24h.tolist() == [1, 2, 4, 4, 4]

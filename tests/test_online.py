@@ -26,7 +26,8 @@ from pipelines import store
 from pipelines.contract import computed_views, feature_views
 
 # every computed view the repo declares: its own offline table, keyed by its join keys
-VIEW_KEYS = {v.name: list(v.keys) for v in computed_views(ROOT / "feature_repo")}
+REPO_VIEWS = computed_views(ROOT / "feature_repo")
+VIEW_KEYS = {v.name: list(v.keys) for v in REPO_VIEWS}
 
 
 @pytest.fixture(scope="module", params=["embedded", "redis", "production"])
@@ -208,10 +209,13 @@ def test_historical_features_are_point_in_time(applied, batch_done: Project) -> 
 
 def test_fast_path_equals_feast(materialized, batch_done: Project) -> None:
     """The serving fast path returns exactly what get_online_features returns, for every
-    feature type used, expired values and unknown entities included."""
+    feature type used, expired values and unknown entities included; except request-time
+    features, which it computes from the tiles at the request instant (Feast's SDK serves
+    the last row): those equal the pandas oracle over the exact events at that instant."""
     from serving.online_features import OnlineFeatures
 
-    _, fs, _ = materialized
+    _, fs, end = materialized
+    at_request = {a.name: (v, a) for v in REPO_VIEWS if v.tiles for a in v.aggs}
     fast = OnlineFeatures(fs, "fraud_detection_v1")
     tx = batch_done.transactions
     rng = np.random.default_rng(5)
@@ -228,7 +232,15 @@ def test_fast_path_equals_feast(materialized, batch_done: Project) -> None:
     want = fs.get_online_features(
         features=fs.get_feature_service("fraud_detection_v1"), entity_rows=rows
     ).to_dict(include_event_timestamps=True)
-    got = fast.read(rows)
+    got = fast.read(rows, now=end.timestamp())
+    end_us = int(reference._micros(pd.Series([pd.Timestamp(end)])).item())
+    exact = {  # (view, key values) -> the request-time values at `end` over its events
+        (v.name, key if isinstance(key, tuple) else (key,)): reference.request_time_at(
+            v, g, [end_us]
+        )[0]
+        for v in {v.name: v for v, _ in at_request.values()}.values()
+        for key, g in tx.groupby(list(v.keys))
+    }
     assert set(fast.feature_names) == {k for k in want if not k.endswith("__ts")} - {
         "user_id",
         "merchant_id",
@@ -237,6 +249,16 @@ def test_fast_path_equals_feast(materialized, batch_done: Project) -> None:
     present = 0
     for i, vec in enumerate(got):
         for name in fast.feature_names:
+            if name in at_request:
+                view, agg = at_request[name]
+                key = (view.name, tuple(rows[i][k] for k in view.keys))
+                empty = 0 if agg.function in ("count", "sum") else None  # no event at all
+                value, expected = vec.values[name], exact[key][name] if key in exact else empty
+                if expected is None or pd.isna(expected):
+                    assert value is None, (name, rows[i], value)
+                else:
+                    assert value == pytest.approx(expected, rel=1e-9), (name, rows[i], value)
+                continue
             assert vec.values[name] == want[name][i], (
                 name,
                 rows[i],

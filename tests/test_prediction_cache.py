@@ -147,14 +147,15 @@ def test_the_service_answers_a_hit_identically_and_a_changed_feature_misses(
         assert first == second and not first["fallback"]
         after = _cache_counts(url)
         assert after["hit"] - before.get("hit", 0) == 1
-        # the user's velocity changes in the online store: a different vector, a miss
-        view = fs.get_feature_view("user_velocity")
+        # a last-event feature of the user changes in the online store (a request-time one
+        # is computed from tiles, not from this row): a different vector, a miss
+        view = fs.get_feature_view("user_merchant_spread")
         values = {f.name: [3.0 if "Float" in str(f.dtype) else 3] for f in view.features}
         now = datetime.now(UTC)
         stored = pd.DataFrame(
             {"user_id": [row["user_id"]], "event_timestamp": [now], "created": [now], **values}
         )
-        fs.write_to_online_store("user_velocity", stored)
+        fs.write_to_online_store("user_merchant_spread", stored)
         third = predict()
         assert third["missing_features"] != first["missing_features"]
         final = _cache_counts(url)

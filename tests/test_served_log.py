@@ -15,7 +15,7 @@ import pyarrow.dataset as ds
 import pytest
 import requests
 from helpers import serve, stop
-from model_reference import online_values, scores
+from model_reference import online_values, request_time_values, scores
 
 QUEUE = 64  # predictions the log may hold before dropping
 SERVICE = "fraud_detection_v1"
@@ -139,14 +139,24 @@ def test_the_logged_vectors_are_what_was_answered(logged: Logged) -> None:
         missing = {f for f, col in features.items() if logged_row[col + "__status"] != 1}
         assert missing == set(answer["missing_features"]), i
         missing_seen += bool(missing)
+        # a request-time view's values as of the logged read instant (±1 ms: its clock)
+        at = log_ts.timestamp()
+        at_request = [request_time_values(logged.fs, [row], at + d) for d in (-1e-3, 1e-3)]
         for f, col in features.items():
-            value, expected = logged_row[col], want[f][i]
-            assert value is None if expected is None else value == pytest.approx(expected), (i, f)
+            value = logged_row[col]
+            options = [w[f][0] for w in at_request] if f in at_request[0] else [want[f][i]]
+            assert any(
+                value is None if e is None else value == pytest.approx(e) for e in options
+            ), (i, f, value, options)
             if col.split("__")[0] in on_demand or value is None:
                 continue
             event = want[f + "__ts"][i]
-            event = event if isinstance(event, datetime) else datetime.fromtimestamp(event, UTC)
+            if not isinstance(event, datetime):
+                event = datetime.fromtimestamp(event or 0, UTC)
             stamp = logged_row[col + "__timestamp"]
+            if event.timestamp() == 0:  # no row (Feast: time 0): a request-time empty window
+                assert stamp is None, (i, f, stamp)
+                continue
             assert abs(stamp - event) <= timedelta(milliseconds=5), (i, f, stamp, event)
     assert missing_seen >= 2  # the unknown user, alone and in the batch
 
@@ -201,3 +211,39 @@ def test_drift_reads_the_served_vectors_and_they_reproduce_the_scores(logged: Lo
     logged_scores = [r["__score"] for r in _table(logged)]
     assert scores(folder, x) == pytest.approx(logged_scores, abs=1e-6)
     assert served_vectors(logged.folder, "no_such_model").empty
+
+
+def test_skew_on_the_served_vectors_is_zero_until_a_logged_value_differs(
+    logged: Logged, tmp_path: Path
+) -> None:
+    """``hotpath validate skew --served``'s check: each logged vector against the offline
+    point-in-time row at the instant it was read (what training would have seen for that
+    request) — equal; then one logged value changed in a copy of the log: exactly that one
+    is reported."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from validation.skew import check_served_skew
+
+    compared, mismatches = check_served_skew(
+        logged.fs, logged.models, "fraud_detection", logged.folder.parent
+    )
+    stored = {v.name for v in logged.fs.list_feature_views()}
+    table = ds.dataset(logged.folder, format="parquet").to_table()
+    columns = [n for n in table.schema.names if n.split("__", 1)[0] in stored and
+               f"{n}__status" in table.schema.names]  # fmt: skip
+    assert compared == len(columns) * len(logged.answers), (compared, len(columns))
+    assert mismatches == [], [str(m) for m in mismatches[:5]]
+
+    rows = table.to_pylist()
+    at, target = next(
+        (i, c) for i, r in enumerate(rows) for c in columns
+        if r[f"{c}__status"] == 1 and r[c] is not None
+    )  # fmt: skip
+    rows[at][target] += 1000
+    (tmp_path / SERVICE).mkdir()
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=table.schema), tmp_path / SERVICE / "x-0.parquet"
+    )
+    _, found = check_served_skew(logged.fs, logged.models, "fraud_detection", tmp_path)
+    assert [(m.view, m.feature) for m in found] == [tuple(target.split("__", 1))], found

@@ -2,25 +2,47 @@
 
 from __future__ import annotations
 
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import requests
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import local_triton
+from helpers import local_triton, serve, stop
+from test_model_lifecycle import (
+    ADMIN_KEY,
+    MODEL,
+    load_result,
+    publish_copy,
+    server_env,
+    start_load,
+    transitions,
+    wait_serving,
+)
 
-from serving.model_repository import GPU_CONFIG_NAME, ModelSpec, load_metadata, torch_config
+from serving.model_repository import (
+    GPU_CONFIG_NAME,
+    ModelSpec,
+    load_metadata,
+    torch_config,
+    versions,
+)
 from serving.triton_local import LocalTriton, TritonError, _alive, _leftovers
 
 
 @pytest.fixture(scope="module")
 def triton(trained, tmp_path_factory):
+    """Triton on a copy of the trained repository (the lifecycle test publishes there)."""
     project, _, result = trained
+    models = tmp_path_factory.mktemp("triton-models")
+    shutil.copytree(project.settings.model_repository, models, dirs_exist_ok=True)
     server = local_triton(tmp_path_factory.mktemp("triton"))
-    state = server.start(project.settings.model_repository, ready_timeout=60)
+    state = server.start(models, ready_timeout=60)
     yield server, state, project, result
     server.stop()
 
@@ -137,3 +159,39 @@ def test_missing_binary_is_a_clear_error(trained, tmp_path) -> None:
     project, _, _ = trained
     with pytest.raises(TritonError, match="tritonserver not found"):
         LocalTriton(tmp_path / "no-venv", tmp_path / "t").start(project.settings.model_repository)
+
+
+def test_a_published_version_is_loaded_through_model_control_and_swapped_under_load(
+    triton, trained_online, tmp_path
+) -> None:
+    """The service on Triton under steady load: a published version is loaded by Triton's
+    model control API beside the serving one, warmed up and swapped in; a rollback swaps
+    back; every answer is a real prediction. Runs last here: it adds a version."""
+    _, state, project, _ = triton
+    models = Path(state.model_repository)
+    first = versions(models, MODEL)[-1]
+    env = server_env(
+        models, HOTPATH_SERVING_BACKEND="triton", HOTPATH_SERVING_TRITON_URL=state.grpc_url
+    )
+    proc, url = serve(project.settings.repo, env, log=tmp_path / "server.log")
+    try:
+        load = start_load(url, project, tmp_path)
+        time.sleep(0.5)
+        new = publish_copy(models, first)
+        st = wait_serving(url, new)
+        print(f"Triton: publish -> serving {st['last_transition']['publish_to_serving_s']} s")
+        g = grpcclient.InferenceServerClient(state.grpc_url)
+        assert g.is_model_ready(MODEL, str(new)) and g.is_model_ready(MODEL, str(first))
+        r = requests.post(
+            f"{url}/admin/models/{MODEL}/rollback",
+            json={},
+            headers={"x-api-key": ADMIN_KEY},
+            timeout=120,
+        )
+        assert r.status_code == 200 and r.json()[MODEL]["serving"] == first, r.text
+        answered = load_result(load)
+        counts = transitions(url)
+    finally:
+        stop(proc)
+    assert counts == {("published", "served"): 1, ("rollback", "served"): 1}, counts
+    print(f"Triton: {answered['real']['count']} answers under load, all real predictions")

@@ -11,6 +11,8 @@ import great_expectations.expectations as gxe
 import pandas as pd
 from feast import FeatureView
 
+from online_store.tiles import view_plan
+
 PANDAS_TYPES = {
     "Int64": ["int64", "Int64", "int32", "Int32"],
     "Int32": ["int32", "Int32", "int64", "Int64"],
@@ -43,7 +45,11 @@ def build_suite(
         add(gxe.ExpectColumnValuesToNotBeNull(column=col))
     add(gxe.ExpectCompoundColumnsToBeUnique(column_list=[*keys, "event_timestamp"]))
     range_start = pd.Timestamp(start, tz="UTC")
-    range_end = min(pd.Timestamp(end + timedelta(days=1), tz="UTC"), pd.Timestamp(now))
+    latest = pd.Timestamp(now)
+    plan = view_plan(view)
+    if plan is not None:  # request-time rows reach where a tile leaves the longest window
+        latest += pd.Timedelta(microseconds=plan.longest_tiles * plan.resolution_us)
+    range_end = min(pd.Timestamp(end + timedelta(days=1), tz="UTC"), latest)
     add(
         gxe.ExpectColumnValuesToBeBetween(
             column="event_timestamp", min_value=range_start, max_value=range_end

@@ -1,8 +1,8 @@
 """``hotpath``: the single command line, and the composition root.
 
 One module per command group (``data``, ``store``, ``stream``, ``train``, ``serve``,
-``triton``, ``validate``, ``demo``); each command parses its options, opens what it needs
-through the shared context (:mod:`pipelines.cli.context`: settings, feature store, Spark
+``triton``, ``models``, ``validate``, ``demo``); each command parses its options, opens what
+it needs through the shared context (:mod:`pipelines.cli.context`: settings, feature store, Spark
 session) and calls a library function, importing it inside its body so a command never
 pays for Spark or Feast unless it uses them. Every ``HotpathError`` (the domain errors
 are its subclasses) is printed once, here, as one line (``error: ...``) with exit code 1;
@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 
 from pipelines import console
-from pipelines.cli import data, demo, serve, store, stream, train, triton, validate
+from pipelines.cli import data, demo, models, serve, store, stream, train, triton, validate
 from pipelines.cli.context import Hotpath
 from pipelines.errors import HotpathError, first_line
 from pipelines.settings import PROFILES, load_settings
@@ -91,6 +91,7 @@ for command in (
 ):
     app.command()(command)
 app.add_typer(triton.app, name="triton")
+app.add_typer(models.app, name="models")
 app.add_typer(validate.app, name="validate")
 app.command()(demo.demo)
 

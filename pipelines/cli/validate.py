@@ -103,17 +103,36 @@ def drift(
 @app.command("skew")
 def skew(
     ctx: typer.Context,
-    sample: Annotated[int, typer.Option(min=1, help="Recent (user, merchant) pairs.")] = 200,
+    sample: Annotated[
+        int, typer.Option(min=1, help="Recent (user, merchant) pairs, or served vectors.")
+    ] = 200,
+    served: Annotated[
+        bool,
+        typer.Option(
+            "--served",
+            help="Check the vectors served (the served-vector log), each at its instant.",
+        ),
+    ] = False,
 ) -> None:
-    """Online vector vs offline point-in-time row for sampled entities; expect zero."""
-    from pipelines.raw import recent_payments
-    from validation.skew import check_skew
+    """Online vector vs offline point-in-time row; expect zero. By default for recent
+    payments' entities, online now; with ``--served``, the newest vectors the service
+    logged as it served them, each against the offline row at the instant it was read."""
+    from validation.skew import check_served_skew, check_skew
 
     h = hotpath(ctx)
+    s = h.settings
     fs = h.store()
     h.spark()
-    rows = recent_payments(h.settings.raw_dir, sample)[["user_id", "merchant_id"]]
-    compared, mismatches = check_skew(fs, rows)
+    if served:
+        log_dir = s.serving_settings().served_log_path
+        compared, mismatches = check_served_skew(
+            fs, s.model_repository, s.model_name, log_dir, sample
+        )
+    else:
+        from pipelines.raw import recent_payments
+
+        rows = recent_payments(s.raw_dir, sample)[["user_id", "merchant_id"]]
+        compared, mismatches = check_skew(fs, rows)
     for m in mismatches[:20]:
         typer.echo(f"MISMATCH {m}")
     typer.echo(f"{compared:,} values compared, {len(mismatches):,} mismatches")

@@ -8,6 +8,12 @@ computes every aggregation of its views. Each key of a group (``user_id=1``,
 emits the key's row at once: each aggregation over ``(t - W, t]`` for its window ``W``, ties
 at ``t`` included, the frame the Spark compiler (``pipelines.batch_compile``) uses.
 
+A request-time view (``View.tiles``: its windows end at the request) counts, at ``t``, the
+events at or after ``floor(t/R)·R - W + R`` (``online_store.tiles``' semantics, so its rows
+equal what serving computes at that instant), and each key of its group also keeps the
+view's *tiles* (per time bucket of ``R``, the partial aggregates), folded in per event:
+the writer stores them beside the row and serving evaluates them at the request instant.
+
 The flow keys events once per *minimal* key set (:func:`keyed_steps`): a group whose join
 keys contain another group's (user x merchant contains user) keeps its keys' windows
 inside that group's keyed state (:class:`KeyState`), so three groups cost two keyed steps.
@@ -40,6 +46,7 @@ from typing import Any, NamedTuple
 
 from feast.types import Float32, Float64
 
+from online_store.tiles import TilePlan
 from pipelines.declared import Agg, View
 from pipelines.errors import HotpathError
 from pipelines.stream.events import Event
@@ -62,8 +69,9 @@ class Group:
     aggs: tuple[Agg, ...]  # every view's aggregations, in view then declaration order
     columns: tuple[str, ...]  # the event columns the state keeps (read by a non-count)
     horizon_us: int  # the longest window: state older than it (plus lateness) is dropped
-    # per aggregation: (function, index in ``columns`` or -1, window µs, its sum is float)
-    plan: tuple[tuple[str, int, int, bool], ...]
+    # per aggregation: (function, index in ``columns`` or -1, window µs, its sum is float,
+    # tile resolution µs of a request-time view or 0)
+    plan: tuple[tuple[str, int, int, bool, int], ...]
     # hot-loop accessors, built once (see ``key_groups``)
     key: Callable[[Event], str] = field(repr=False, compare=False)  # "user_id=1|merchant_id=7"
     entity: Callable[[Event], tuple[Any, ...]] = field(repr=False, compare=False)  # key values
@@ -74,11 +82,26 @@ class Group:
     row: Callable[[Window, int], tuple[Any, ...]] = field(
         repr=False, compare=False
     )  # (window, t) -> the aggregates over (t - W, t]: ``plan`` compiled
+    # the request-time views' tile plans (view order) and their fold of one event: (tiles of
+    # each, t, event) -> the tiles with it; None without request-time views
+    tiles: tuple[TilePlan, ...] = ()
+    add_tile: Callable[[Tiles, int, Event], Tiles] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def name(self) -> str:
         """For step ids: ``user_id``, ``user_id+merchant_id``."""
         return "+".join(self.keys)
+
+    def tiles_of(self, view: str) -> int | None:
+        """A view's place in :attr:`tiles` (and in ``Row.tiles``); None: not request-time."""
+        at = 0
+        for v in self.views:
+            if v.name == view:
+                return at if v.tiles is not None else None
+            at += v.tiles is not None
+        raise KeyError(view)
 
     def positions(self, view: str) -> dict[str, int]:
         """A view's features -> their places in the group's rows (``aggs`` order)."""
@@ -128,16 +151,19 @@ def key_groups(views: Iterable[View]) -> list[Group]:
                 columns.index(a.column) if a.function != "count" else -1,
                 a.window_us,
                 v.dtypes.get(a.name) in (Float64, Float32),
+                v.tiles.resolution_us if v.tiles is not None else 0,
             )
             for v in members
             for a in v.aggs
         )
         horizon = max(a.window_us for a in aggs)
+        tiles = tuple(v.tiles for v in members if v.tiles is not None)
         groups.append(
             Group(
                 keys, members, aggs, columns, horizon, plan,
                 key=_key_of(keys), entity=_values_of(keys), read=_values_of(columns),
                 add=_compile_add(columns), row=_compile_row(plan),
+                tiles=tiles, add_tile=_compile_tiles(tiles) if tiles else None,
             )
         )  # fmt: skip
     return groups
@@ -183,6 +209,9 @@ class Row(NamedTuple):
     ts_us: int
     values: tuple[Any, ...]
     ingest_s: float  # when the event that made this row entered the stream
+    # the key's tiles per request-time view of the group (``Group.tiles`` order) once every
+    # event it had been given so far is folded in: a key's last row carries its newest tiles
+    tiles: Tiles = ()
 
 
 # One (sub)key's recent events sorted by event time: (times, *columns), tuples of numbers,
@@ -190,7 +219,11 @@ class Row(NamedTuple):
 # copy); and the garbage collector stops tracking a tuple of numbers at its first pass, so
 # full collections never walk the state. Lists (tracked, copied on write every epoch) made
 # each full collection walk millions of objects: 100-500 ms pauses, several a minute.
+# A group with request-time views keeps one more element at the end: their tiles (``Tiles``).
 Window = tuple[tuple[Any, ...], ...]
+# Per request-time view, its tiles ascending by index: ``(tile index, slot values...)`` each,
+# the rows of ``TilePlan.encode``'s blob; tuples too, replaced per event like the window.
+Tiles = tuple[tuple[tuple[Any, ...], ...], ...]
 
 
 @dataclass(frozen=True)
@@ -217,7 +250,12 @@ class Step:
     @cached_property
     def layout(self) -> tuple[Any, ...]:
         """What a saved state must have been built for to be resumed (builtins only)."""
-        return tuple((g.keys, g.columns) for g in (self.own, *self.nested))
+        return tuple(
+            (g.keys, g.columns)
+            + ((tuple((p.resolution_us, p.slots, p.longest_tiles) for p in g.tiles),)
+               if g.tiles else ())
+            for g in (self.own, *self.nested)
+        )  # fmt: skip
 
 
 def keyed_steps(groups: Iterable[Group]) -> list[Step]:
@@ -331,6 +369,8 @@ class Late(NamedTuple):
 
 
 def _empty(group: Group) -> Window:
+    if group.tiles:
+        return ((),) * (1 + len(group.columns)) + (((),) * len(group.tiles),)
     return ((),) * (1 + len(group.columns))
 
 
@@ -352,7 +392,10 @@ def _advance(
     batch of disordered events (Kafka partitions interleave a batch at a time) would
     otherwise recompute every later row once per event."""
     newest = w[0][-1] if w[0] else None
-    keys, add, row = group.keys, group.add, group.row
+    keys, add, row, add_tile = group.keys, group.add, group.row, group.add_tile
+    tiles: Tiles = ()
+    if add_tile is not None:  # the tiles ride at the window's end
+        tiles, w = w[-1], w[:-1]
     redo_from: int | None = None  # the earliest out-of-order event's time
     redo_ingest = 0.0
     for e in events:
@@ -362,24 +405,28 @@ def _advance(
         elif newest is None or t >= newest:  # in order: one new row
             w = add(w, t, e)
             newest = t
-            rows.append(_row(Row, (keys, entity, t, row(w, t), e.ingest_s)))
+            if add_tile is not None:
+                tiles = add_tile(tiles, t, e)
+            rows.append(_row(Row, (keys, entity, t, row(w, t), e.ingest_s, tiles)))
         elif newest - t > lateness_us:
             late.append(Late(e, group, newest))
         else:  # out of order: this row and every later one change (recomputed below)
             i = bisect_right(w[0], t)
             values = (t, *group.read(e))
             w = tuple([c[:i] + (v,) + c[i:] for c, v in zip(w, values, strict=True)])
+            if add_tile is not None:  # into its own tile
+                tiles = add_tile(tiles, t, e)
             if redo_from is None or t < redo_from:
                 redo_from = t
             redo_ingest = e.ingest_s if redo_ingest == 0.0 else min(redo_ingest, e.ingest_s)
     if redo_from is not None:
         times = w[0]
         for c in sorted(set(times[bisect_left(times, redo_from) :])):
-            rows.append(Row(keys, entity, c, row(w, c), redo_ingest))
+            rows.append(Row(keys, entity, c, row(w, c), redo_ingest, tiles))
     if newest is not None and w[0][0] <= (oldest := newest - group.horizon_us - lateness_us):
         cut = bisect_right(w[0], oldest)
         w = tuple([c[cut:] for c in w])
-    return w
+    return w if add_tile is None else (*w, tiles)
 
 
 _row = tuple.__new__  # Row(...) without NamedTuple's Python-level __new__ (a third of it)
@@ -411,22 +458,87 @@ def _mean(w: list[Any]) -> float | None:
 
 
 def _compile_row(
-    plan: tuple[tuple[str, int, int, bool], ...],
+    plan: tuple[tuple[str, int, int, bool, int], ...],
 ) -> Callable[[Window, int], tuple[Any, ...]]:
     """A plan as one straight-line function ``row(window, t)``: one bisect per
     distinct window, one expression per aggregation. It is the stream's hot loop: the
     interpreted plan (a loop testing each function per row) costs ~1.5x. The source holds
-    only integers of the plan and the fixed expressions above."""
-    windows = sorted({w for _, _, w, _ in plan})
+    only integers of the plan and the fixed expressions above. A window of a request-time
+    view (resolution ``r`` > 0) starts at ``t // r * r - W + r``, inclusive."""
+    windows = sorted({(w, r) for _, _, w, _, r in plan})
     lines = ["def row(w, t):", "    times = w[0]", "    hi = bisect_right(times, t)"]
-    lines += [f"    lo{i} = bisect_right(times, t - {w}, 0, hi)" for i, w in enumerate(windows)]
-    lines += [f"    c{c} = w[{c + 1}]" for c in sorted({c for _, c, _, _ in plan if c >= 0})]
+    for i, (w, r) in enumerate(windows):
+        if r:
+            lines.append(f"    lo{i} = bisect_left(times, t // {r} * {r} - {w - r}, 0, hi)")
+        else:
+            lines.append(f"    lo{i} = bisect_right(times, t - {w}, 0, hi)")
+    lines += [f"    c{c} = w[{c + 1}]" for c in sorted({p[1] for p in plan if p[1] >= 0})]
     out = []
-    for function, col, window, is_float in plan:
-        lo = f"lo{windows.index(window)}"
+    for function, col, window, is_float, r in plan:
+        lo = f"lo{windows.index((window, r))}"
         w = f"c{col}[{lo}:hi]"
         out.append(_EXPRESSIONS[function].format(lo=lo, w=w, cast="float" if is_float else ""))
     lines.append(f"    return ({', '.join(out)},)")
-    namespace: dict[str, Any] = {"bisect_right": bisect_right, "_mean": _mean}
+    namespace: dict[str, Any] = {
+        "bisect_left": bisect_left,
+        "bisect_right": bisect_right,
+        "_mean": _mean,
+    }
     exec("\n".join(lines), namespace)  # noqa: S102 - our own source (see the docstring)
     return namespace["row"]
+
+
+# How a tile's slot takes one more event (``TilePlan.merge``, as an expression over the old
+# tile ``o`` and the event's value ``v``): the count slot adds one.
+_FOLD = {"count": "o[1] + 1.0", "sum": "o[{i}] + {v}", "max": "max(o[{i}], {v})",
+         "min": "min(o[{i}], {v})"}  # fmt: skip
+
+
+def _compile_tiles(plans: tuple[TilePlan, ...]) -> Callable[[Tiles, int, Event], Tiles]:
+    """``add_tile(tiles, t, event)``: each request-time view's tiles with the event folded
+    into its tile ``t // R``, straight-line per view (the stream's hot loop). In order
+    (the newest tile or a newer one) it costs a tuple copy; a newer tile drops those no
+    window of the key's newest event reaches (older than the longest window); an
+    out-of-order event goes into its own tile, unless no window reaches it any more."""
+    namespace: dict[str, Any] = {"bisect_left": bisect_left}
+    lines = ["def add_tile(tiles, t, e):"]
+    made = []
+    for n, plan in enumerate(plans):
+        r, longest = plan.resolution_us, plan.longest_tiles
+        reads = [f"float(g{n}_{i}(e))" for i in range(len(plan.columns))]
+        for i, column in enumerate(plan.columns):
+            namespace[f"g{n}_{i}"] = attrgetter(column)
+        fresh = ", ".join(["k", "1.0", *(f"v{i}" for i in range(len(reads)))])
+        folded = ", ".join(
+            ["k"]
+            + [_FOLD[kind].format(i=i + 1, v=f"v{i - 1}") for i, (kind, _) in enumerate(plan.slots)]
+        )
+        lines += [
+            f"    x = tiles[{n}]",
+            f"    k = t // {r}",
+            *(f"    v{i} = {read}" for i, read in enumerate(reads)),
+            "    if not x:",
+            f"        x{n} = (({fresh}),)",
+            "    elif x[-1][0] == k:",
+            "        o = x[-1]",
+            f"        x{n} = x[:-1] + (({folded}),)",
+            "    elif x[-1][0] < k:",
+            f"        lo = k - {longest - 1}",
+            "        if x[0][0] < lo:",
+            "            cut = bisect_left(x, (lo,))",
+            "            x = x[cut:]",
+            f"        x{n} = x + (({fresh}),)",
+            f"    elif k <= x[-1][0] - {longest}:",
+            f"        x{n} = x",
+            "    else:",
+            "        at = bisect_left(x, (k,))",
+            "        if x[at][0] == k:",
+            "            o = x[at]",
+            f"            x{n} = x[:at] + (({folded}),) + x[at + 1 :]",
+            "        else:",
+            f"            x{n} = x[:at] + (({fresh}),) + x[at:]",
+        ]
+        made.append(f"x{n}")
+    lines.append(f"    return ({', '.join(made)},)")
+    exec("\n".join(lines), namespace)  # noqa: S102 - our own source (plans' integers)
+    return namespace["add_tile"]

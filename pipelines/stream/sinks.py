@@ -6,7 +6,9 @@ the stored one when its event time is the same or newer (never an increment); of
 each (key, event time) row carries a ``created`` time and Feast's point-in-time join
 keeps the newest, so a replayed or corrected row supersedes, never adds (a backfilled row,
 ``created`` fixed above any of these, supersedes them all). Online, a row already past a
-view's TTL is not written to that view. Dead letters are written once per source id.
+view's TTL is not written to that view. A request-time view's row carries the key's tiles
+(``online_store.tiles``), written in the same call as its row (Redis: hash field
+``_tiles:<view>``; SQLite: the row ``_tiles``). Dead letters are written once per source id.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from feast.types import Int32, Int64
 from online_store import layout
 from online_store.connect import redis_client
 from online_store.tiers import Placement, feast_write, placement
+from online_store.tiles import TILES_FEATURE, TilePlan, tiles_field
 from pipelines.declared import View
 from pipelines.errors import first_line
 from pipelines.stream import metrics
@@ -77,8 +80,15 @@ class _GroupWriter:
     def __init__(self, store: FeatureStore, group: Group, clients: dict[Any, Any]) -> None:
         self.group = group
         self.views = [store.get_feature_view(v.name) for v in group.views]
-        self.ttl_us = [v.ttl_us for v in group.views]
+        self.ttl_us = [_live_us(v) for v in group.views]
         index = [group.positions(v.name) for v in group.views]
+        # per view, if it is request-time: (its place in Row.tiles, its tile plan, its field)
+        self.tiled = [
+            None
+            if (at := group.tiles_of(v.name)) is None
+            else (at, group.tiles[at], tiles_field(v.name))
+            for v in group.views
+        ]
         # per view: [(feature, its index in Row.values, ValueProto of a value or None)]
         self.features = [
             [(f.name, at[f.name], _proto(f.dtype)) for f in fv.features]
@@ -163,25 +173,31 @@ class _GroupWriter:
                 values = r.values
                 for i in live[r.entity]:
                     ts_field, fields = self.layout[i]
-                    args += [ts_field, len(fields)]
+                    tiled = self.tiled[i]
+                    args += [ts_field, len(fields) + (tiled is not None)]
                     for field, j, encode in fields:
                         args += [field, encode(values[j])]
+                    if tiled is not None:
+                        args += [tiled[2], _blob(tiled, r)]
                 if calls is None:
                     self.cas(keys=[key], args=args)
                 else:  # EVALSHA itself: redis-py's script call asks SCRIPT EXISTS per pipeline
                     calls.append(("EVALSHA", self.cas.sha, 1, key, *args))
         else:
             for i, view in enumerate(self.views):
+                tiled = self.tiled[i]
                 data = [
                     (
                         self._key(r.entity),
-                        {name: encode(r.values[j]) for name, j, encode in self.features[i]},
+                        {name: encode(r.values[j]) for name, j, encode in self.features[i]}
+                        | ({} if tiled is None
+                           else {TILES_FEATURE: ValueProto(bytes_val=_blob(tiled, r))}),
                         datetime.fromtimestamp(r.ts_us / 1e6, UTC),
                         None,
                     )
                     for r in written
                     if i in live[r.entity]
-                ]
+                ]  # fmt: skip
                 if data:
                     feast_write(store, view, data)
         return written
@@ -256,6 +272,20 @@ def _no_ttl_last(ttl: int | None) -> float:
     return float("inf") if ttl is None else ttl
 
 
+def _live_us(view: View) -> int | None:
+    """How old a view's row may be and still be written: its TTL; a request-time view's
+    tiles answer for its longest window whatever its TTL, so at least that long."""
+    if view.tiles is None or view.ttl_us is None:
+        return view.ttl_us
+    return max(view.ttl_us, view.longest_us)
+
+
+def _blob(tiled: tuple[int, TilePlan, bytes], row: Row) -> bytes:
+    """A request-time view's tiles of ``row`` (its key's newest), as the blob serving reads."""
+    at, plan, _ = tiled
+    return plan.encode_rows(row.tiles[at])
+
+
 def _pipelined(client: Any, script: Any, calls: list[tuple[Any, ...]]) -> None:
     """``calls`` in one round trip. A server that lost the compare-and-set script (a
     restart, ``SCRIPT FLUSH``) refuses its EVALSHAs: it is loaded and they are sent again
@@ -284,7 +314,7 @@ def _stream_tier(store: FeatureStore, group: Group) -> tuple[Placement, float]:
             f"the streamed views keyed by {group.keys} ({names}) must share one online store "
             f"tier, not {tiers}"
         )
-    ttl = max((v.ttl_us / 1e6 for v in group.views if v.ttl_us), default=0.0)
+    ttl = max((t / 1e6 for v in group.views if (t := _live_us(v))), default=0.0)
     return placed[0], ttl if placed[0].expires else 0.0
 
 
