@@ -182,9 +182,15 @@ class SqliteReader(Reader):
         with self.lock:
             rows = self.conn.execute(sql, params).fetchall()
         for i, key, feature, value, event_ts in rows:
-            _, values = found[i].setdefault(key, (seconds(event_ts), {}))
-            # the tiles: raw bytes, not memoised like the values (each entity's differ)
-            values[feature] = value if feature == TILES_FEATURE else decode_value(value)
+            entry = found[i].get(key)
+            if entry is None:
+                entry = found[i][key] = [None, {}]
+            if feature == TILES_FEATURE:  # raw bytes, not memoised (each entity's differ)
+                entry[1][feature] = value
+                continue
+            if entry[0] is None:  # the view's event time: its rows', not its tiles' row
+                entry[0] = seconds(event_ts)
+            entry[1][feature] = decode_value(value)
         out = []
         for i, plan in enumerate(self.views):
             rt = plan.request_time

@@ -143,17 +143,36 @@ def test_each_view_lives_in_the_tier_its_tag_names(stores, tier_root, cluster, b
     assert seen["redis"] and seen["scylla"]
 
 
+def _at_request(want: dict, single, rows: list[dict], now: float) -> None:
+    """``want``'s request-time features (windows ending at the request, which Feast's SDK
+    answers with the last-event row) replaced by the single store's answer at ``now``: the
+    tiers must not change them (tests/test_request_time.py checks them against pandas)."""
+    from serving.online_features import OnlineFeatures
+
+    at_request = {
+        f.name
+        for v in single.list_feature_views()
+        if "hotpath.request_time" in (v.tags or {})
+        for f in v.features
+    }
+    ref = OnlineFeatures(single, SERVICE).read(rows, now)
+    for name in at_request & set(want):
+        want[name] = [vec.values[name] for vec in ref]
+
+
 def test_fast_path_reads_both_tiers_like_feast(stores, batch_done: Project) -> None:
     from serving.online_features import OnlineFeatures
 
-    tiered, _ = stores
+    tiered, single = stores
     fast = OnlineFeatures(tiered, SERVICE)
     assert len(fast._backends) == 2
     rows = _rows(batch_done) + [{"user_id": 123_456_789, "merchant_id": 1, "amount": 1.0}]
     want = tiered.get_online_features(
         features=tiered.get_feature_service(SERVICE), entity_rows=rows
     ).to_dict()
-    for i, vec in enumerate(fast.read(rows)):
+    now = time.time()
+    _at_request(want, single, rows, now)
+    for i, vec in enumerate(fast.read(rows, now)):
         for name in fast.feature_names:
             assert vec.values[name] == want[name][i], (name, rows[i])
 
@@ -353,6 +372,8 @@ def test_a_killed_master_fails_over_without_a_wrong_value(stores, cluster, batch
     want = single.get_online_features(
         features=single.get_feature_service(SERVICE), entity_rows=rows
     ).to_dict()
+    now = time.time()
+    _at_request(want, single, rows, now)
     fast = OnlineFeatures(tiered, SERVICE)
     views = stream_views(tiered)
     writer = OnlineWriter(tiered, views)
@@ -370,7 +391,7 @@ def test_a_killed_master_fails_over_without_a_wrong_value(stores, cluster, batch
             j = i % len(rows)
             i += 1
             try:
-                (vec,) = fast.read([rows[j]])
+                (vec,) = fast.read([rows[j]], now)
             except Exception:  # the service answers these with its rule-based fallback
                 with lock:
                     counts["error"] += 1
