@@ -389,10 +389,6 @@ def measure_ranking(p: Project, procs: list[subprocess.Popen], calls: int) -> No
         print("  Feast SDK vs ranking request HTTP                not run (see above)")
 
 
-if __name__ == "__main__":
-    main()
-
-
 def last_event_twin(p: Project) -> Path:
     """The project's repo copied with every ``request_time=`` declaration removed, as the
     Feast project ``<project>_last_event`` (its own registry) in the same Redis, applied and
@@ -443,3 +439,7 @@ def measure_request_time(p: Project, procs: list[subprocess.Popen]) -> None:
     rt = report("(d) /predict, request-time windows", np.concatenate(times["request-time"]))
     le = report("(d) /predict, last-event rows", np.concatenate(times["last-event"]))
     print(f"  request-time vs last-event: {rt[0] / le[0]:.2f}x p50, {rt[1] / le[1]:.2f}x p99")
+
+
+if __name__ == "__main__":
+    main()
