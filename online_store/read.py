@@ -178,7 +178,7 @@ class SqliteReader(Reader):
             parts.append(part)
         sql = " UNION ALL ".join(parts)
         params = [b for plan in self.views for b in keys[plan.join_keys]]
-        found: list[dict[bytes, tuple[float | None, dict[str, Any]]]] = [{} for _ in self.views]
+        found: list[dict[bytes, list[Any]]] = [{} for _ in self.views]  # key -> [stamp, values]
         with self.lock:
             rows = self.conn.execute(sql, params).fetchall()
         for i, key, feature, value, event_ts in rows:
