@@ -123,42 +123,78 @@ class TilePlan:
     def evaluate(self, blob: bytes | None, now_us: int) -> list[Any]:
         """Each aggregation's value at instant ``now_us`` (see the module docstring).
 
-        Tiles are stored ascending, so a window's tiles are a suffix: one ``searchsorted``
-        for every window, then per distinct window its slots summed (and maxed, minned) in
-        one call each (the serving fast path runs this per entity and view: ~3x faster than
-        a mask and a sum per aggregation)."""
-        rows = self.decode(blob)
+        Tiles are stored ascending, so a window's tiles are a suffix of the rows. Up to
+        :data:`_SMALL` tiles (a user's hour, typically) they are folded in Python, three times
+        faster than numpy's per-call overhead; longer blobs with one ``searchsorted`` and one
+        sum (max, min) per distinct window. Both add a window's tiles in ascending order, so
+        they give the same floats."""
+        width = len(self.slots) + 1
         now_tile = tile_of(now_us, self.resolution_us)
-        windows = sorted({a.window_tiles for a in self.aggs})
-        starts = rows[:, 0].searchsorted([now_tile - w + 1 for w in windows]).tolist()
-        kinds = {kind for kind, _ in self.slots}
-        folded: dict[int, tuple[list[float], list[float], list[float]] | None] = {}
-        for w, start in zip(windows, starts, strict=True):
-            tail = rows[start:, 1:]
-            folded[w] = (
-                (
-                    tail.sum(axis=0).tolist(),
-                    tail.max(axis=0).tolist() if "max" in kinds else [],
-                    tail.min(axis=0).tolist() if "min" in kinds else [],
-                )
-                if len(tail)
-                else None
-            )
+        windows = {a.window_tiles for a in self.aggs}
+        if not blob or len(blob) <= 8 * (2 + width * _SMALL):
+            flat = self._unpack(blob)
+            n = len(flat) // width
+            folded = {
+                w: self._fold(flat, _suffix(flat, width, n, now_tile - w + 1)) for w in windows
+            }
+        else:
+            rows = self.decode(blob)
+            folded = {w: self._fold_rows(rows, now_tile - w + 1) for w in windows}
         out: list[Any] = []
         for agg in self.aggs:
             got = folded[agg.window_tiles]
             if got is None:  # an empty window: count and sum 0; max, min and mean missing
                 zero = 0 if agg.integer or agg.function == "count" else 0.0
                 out.append(zero if agg.function in ("count", "sum") else None)
-                continue
-            sums, maxes, mins = got
-            if agg.function == "count":
-                out.append(int(sums[0]))
+            elif agg.function == "count":
+                out.append(int(got[0]))
             elif agg.function == "mean":
-                out.append(sums[agg.slot] / sums[0])
+                out.append(got[agg.slot] / got[0])
             else:
-                v = {"sum": sums, "max": maxes, "min": mins}[agg.function][agg.slot]
-                out.append(int(v) if agg.integer else v)
+                out.append(int(got[agg.slot]) if agg.integer else got[agg.slot])
+        return out
+
+    def _unpack(self, blob: bytes | None) -> tuple[float, ...]:
+        """A small blob's tile rows, flat (no header); empty if ``blob`` is empty or was
+        written under another plan (as :meth:`decode`)."""
+        width = len(self.slots) + 1
+        if not blob or len(blob) % 8 or (len(blob) // 8 - 2) % width:
+            return ()
+        flat = struct.unpack(f"<{len(blob) // 8}d", blob)
+        if flat[0] != self.resolution_us or flat[1] != len(self.slots):
+            return ()
+        return flat[2:]
+
+    def _fold_rows(self, rows: np.ndarray, first: int) -> list[float] | None:
+        """Per slot, the fold of the decoded rows of tile index ``>= first`` (None: none)."""
+        tail = rows[rows[:, 0].searchsorted(first) :, 1:]
+        if not len(tail):
+            return None
+        kinds = [kind for kind, _ in self.slots]
+        sums = tail.sum(axis=0).tolist()
+        maxes = tail.max(axis=0).tolist() if "max" in kinds else sums
+        mins = tail.min(axis=0).tolist() if "min" in kinds else sums
+        return [
+            (maxes if k == "max" else mins if k == "min" else sums)[j] for j, k in enumerate(kinds)
+        ]
+
+    def _fold(self, flat: tuple[float, ...], start: int | None) -> list[float] | None:
+        """Per slot, the fold of the flat rows from row ``start`` on (None: no rows)."""
+        if start is None:
+            return None
+        width = len(self.slots) + 1
+        out: list[float] = []
+        for j, (kind, _) in enumerate(self.slots, 1):
+            col = flat[start * width + j :: width]
+            if kind == "max":
+                out.append(max(col))
+            elif kind == "min":
+                out.append(min(col))
+            else:  # in ascending order, as numpy's sum over rows
+                total = col[0]
+                for v in col[1:]:
+                    total += v
+                out.append(total)
         return out
 
     def evaluate_many(self, blobs: Sequence[bytes | None], now_us: int) -> list[list[Any]]:
@@ -213,6 +249,16 @@ class TilePlan:
 
 
 _ONE_BY_ONE = 3  # up to this many blobs, evaluate_many calls evaluate on each (cheaper)
+_SMALL = 32  # up to this many tiles, evaluate folds in Python (cheaper than numpy's calls)
+
+
+def _suffix(flat: Sequence[float], width: int, n: int, first: int) -> int | None:
+    """The first of ``n`` ascending flat rows whose tile index is ``>= first`` (None: no
+    row is)."""
+    start = n
+    while start > 0 and flat[(start - 1) * width] >= first:
+        start -= 1
+    return start if start < n else None
 
 
 REQUEST_TIME_TAG = "hotpath.request_time"  # the resolution in µs (feature_repo/aggregated.py)

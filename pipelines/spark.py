@@ -28,6 +28,10 @@ SQL_CONF = {
 }
 # Fixed when the session starts: no web UI, no console progress bars.
 SESSION_CONF = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false"}
+# The JVM's JIT code cache: the default 240 MB filled up in one long session (the demo:
+# backfill, materialization and the training join, each with generated code for dozens of
+# window expressions) and the JVM died ("Out of space in CodeCache").
+JVM_OPTIONS = "-XX:ReservedCodeCacheSize=512m"
 
 
 def _java_present() -> bool:
@@ -55,7 +59,10 @@ def spark_session(master: str | None = None, driver_memory: str | None = None) -
         .master(master or defaults.master)
         .config("spark.driver.memory", driver_memory or defaults.driver_memory)
     )
-    for key, value in (SESSION_CONF | SQL_CONF | console.spark_conf()).items():
+    conf = SESSION_CONF | SQL_CONF | {"spark.executor.extraJavaOptions": JVM_OPTIONS}
+    logging = console.spark_conf().get("spark.driver.extraJavaOptions", "")
+    conf["spark.driver.extraJavaOptions"] = f"{JVM_OPTIONS} {logging}".strip()
+    for key, value in conf.items():
         builder = builder.config(key, value)
     with console.jvm_stderr():  # a JVM started here inherits stderr
         spark = builder.getOrCreate()

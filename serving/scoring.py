@@ -210,7 +210,8 @@ class Scorer:
         if not live:
             return
         rows = [r for job in live for r in job.rows]
-        values, ages, store_cause = self._read(rows)
+        read_at = time.time()  # the instant the features are computed and judged at
+        values, ages, store_cause = self._read(rows, read_at)
         t1 = time.perf_counter()
         scores, cause = None, store_cause
         if values is not None:
@@ -238,12 +239,13 @@ class Scorer:
             if not job.future.done():
                 job.future.set_result(answers)
         if record and self.served_log is not None:  # queued as built: the writer does the rest
-            self.served_log.submit(live, values, ages, out, t1)
+            self.served_log.submit(live, values, ages, out, read_at)
 
     def _read(
-        self, rows: list[dict[str, Any]]
+        self, rows: list[dict[str, Any]], now: float
     ) -> tuple[list[dict[str, Any]] | None, list[dict[str, float | None]], str | None]:
-        """Served values (TTL applied) and per-view ages, or None and the cause."""
+        """Served values (TTL applied) and per-view ages as of ``now`` (epoch seconds), or
+        None and the cause."""
         if self.store_empty:
             return None, self._no_ages(rows), "online_store_not_materialized"
         if not self.store_breaker.allow():
@@ -253,7 +255,7 @@ class Scorer:
         # store's socket timeout is the features budget, so a hung store can't hold the
         # loop longer, and the breaker stops asking after a few misses.
         try:
-            values, ages = self.features.read_served(rows)
+            values, ages = self.features.read_served(rows, now)
         except (TimeoutError, BlockingIOError):
             self.store_breaker.failure("timeout")
             return None, self._no_ages(rows), "online_store_deadline"

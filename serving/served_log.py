@@ -5,12 +5,13 @@ declared with its model) becomes one row of Feast's ``FeatureServiceLoggingSourc
 the schema is Feast's own, computed from the registry at start-up: the FeatureService's join
 keys and request fields, ``{view}__{feature}`` with ``__timestamp`` (the value's event time)
 and ``__status`` (Feast's ``FieldStatus``), ``__log_timestamp`` (when the vector was read),
-``__log_date`` and ``__request_id`` — plus what the model made of it: ``__model``,
-``__model_version``, ``__score`` (null on a fallback), ``__decision``, ``__fallback`` and
-``__latency_ms`` (arrival to answer). Files are written the way Feast's
-``FileLoggingDestination`` writes them (``{uuid}-0.parquet`` straight under its path), one
-path per FeatureService, so ``FileLoggingDestination(path=<dir>/<feature service>)`` on the
-service reads them back through Feast, and Spark reads the same folder.
+``__log_date`` and ``__request_id`` (the client's ``X-Request-ID``, else a uuid) — plus
+what the model made of it: ``__model``, ``__model_version``, ``__score`` (null on a
+fallback), ``__decision``, ``__fallback`` and ``__latency_ms`` (arrival to answer). Files
+are written the way Feast's ``FileLoggingDestination`` writes them (``{uuid}-0.parquet``
+straight under its path), one path per FeatureService, so
+``FileLoggingDestination(path=<dir>/<feature service>)`` on the service reads them back
+through Feast, and Spark reads the same folder.
 
 Off the request path: the scorer hands over the objects it already built (one deque append
 per coalesced batch); a writer thread turns them into Arrow batches every
@@ -34,7 +35,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from datetime import UTC
+from datetime import UTC, date
 from pathlib import Path
 from random import random
 from typing import Any
@@ -138,8 +139,8 @@ class ModelLog:
     ) -> None:
         """Queue one coalesced batch as the scorer built it: its requests (each with
         ``.rows``), served values (None: not read), per-view ages, the answers, and when
-        the values were read (``time.perf_counter``). Never waits: past the queue's bound
-        the batch is dropped and counted."""
+        the values were read (epoch seconds: the ``now`` they were computed at). Never
+        waits: past the queue's bound the batch is dropped and counted."""
         w = self._writer
         n = len(answers)
         if w.closed or w.submitted - w.taken + n > w.limit:
@@ -148,18 +149,18 @@ class ModelLog:
         w.submitted += n
         w.queue.append((self, jobs, values, ages, answers, read_at))
 
-    def add(self, item: tuple[Any, ...], offset: float, out: list[tuple[Any, ...]]) -> None:
+    def add(self, item: tuple[Any, ...], out: list[tuple[Any, ...]]) -> None:
         """Append one submitted batch's sampled rows to ``out``, as references: (request
-        row, served values or None, view ages, answer, request id, read time in µs).
-        ``offset`` turns ``perf_counter`` times into wall-clock seconds."""
+        row, served values or None, view ages, answer, request id, read time in µs)."""
         jobs, values, ages, answers, read_at = item
-        read_us = round((read_at + offset) * 1e6)
+        read_us = round(read_at * 1e6)
         rate = self.rate
         i = 0
         for job in jobs:
             n = len(job.rows)
             if rate >= 1 or random() < rate:  # sampled per request, like Feast
-                request_id = uuid.uuid4().hex
+                # the client's X-Request-ID (serving.predict_routes), else one of ours
+                request_id = job.rows[0].get(REQUEST_ID_FIELD) or uuid.uuid4().hex
                 for j, row in enumerate(job.rows, start=i):
                     vals = values[j] if values is not None else None
                     out.append((row, vals, ages[j], answers[j], request_id, read_us))
@@ -259,7 +260,6 @@ class ServedLog:
 
     def _drain(self) -> None:
         """Everything queued into Arrow batches, per model."""
-        offset = time.time() - time.perf_counter()
         rows: dict[ModelLog, list[tuple[Any, ...]]] = {}
         while self.queue:
             model, *item = self.queue.popleft()
@@ -267,7 +267,7 @@ class ServedLog:
             out = rows.setdefault(model, [])
             before = len(out)
             try:
-                model.add(tuple(item), offset, out)
+                model.add(tuple(item), out)
             except Exception as e:  # a bug here must not stop the log
                 log.error("served_log: batch dropped: %r", e)
                 model.dropped["error"].inc(n)
@@ -309,6 +309,16 @@ class ServedLog:
                 model.written.inc(sum(b.num_rows for b in batches))
 
 
+def _layout(names: list[str]) -> tuple[list[str], list[str]]:
+    """A log's columns: (join keys and request fields, logged feature values)."""
+    features = [n for n in names if f"{n}__status" in names]
+    derived = {f"{n}__{x}" for n in features for x in ("status", "timestamp")}
+    system = {LOG_TIMESTAMP_FIELD, LOG_DATE_FIELD, REQUEST_ID_FIELD}
+    system |= {f.name for f in OUTCOME_FIELDS}
+    skip = derived | system | set(features)
+    return [n for n in names if n not in skip], features
+
+
 def served_requests(folder: Path, model: str, limit: int) -> pd.DataFrame:
     """The newest ``limit`` rows ``model`` was served that read the store: the request's
     columns (join keys, request fields), ``__log_timestamp`` (when the vector was read) and
@@ -319,13 +329,9 @@ def served_requests(folder: Path, model: str, limit: int) -> pd.DataFrame:
     if not folder.is_dir():
         return pd.DataFrame()
     dataset = ds.dataset(folder, format="parquet")
-    names = dataset.schema.names
-    features = [n for n in names if f"{n}__status" in names]
-    derived = {f"{n}__{x}" for n in features for x in ("status", "timestamp")}
-    system = {LOG_DATE_FIELD, REQUEST_ID_FIELD} | {f.name for f in OUTCOME_FIELDS}
-    request = [n for n in names if n not in derived and n not in system and n not in features]
+    request, features = _layout(dataset.schema.names)
     table = dataset.to_table(
-        columns=request + features + [f"{n}__status" for n in features],
+        columns=[*request, LOG_TIMESTAMP_FIELD, *features, *(f"{n}__status" for n in features)],
         filter=pc.field(MODEL) == model,
     )
     if features and table.num_rows:
@@ -334,6 +340,32 @@ def served_requests(folder: Path, model: str, limit: int) -> pd.DataFrame:
     for n in features:
         frame[n] = frame[n].astype(object).where(frame.pop(f"{n}__status") == int(PRESENT), None)
     return frame.reset_index(drop=True)
+
+
+def served_examples(
+    folder: Path, model: str, first: date | None = None, last: date | None = None
+) -> pd.DataFrame:
+    """Every row ``model`` was served, logged on days ``first`` .. ``last`` (inclusive;
+    None: open), in log order: join keys and request fields, ``__request_id``,
+    ``__log_timestamp``, ``__model_version``, ``__fallback``, and each feature under its
+    plain name exactly as logged (null where it was missing or not read: the model was
+    given its default)."""
+    import pyarrow.dataset as ds
+
+    if not folder.is_dir():
+        return pd.DataFrame()
+    dataset = ds.dataset(folder, format="parquet")
+    request, features = _layout(dataset.schema.names)
+    where = pc.field(MODEL) == model
+    if first is not None:
+        where &= pc.field(LOG_DATE_FIELD) >= pa.scalar(first, pa.date32())
+    if last is not None:
+        where &= pc.field(LOG_DATE_FIELD) <= pa.scalar(last, pa.date32())
+    system = [REQUEST_ID_FIELD, LOG_TIMESTAMP_FIELD, VERSION, FALLBACK]
+    table = dataset.to_table(columns=[*request, *system, *features], filter=where)
+    names = [*request, *system, *(n.split("__", 1)[1] for n in features)]
+    frame = table.rename_columns(names).to_pandas()
+    return frame.sort_values(LOG_TIMESTAMP_FIELD, kind="stable").reset_index(drop=True)
 
 
 def served_vectors(folder: Path, model: str) -> pd.DataFrame:
@@ -345,7 +377,7 @@ def served_vectors(folder: Path, model: str) -> pd.DataFrame:
     if not folder.is_dir():
         return pd.DataFrame()
     dataset = ds.dataset(folder, format="parquet")
-    values = [n for n in dataset.schema.names if f"{n}__status" in dataset.schema.names]
+    _, values = _layout(dataset.schema.names)
     table = dataset.to_table(
         columns=values + [f"{n}__status" for n in values], filter=pc.field(MODEL) == model
     )
