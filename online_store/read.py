@@ -409,6 +409,15 @@ def _reader(
     return FeastReader(store, where.tier, views)
 
 
+def reads_tiles(where: Placement) -> bool:
+    """Whether the fast path reads a request-time view's tiles in this store (SQLite, Redis,
+    Redis Cluster: what :func:`_reader` reads itself). Anywhere else Feast's own read would
+    answer last-event values, so ``hotpath apply`` refuses a request-time view there."""
+    if where.kind == "sqlite":
+        return True
+    return where.kind == "redis" and where.config.redis_type in ("redis", "redis_cluster")
+
+
 # ------------------------------------------------------------------ checks
 
 

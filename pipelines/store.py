@@ -20,7 +20,7 @@ import redis
 from feast import FeatureStore
 
 from online_store import connect
-from online_store.tiers import UnknownTierError, is_tiered, tier_configs, tier_name
+from online_store.tiers import UnknownTierError, is_tiered, placement, tier_configs, tier_name
 from pipelines.errors import HotpathError, first_line
 from pipelines.settings import Settings, feast_cluster_connection, feast_redis_connection
 
@@ -159,19 +159,29 @@ def _restoring_cwd() -> Iterator[None]:
 
 
 def check_tiers(store: FeatureStore, repo: Path) -> None:
-    """On a tiered online store, every feature view's tag must name a configured tier."""
+    """On a tiered online store, every feature view's tag must name a configured tier; a
+    request-time view must live where its tiles are read (never served last-event values
+    under a request-time name)."""
+    from online_store.read import reads_tiles
+    from online_store.tiles import REQUEST_TIME_TAG
     from pipelines.contract import feature_views
 
     cfg = store.config.online_store
-    if not is_tiered(cfg):
-        return
     for view in feature_views(repo).values():
         if not view.online:
             continue
-        try:
-            tier_name(cfg, view)
-        except UnknownTierError as e:
-            raise HotpathError(str(e)) from None
+        if is_tiered(cfg):
+            try:
+                tier_name(cfg, view)
+            except UnknownTierError as e:
+                raise HotpathError(str(e)) from None
+        where = placement(store, view)
+        if REQUEST_TIME_TAG in (view.tags or {}) and not reads_tiles(where):
+            raise HotpathError(
+                f"feature view {view.name}: request_time needs its tiles in Redis or SQLite, "
+                f"but its store{f' (tier {where.tier})' if where.tier else ''} is "
+                f"{where.kind}: move it to a Redis tier or declare it without request_time"
+            )
 
 
 def apply(store: FeatureStore) -> None:

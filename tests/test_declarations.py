@@ -260,3 +260,24 @@ def test_one_offline_row_per_key_and_instant_per_epoch(tmp_path: Path) -> None:
     part.close()
     rows = pd.read_parquet(tmp_path / "user_velocity")
     assert len(rows) == 1 and rows.iloc[0]["user_txn_count_5m"] == 2, rows
+
+
+def test_a_request_time_view_must_live_where_tiles_are_read(repo_copy: Path) -> None:
+    """A request-time view in a store whose reads are Feast's own (ScyllaDB) would serve its
+    last-event row under a request-time name: `apply` refuses it, naming view and tier."""
+    from pipelines import store
+    from pipelines.settings import Settings
+
+    source = repo_copy / "streaming_features.py"
+    text = source.read_text()
+    at = text.index('name="user_velocity"')
+    tags = text.index('"online_store": "redis"', at)
+    source.write_text(text[:tags] + '"online_store": "scylla"' + text[tags + 23 :])
+    from feast import FeatureStore
+
+    production = Settings(repo=repo_copy, profile="production")
+    store.open_store_env(production)  # (no server needed: the check reads the config)
+    fs = FeatureStore(repo_path=str(repo_copy), fs_yaml_file=production.feature_store_yaml)
+    with pytest.raises(HotpathError, match=r"user_velocity: request_time .* \(tier scylla\) is"):
+        store.check_tiers(fs, repo_copy)
+    store.check_tiers(store.open_store(Settings(repo=repo_copy)), repo_copy)  # SQLite: fine
