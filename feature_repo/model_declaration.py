@@ -33,6 +33,9 @@ class Labels:
     # features are looked up this long before the event: what a scoring call saw
     lookup_offset: timedelta = timedelta(microseconds=1)
     group_by: tuple[str, ...] = ()  # ranking: the columns one query's candidates share
+    # the column holding the id a client sends as ``X-Request-ID`` when it scores the event:
+    # ``hotpath train --served`` joins logged predictions to their labels on it
+    request_id: str | None = None
 
 
 @dataclass(frozen=True)

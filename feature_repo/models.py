@@ -33,6 +33,7 @@ PAYMENT_LABELS = Labels(
     label="is_fraud",
     known_at="label_ts",
     order_by=("transaction_id",),
+    request_id="transaction_id",  # a payment is scored with X-Request-ID: its transaction_id
 )
 
 # What a valid payment is (transaction_event.py), as the batch job and the stream judge it.

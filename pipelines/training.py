@@ -9,6 +9,10 @@ looked up with Feast's ``get_historical_features`` for the FeatureService ``look
 the event's own per-event rows (velocity, pair history) are written only after it. The
 split is by time: the model is judged on the latest slice. The published version records
 the declaration as served: request schema, features with defaults, policy.
+
+``hotpath train --served`` takes its examples from the served-vector log instead
+(:func:`served_dataset`: the vectors as served, each with the label its request id got);
+fitting, export and publication are the same (:func:`fit_and_publish`).
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from typing import Any
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as ds
 from feast import FeatureStore
+from feast.feature_logging import LOG_TIMESTAMP_FIELD, REQUEST_ID_FIELD
 
 from online_store.tiles import zero_when_empty
 from pipelines.contract import default_model, models
@@ -43,9 +49,11 @@ from serving.model_repository import (
     check_writable,
     feature_matrix,
     feature_profile,
+    load_metadata,
     publish,
 )
 from serving.schemas import RequestField, request_shape
+from serving.served_log import FALLBACK, VERSION, served_examples
 
 LOOKUP_OFFSET = pd.Timedelta(microseconds=1)  # the declarations' default
 EXAMPLE_TS = "example_ts"  # each example's own event time, beside Feast's lookup time
@@ -158,8 +166,6 @@ def load_labels(
     spec = model.labels
     path = Path(spec.source.path)
     ts = spec.source.timestamp_field
-    if not path.exists():
-        raise HotpathError(f"labels not found at {path} (run `hotpath generate` first)")
     filters = []
     if start:
         filters.append(ds.field(ts) >= pd.Timestamp(start, tz="UTC"))
@@ -168,12 +174,8 @@ def load_labels(
     if spec.known_at:
         filters.append(ds.field(spec.known_at) <= pd.Timestamp(known_by))
     wanted = list(dict.fromkeys([*columns, ts]))
-    try:
-        dataset = ds.dataset(path, format="parquet", partitioning="hive")
-        table = dataset.to_table(columns=wanted, filter=_all(filters))
-        labels = table.to_pandas().rename(columns={ts: "event_timestamp"})
-    except Exception as e:
-        raise HotpathError(f"cannot read labels from {path}: {first_line(e)}") from None
+    labels = _read_labels(path, wanted, lambda _: _all(filters))
+    labels = labels.rename(columns={ts: "event_timestamp"})
     if labels.empty:
         span = f"{start or 'beginning'} .. {end or 'end'}"
         raise HotpathError(f"no labels in range {span} known by {known_by:%Y-%m-%d %H:%M} UTC")
@@ -181,6 +183,21 @@ def load_labels(
         raise HotpathError("labels in range are all of one class: widen the date range")
     order = ["event_timestamp", *spec.order_by]
     return labels.sort_values(order).reset_index(drop=True)
+
+
+def _read_labels(
+    path: Path, columns: list[str], where: Callable[[ds.Dataset], Any]
+) -> pd.DataFrame:
+    """``columns`` of the label source's rows that ``where(dataset)`` selects (None: all)."""
+    if not path.exists():
+        raise HotpathError(f"labels not found at {path} (run `hotpath generate` first)")
+    try:
+        dataset = ds.dataset(path, format="parquet", partitioning="hive")
+        return dataset.to_table(columns=columns, filter=where(dataset)).to_pandas()
+    except HotpathError:
+        raise
+    except Exception as e:
+        raise HotpathError(f"cannot read labels from {path}: {first_line(e)}") from None
 
 
 def _all(filters: list[Any]) -> Any:
@@ -324,6 +341,18 @@ class Dataset:
     labels_known_by: datetime
     model: Any  # the model_declaration.Model
     request: list[RequestField]
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)  # into metadata
+
+
+def _inputs(
+    store: FeatureStore, model: Any, labels_known_by: datetime | None
+) -> tuple[Any, datetime, list[FeatureSpec], list[RequestField]]:
+    """The declaration (``model`` or the one it names), the label cut-off (default now), its
+    features and request schema: what every training set is built for."""
+    model = model if not isinstance(model, str | None) else declared(store, model)
+    service = model.feature_service.name
+    known_by = labels_known_by or datetime.now(UTC)
+    return model, known_by, feature_specs(store, service), request_fields(store, model)
 
 
 def build_dataset(
@@ -337,12 +366,8 @@ def build_dataset(
     """The declared model's labels known by ``labels_known_by`` (default now), joined
     point-in-time to its FeatureService; ``model`` is a declaration or its name (default:
     the repo's default model)."""
-    model = model if not isinstance(model, str | None) else declared(store, model)
-    known_by = labels_known_by or datetime.now(UTC)
-    service = model.feature_service.name
-    specs = feature_specs(store, service)
-    request = request_fields(store, model)
-    spec = model.labels
+    model, known_by, specs, request = _inputs(store, model, labels_known_by)
+    service, spec = model.feature_service.name, model.labels
     columns = [f.name for f in request] + [spec.label, *spec.order_by, *spec.group_by]
     labels = load_labels(model, start, end, known_by, columns)
     positives = int(labels[spec.label].astype(bool).sum())
@@ -357,6 +382,132 @@ def build_dataset(
     took = time.perf_counter() - t0
     log(f"    training set: {len(df):,} rows x {len(specs)} features in {took:.1f}s")
     return Dataset(df, specs, service, known_by, model, request)
+
+
+def served_dataset(
+    store: FeatureStore,
+    model: Any,
+    folder: Path,
+    first: date | None = None,
+    last: date | None = None,
+    labels_known_by: datetime | None = None,
+    model_repository: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> Dataset:
+    """Train on what was served: the vectors ``model`` was served, as the served-vector
+    log ``folder`` holds them (logged on days ``first`` .. ``last``; not recomputed), each
+    with the label its event got by ``labels_known_by`` (default now).
+
+    A logged row's ``__request_id`` (the client's ``X-Request-ID``) is matched to the label
+    source's declared ``request_id`` column, and the label row's join keys must be the
+    request's (an id reused for another event is no label). Fallback rows are left out (no
+    model saw them), and so is every row without a label known by the cut-off; each kind
+    is counted in the log. Missing values stay missing: the model gets the declared
+    defaults, as serving gave them (checked against the served versions' metadata in
+    ``model_repository``, where they are published)."""
+    model, known_by, specs, request = _inputs(store, model, labels_known_by)
+    service, spec = model.feature_service.name, model.labels
+    if spec.request_id is None:
+        raise HotpathError(
+            f"model {model.name}: its labels declare no request_id column "
+            "(nothing to join logged predictions to their labels on)"
+        )
+    path = folder / service
+    logged = served_examples(path, model.name, first, last)
+    span = f"{first or 'first'} .. {last or 'last'}"
+    if logged.empty:
+        raise HotpathError(f"no predictions of {model.name} logged in {path} ({span})")
+    unlogged = [f.name for f in specs if f.name not in logged]
+    if unlogged:
+        raise HotpathError(f"{path} was logged without features {unlogged}: another service?")
+    if model_repository is not None:
+        _check_served_defaults(model_repository, model.name, logged[VERSION].unique(), specs)
+    stamps = logged[LOG_TIMESTAMP_FIELD]
+    log(
+        f"    served log {path}: {len(logged):,} predictions of {model.name}, logged "
+        f"{stamps.min():%Y-%m-%d %H:%M:%S} .. {stamps.max():%Y-%m-%d %H:%M:%S} UTC"
+    )
+    fallback = logged[FALLBACK].astype(bool)
+    served = logged[~fallback]
+    keys = [f.name for f in request if f.entity]
+    found = _labels_of(model, served[REQUEST_ID_FIELD], keys)
+    joined = served.merge(
+        found, how="left", left_on=REQUEST_ID_FIELD, right_on="__label_id",
+        suffixes=("", "__label"), validate="many_to_one",
+    )  # fmt: skip
+    has = joined["__label_id"].notna()
+    same = has & np.logical_and.reduce([joined[k] == joined[f"{k}__label"] for k in keys])
+    known = same.copy()
+    if spec.known_at:
+        known &= pd.to_datetime(joined[spec.known_at], utc=True) <= pd.Timestamp(known_by)
+    repeat = known & joined.duplicated([REQUEST_ID_FIELD, *keys])
+    labelled = known & ~repeat
+    counts = {
+        "logged": len(logged),
+        "fallback": int(fallback.sum()),
+        "labelled": int(labelled.sum()),
+        "label_later": int((same & ~known).sum()),
+        "no_label": int((~has).sum()),
+        "other_event": int((has & ~same).sum()),
+        "repeat": int(repeat.sum()),
+    }
+    log(
+        f"    labels known by {known_by:%Y-%m-%d %H:%M:%S} UTC, by request id "
+        f"(X-Request-ID = {spec.source.name}.{spec.request_id}):"
+    )
+    for n, what in (
+        ("labelled", "labelled: trained on"),
+        ("fallback", "fallbacks (answered by rules, not the model): left out"),
+        ("label_later", "labelled only after the cut-off: left out"),
+        ("no_label", "no label yet: left out"),
+        ("other_event", "id labels another event (other join keys): left out"),
+        ("repeat", "repeats of a labelled request (same id and keys): left out"),
+    ):
+        log(f"    {counts[n]:>10,} {what}")
+    frame = joined[labelled].rename(columns={LOG_TIMESTAMP_FIELD: EXAMPLE_TS})
+    frame = frame[[*(f.name for f in request), REQUEST_ID_FIELD, EXAMPLE_TS, spec.label,
+                   *(f.name for f in specs)]]  # fmt: skip
+    frame[spec.label] = frame[spec.label].astype(bool)
+    frame[EXAMPLE_TS] = pd.to_datetime(frame[EXAMPLE_TS], utc=True)
+    frame = frame.sort_values(EXAMPLE_TS, kind="stable").reset_index(drop=True)
+    if frame.empty or frame[spec.label].nunique() < 2:
+        raise HotpathError(f"too few labelled predictions of each class in {path} ({span})")
+    provenance = {"trained_on": "served_log", "served_log": str(path), "served_rows": counts}
+    return Dataset(frame, specs, service, known_by, model, request, provenance)
+
+
+def _labels_of(model: Any, ids: pd.Series, keys: list[str]) -> pd.DataFrame:
+    """The label source's rows whose declared ``request_id`` is one of ``ids``: the label,
+    when it became known and the event's join keys, the id as text (``__label_id``)."""
+    spec = model.labels
+    column = spec.request_id
+    wanted = [column, spec.label, *keys, *([spec.known_at] if spec.known_at else [])]
+
+    def where(dataset: ds.Dataset) -> Any:
+        kind = dataset.schema.field(column).type
+        values = ids.dropna().unique().tolist()
+        if pa.types.is_integer(kind):  # ids that are not integers label nothing here
+            values = [int(v) for v in values if v.lstrip("-").isdigit()]
+        return ds.field(column).isin(pa.array(values, kind))
+
+    labels = _read_labels(Path(spec.source.path), wanted, where)
+    labels["__label_id"] = labels.pop(column).astype(str)
+    return labels.rename(columns={k: f"{k}__label" for k in keys})
+
+
+def _check_served_defaults(root: Path, model: str, versions: Any, specs: list[FeatureSpec]) -> None:
+    """The served versions gave the model the features and defaults the declaration gives
+    now (a logged null became that default): else training would see other inputs."""
+    want = [(f.name, f.default) for f in specs]
+    for version in sorted(int(v) for v in versions):
+        if not (root / model / str(version)).is_dir():
+            continue  # served from another repository: nothing to compare with
+        meta = load_metadata(root, model, version)
+        if [(f.name, f.default) for f in meta.features] != want:
+            raise HotpathError(
+                f"{model} version {version} was served with other features or defaults "
+                "than the declaration's: its logged vectors would train another input"
+            )
 
 
 def fit_and_publish(data: Dataset, model_repository: Path) -> TrainResult:
@@ -411,6 +562,7 @@ def fit_and_publish(data: Dataset, model_repository: Path) -> TrainResult:
                 "onnx_max_abs_diff": diff,
                 "algorithm": "lightgbm",
                 "training": dataclasses.asdict(params),
+                **data.provenance,
             },
         )
         try:
@@ -438,13 +590,21 @@ def train(
     end: date | None = None,
     labels_known_by: datetime | None = None,
     log: Callable[[str], None] = print,
+    served_log: Path | None = None,
 ) -> TrainResult:
     """The whole pipeline for the declared model ``model`` (default: the repo's default
-    model); publishes a new version and returns what it measured."""
+    model); publishes a new version and returns what it measured. With ``served_log``, the
+    examples are the vectors it was served that day range (:func:`served_dataset`), not the
+    point-in-time training set of its labels."""
     declaration = declared(store, model)  # an unknown name fails before anything else
     try:
         check_writable(model_repository)  # before the expensive part
     except ModelRepositoryError as e:
         raise HotpathError(str(e)) from None
-    data = build_dataset(store, declaration, start, end, labels_known_by, log)
+    if served_log is not None:
+        data = served_dataset(
+            store, declaration, served_log, start, end, labels_known_by, model_repository, log
+        )
+    else:
+        data = build_dataset(store, declaration, start, end, labels_known_by, log)
     return fit_and_publish(data, model_repository)

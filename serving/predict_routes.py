@@ -10,6 +10,11 @@ own request model (``model_validate_json``), score it and write JSON. Everything
 lifespan, probes, ``/metrics``, ``/v1/models``, ``/docs``, the OpenAPI document, which
 declares these routes too — is FastAPI's. Errors are answered through
 :mod:`serving.problems`, like FastAPI's.
+
+A client's ``X-Request-ID`` (up to 128 visible ASCII characters) is the request's id in the
+served-vector log (otherwise the log makes one up): scored with its event's id, a logged
+prediction can be joined to the label that event gets later (``hotpath train --served``).
+Every row of the request carries it, as the log's ``__request_id`` key.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from starlette.exceptions import HTTPException
 
 from serving import admission
 from serving.problems import HANDLED, TooLarge, Unauthorized, UnknownModel, problem_of
+from serving.served_log import REQUEST_ID_FIELD
 
 log = logging.getLogger("hotpath.serving")
 
@@ -37,7 +43,8 @@ class ClientGone(Exception):
     """The client disconnected before sending its whole body: nobody to answer."""
 
 
-Route = Callable[[Any, bytes, float], Awaitable[Any]]
+Route = Callable[[Any, bytes, float, str | None], Awaitable[Any]]
+MAX_REQUEST_ID = 128
 
 
 class PredictRoutes:
@@ -86,7 +93,7 @@ class PredictRoutes:
             served = rt.default if name is None else rt.models.get(name)
             if served is None:
                 raise UnknownModel(name or "(default)", list(rt.models))
-            answer = await route(served, raw, admission.arrival(scope))
+            answer = await route(served, raw, admission.arrival(scope), _request_id(scope))
             status, out, headers = 200, orjson.dumps(answer), None
         except ClientGone:
             return
@@ -97,20 +104,22 @@ class PredictRoutes:
             headers = [(k.lower().encode(), v.encode()) for k, v in hdrs.items()]
         await _send(send, status, out, headers)
 
-    async def _one(self, served: Any, raw: bytes, arrival: float) -> Any:
-        row = served.request.model_validate_json(raw)
-        (p,) = await (served.canary or served.scorer).predict([row.model_dump()], arrival)
+    async def _one(self, served: Any, raw: bytes, arrival: float, rid: str | None) -> Any:
+        row = served.request.model_validate_json(raw).model_dump()
+        _tag([row], rid)
+        (p,) = await (served.canary or served.scorer).predict([row], arrival)
         return p
 
-    async def _batch(self, served: Any, raw: bytes, arrival: float) -> Any:
+    async def _batch(self, served: Any, raw: bytes, arrival: float, rid: str | None) -> Any:
         field = served.meta.batch_field
         items = getattr(served.batch.model_validate_json(raw), field)
         if len(items) > self._max_batch:
             raise TooLarge(self._max_batch, field)
         rows = [item.model_dump() for item in items]
+        _tag(rows, rid)
         return {"predictions": await (served.canary or served.scorer).predict(rows, arrival)}
 
-    async def _rank(self, served: Any, raw: bytes, arrival: float) -> Any:
+    async def _rank(self, served: Any, raw: bytes, arrival: float, rid: str | None) -> Any:
         """Every candidate with the request's other fields as one coalesced job: one store
         round trip per tier and one model call for all of them; best score first."""
         meta = served.meta
@@ -123,6 +132,7 @@ class PredictRoutes:
         base = req.model_dump(exclude={"candidates", "top_k"})
         key = meta.candidate_key
         rows = [{**base, key: c} for c in candidates]
+        _tag(rows, rid)
         answers = await (served.canary or served.scorer).predict(rows, arrival)
         order = sorted(
             range(len(answers)),
@@ -145,6 +155,25 @@ class PredictRoutes:
             "model_version": answers[0]["model_version"],  # (a canary's, maybe)
             "latency_ms": answers[0]["latency_ms"],
         }
+
+
+def _request_id(scope: Scope) -> str | None:
+    """The client's ``X-Request-ID``, checked (400 if malformed), or None."""
+    raw = _header(scope, b"x-request-id")
+    if raw is None:
+        return None
+    if not 0 < len(raw) <= MAX_REQUEST_ID or not all(33 <= c < 127 for c in raw):
+        raise HTTPException(
+            400, f"X-Request-ID: 1 to {MAX_REQUEST_ID} visible ASCII characters, no spaces"
+        )
+    return raw.decode()
+
+
+def _tag(rows: list[dict[str, Any]], rid: str | None) -> None:
+    """Every row of the request carries its id (the log's ``__request_id``)."""
+    if rid is not None:
+        for row in rows:
+            row[REQUEST_ID_FIELD] = rid
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -19,6 +19,7 @@ from model_reference import online_values, request_time_values, scores
 
 QUEUE = 64  # predictions the log may hold before dropping
 SERVICE = "fraud_detection_v1"
+BATCH_ID = "batch-1"  # the batch's X-Request-ID: its rows share it
 
 
 @dataclass
@@ -31,10 +32,13 @@ class Logged:
     metrics: str
     fs: object
     models: Path  # the model repository served
+    ids: list[str | None]  # each row's X-Request-ID (its payment's transaction_id), if sent
+    malformed: requests.Response  # the answer to an X-Request-ID with a space
 
 
-def _post(url: str, path: str, body: dict) -> dict:
-    r = requests.post(url + path, json=body, timeout=10)
+def _post(url: str, path: str, body: dict, request_id: str | None = None) -> dict:
+    headers = {"X-Request-ID": request_id} if request_id else None
+    r = requests.post(url + path, json=body, headers=headers, timeout=10)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -57,20 +61,26 @@ def logged(trained_online, tmp_path_factory) -> Logged:
         {"user_id": int(r.user_id), "merchant_id": int(r.merchant_id), "amount": float(r.amount)}
         for r in tx.itertuples()
     ]
+    # a payment is scored with its id (the unknown row without: the log makes one up)
+    ids = [None] + [str(r.transaction_id) for r in tx.itertuples()]
     proc, url = serve(project.settings.repo, env)
     try:
         answers, requests_of = [], []
         for i, row in enumerate(rows[:14]):
-            answers.append(_post(url, "/predict", row))
+            answers.append(_post(url, "/predict", row, ids[i]))
             requests_of.append(i)
         for i, row in enumerate(rows[14:19], start=14):
-            answers.append(_post(url, "/v1/models/fraud_detection/predict", row))
+            answers.append(_post(url, "/v1/models/fraud_detection/predict", row, ids[i]))
             requests_of.append(i)
         batch = [*rows[19:], rows[0]]  # 7 rows, the unknown one among them again
-        answers += _post(url, "/predict/batch", {"transactions": batch})["predictions"]
+        body = {"transactions": batch}
+        answers += _post(url, "/predict/batch", body, BATCH_ID)["predictions"]
         requests_of += [19] * len(batch)
         # more rows than the queue holds: answered all the same, dropped from the log
         big = _post(url, "/predict/batch", {"transactions": (rows * 5)[: QUEUE + 36]})
+        malformed = requests.post(
+            url + "/predict", json=rows[1], headers={"X-Request-ID": "a b"}, timeout=10
+        )
         metrics = requests.get(url + "/metrics", timeout=10).text
     finally:
         stop(proc)  # SIGTERM: a clean shutdown
@@ -83,6 +93,8 @@ def logged(trained_online, tmp_path_factory) -> Logged:
         metrics,
         fs,
         project.settings.model_repository,
+        [*ids[:19], *[BATCH_ID] * len(batch)],
+        malformed,
     )
 
 
@@ -107,6 +119,12 @@ def test_every_answer_is_logged_once_and_a_full_queue_drops_and_counts(logged: L
         by_request.setdefault(req, set()).add(rid)
     assert all(len(v) == 1 for v in by_request.values())
     assert len(set(ids)) == len(by_request) == 20
+    # the client's X-Request-ID where it sent one; a malformed one is refused (not logged)
+    assert logged.malformed.status_code == 400, logged.malformed.text
+    assert "X-Request-ID" in logged.malformed.json()["detail"]
+    assert [i for i, sent in zip(ids, logged.ids, strict=True) if sent] == [
+        sent for sent in logged.ids if sent
+    ]
 
 
 def test_the_logged_vectors_are_what_was_answered(logged: Logged) -> None:
@@ -247,3 +265,112 @@ def test_skew_on_the_served_vectors_is_zero_until_a_logged_value_differs(
     )
     _, found = check_served_skew(logged.fs, logged.models, "fraud_detection", tmp_path)
     assert [(m.view, m.feature) for m in found] == [tuple(target.split("__", 1))], found
+
+
+def test_training_on_what_was_served_joins_labels_known_by_the_cut_off(
+    logged: Logged, tmp_path: Path
+) -> None:
+    """``hotpath train --served``: the training set is the logged vectors row for row (read
+    here from the parquet with pandas), each with the label of its request's id known by
+    the cut-off; labels known later, ids without a label and an id whose label is another
+    event's are counted and left out; the set reproduces the served scores (the defaults
+    serving gave), and the model trains, publishes and scores."""
+    from dataclasses import replace
+
+    import numpy as np
+    import pandas as pd
+    from feast import FileSource
+
+    from pipelines.training import EXAMPLE_TS, declared, fit_and_publish, served_dataset
+    from serving.model_repository import feature_matrix, load_metadata, onnx_path
+    from serving.served_log import served_vectors
+
+    cut = datetime.now(UTC)
+    sent = [(i, rid) for i, rid in enumerate(logged.ids) if rid and rid != BATCH_ID]
+    assert len(sent) == 18
+    labels = pd.DataFrame(
+        {
+            "transaction_id": [int(rid) for _, rid in sent],
+            "user_id": [logged.rows[i]["user_id"] for i, _ in sent],
+            "merchant_id": [logged.rows[i]["merchant_id"] for i, _ in sent],
+            "is_fraud": [n % 2 == 0 for n in range(len(sent))],
+            "label_ts": [cut - timedelta(hours=1)] * len(sent),
+            "event_timestamp": [cut - timedelta(days=1)] * len(sent),
+        }
+    )
+    labels.loc[:2, "label_ts"] = cut + timedelta(minutes=1)  # 3 known after the cut-off
+    labels.loc[4, "user_id"] += 1  # an id whose label is another payment's
+    labels = labels.drop(index=3)  # no label yet
+    labels.to_parquet(tmp_path / "labels.parquet")
+    model = declared(logged.fs, "fraud_detection")
+    source = FileSource(name="late_labels", path=str(tmp_path / "labels.parquet"),
+                        timestamp_field="event_timestamp")  # fmt: skip
+    model = replace(
+        model,
+        labels=replace(model.labels, source=source),
+        training=replace(model.training, n_estimators=20, min_child_samples=1),
+    )
+    printed: list[str] = []
+    data = served_dataset(logged.fs, model, logged.folder.parent, None, None, cut,
+                          logged.models, printed.append)  # fmt: skip
+    out = "\n".join(printed)
+    assert "26 predictions of fraud_detection" in out, out
+    counts = {"labelled:": 13, "fallbacks": 0, "labelled only after": 3, "no label yet": 9,
+              "id labels another event": 1, "repeats": 0}  # fmt: skip
+    for what, n in counts.items():
+        assert f"{n:>10,} {what}" in out, out
+
+    # independently: the parquet's rows of the 13 labelled ids, in log order
+    table = pd.read_parquet(logged.folder).sort_values("__log_timestamp", kind="stable")
+    kept = {rid: fraud for rid, fraud in zip(labels.transaction_id.astype(str),
+            labels.is_fraud, strict=True)}  # fmt: skip
+    del kept[sent[4][1]]
+    for _, rid in sent[:3]:
+        kept.pop(rid, None)
+    want = table[table["__request_id"].isin(list(kept))].reset_index(drop=True)
+    frame = data.frame
+    assert list(frame["__request_id"]) == list(want["__request_id"]) and len(frame) == 13
+    assert list(frame["is_fraud"]) == [kept[r] for r in want["__request_id"]]
+    assert (frame[EXAMPLE_TS] == want["__log_timestamp"]).all()
+    for key in ("user_id", "merchant_id", "amount"):
+        assert list(frame[key]) == list(want[key])
+    logged_features = {c.split("__", 1)[1]: c for c in want if f"{c}__status" in want}
+    assert [f.name for f in data.features] == list(logged_features)
+    for name, col in logged_features.items():
+        pd.testing.assert_series_equal(
+            frame[name].astype(float), want[col].astype(float), check_names=False
+        )
+        assert frame[name].isna().equals(want[f"{col}__status"] != 1)
+
+    # fed through the served version with its own defaults, the logged scores come back
+    meta = load_metadata(logged.models, "fraud_detection")
+    assert set(want["__model_version"]) == {meta.version}
+    x = feature_matrix(frame, meta.features)
+    assert np.array_equal(x, feature_matrix(frame, data.features))
+    folder = onnx_path(logged.models, "fraud_detection").parent
+    assert scores(folder, x) == pytest.approx(list(want["__score"]), abs=1e-6)
+    assert served_vectors(logged.folder, "fraud_detection").shape[0] == 26
+
+    # a fallback among them is left out, and so is a repeat (a retry with the same id)
+    copy = table.copy()
+    copy.loc[copy["__request_id"] == want["__request_id"][0], "__fallback"] = True
+    again = copy[copy["__request_id"] == want["__request_id"][1]].assign(
+        __log_timestamp=lambda d: d["__log_timestamp"] + timedelta(seconds=1)
+    )
+    (tmp_path / "log" / SERVICE).mkdir(parents=True)
+    pd.concat([copy, again]).to_parquet(tmp_path / "log" / SERVICE / "x-0.parquet")
+    printed.clear()
+    other = served_dataset(logged.fs, model, tmp_path / "log", None, None, cut,
+                           logged.models, printed.append)  # fmt: skip
+    assert list(other.frame["__request_id"]) == list(want["__request_id"][1:])
+    for what, n in {**counts, "labelled:": 12, "fallbacks": 1, "repeats": 1}.items():
+        assert f"{n:>10,} {what}" in "\n".join(printed), printed
+
+    result = fit_and_publish(data, tmp_path / "models")
+    assert result.rows_train + result.rows_valid == 13
+    new = load_metadata(tmp_path / "models", "fraud_detection")
+    assert new.extra["trained_on"] == "served_log"
+    assert new.extra["served_rows"]["labelled"] == 13
+    assert new.extra["labels_known_by"] == cut.isoformat()
+    got = scores(onnx_path(tmp_path / "models", "fraud_detection").parent, x)
+    assert np.all((np.asarray(got) >= 0) & (np.asarray(got) <= 1))
