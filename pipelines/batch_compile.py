@@ -45,6 +45,9 @@ from pipelines.declared import DAILY, DAY_US, US, Agg, View
 # (complete, late events included) wins Feast's point-in-time join and materialization,
 # whichever writer ran last. Below pandas' datetime64[ns] limit (2262).
 BACKFILL_CREATED = datetime(2200, 1, 1, tzinfo=UTC)
+# A request-time row's ``_marks`` bit for "an event at this instant" (bit ``i`` below it: a
+# tile leaves one of the pass's view ``i``'s windows here).
+EVENT_MARK = 1 << 30
 SPARK_TYPES = {
     Int64: T.LongType(),
     Int32: T.IntegerType(),
@@ -102,7 +105,7 @@ def view_rows(shared: DataFrame, views: Sequence[View], index: int) -> DataFrame
     if view.cadence == DAILY and _reach(view) < max(map(_reach, views)):
         shared = shared.filter(F.col("_nearest") <= _reach(view))
     if view.tiles and len(views) > 1:  # its event instants and its own windows' expiries
-        shared = shared.filter(F.col("_event") | (F.col("_leaves").bitwiseAND(1 << index) != 0))
+        shared = shared.filter(F.col("_marks").bitwiseAND(EVENT_MARK | 1 << index) != 0)
     created = F.timestamp_micros(F.lit(int(BACKFILL_CREATED.timestamp()) * US))
     return shared.select(
         *view.keys,
@@ -255,19 +258,19 @@ def _daily(
 
 
 def _request_time(views: Sequence[View], events: DataFrame, first: date, last: date) -> DataFrame:
-    """The request-time rows of a group sharing one resolution ``R``, scalable: events and
-    expiry instants in one sort by key, tile and instant; a cumulative window within each
+    """The request-time rows of a group sharing one resolution ``R``, scalable: one scan
+    and one shuffle of the events, each exploded into its row and its tile's expiry
+    instants, then one sort by key, tile and instant; a cumulative window within each
     tile gives the events of ``t``'s tile up to ``t`` (the *head*), and a range window over
     the tile indexes sums the whole tiles before it (each tile's partial is the head at
     its last instant), so no frame holds more than ``W/R`` tiles' rows.
 
     Columns: join keys, ``event_timestamp``, ``date``, each view's features under private
-    names, ``_event`` (an event at this instant) and ``_leaves`` (bit ``i``: a tile leaves
-    one of ``views[i]``'s windows here)."""
+    names and ``_marks`` (:data:`EVENT_MARK`: an event at this instant; bit ``i``: a tile
+    leaves one of ``views[i]``'s windows here)."""
     view = views[0]
     resolution = view.tiles.resolution_us
     keys = list(view.keys)
-    types = {f.name: f.dataType for f in events.schema.fields}
     # what the tiles hold (the slots of every view) and the windows, in tiles, by view
     slots = sorted({s for v in views for s in v.tiles.slots[1:]})
     windows: dict[int, int] = {}  # W/R -> bit mask of the views with such a window
@@ -276,46 +279,39 @@ def _request_time(views: Sequence[View], events: DataFrame, first: date, last: d
             windows[a.window_tiles] = windows.get(a.window_tiles, 0) | (1 << i)
 
     us = F.unix_micros(F.col(view.events.timestamp_field))
-    tile = F.expr(f"(_us - pmod(_us, {resolution})) div {resolution}")  # floor, exact
+    start = F.col("_us") - F.pmod("_us", F.lit(resolution))  # its tile's start, exact
     columns = sorted({c for _, c in slots})
-    rows = (
+    # Each event row and the instants its tile leaves each window W (the start of tile
+    # k + W/R) in one pass over the shuffled events: no second scan, no distinct. A tile's
+    # several events give the same instants, merged with every other row of that instant
+    # below; an expiry row holds no event (``_one`` and the columns null).
+    instants = F.array(
+        F.struct(F.col("_us").alias("_us"), F.lit(1).alias("_one"), F.lit(EVENT_MARK).alias("_m")),
+        *(
+            F.struct(
+                (start + n * resolution).alias("_us"),
+                F.lit(None).cast("int").alias("_one"),
+                F.lit(m).alias("_m"),
+            )
+            for n, m in windows.items()
+        ),
+    )
+    both = (
         events.select(*keys, us.alias("_us"), *columns)
-        .repartition(*keys)  # one shuffle: every window and grouping below is by key
-        .withColumn("_tile", tile)
-    )
-    # Each tile with events leaves window W at the start of tile k + W/R.
-    leaving = (
-        rows.select(*keys, "_tile")
-        .distinct()
+        .repartition(*keys)  # one shuffle: every window below is by key
+        .select(*keys, *columns, F.explode(instants).alias("_x"))
         .select(
             *keys,
-            F.explode(
-                F.array(
-                    *(
-                        F.struct(F.lit(n).alias("n"), F.lit(m).alias("m"))
-                        for n, m in windows.items()
-                    )
-                )
-            ).alias("_w"),
-            "_tile",
+            F.expr(f"(_x._us - pmod(_x._us, {resolution})) div {resolution}").alias("_tile"),
+            "_x.*",
+            *(F.when(F.col("_x._one").isNotNull(), F.col(c)).alias(c) for c in columns),
         )
-        .select(
-            *keys,
-            (F.col("_tile") + F.col("_w.n")).alias("_tile"),
-            F.col("_w.m").alias("_m"),
-        )
-        .withColumn("_us", F.col("_tile") * resolution)
     )
-    marked = rows.withColumns({"_one": F.lit(1), "_m": F.lit(0)})
-    leaving = leaving.withColumn("_one", F.lit(None).cast("int")).withColumns(
-        {c: F.lit(None).cast(types[c]) for c in columns}
-    )
-    both = marked.unionByName(leaving)
 
     in_tile = Window.partitionBy(*keys, "_tile").orderBy("_us")
     head_frame = in_tile.rangeBetween(Window.unboundedPreceding, Window.currentRow)
     peers = in_tile.rangeBetween(Window.currentRow, Window.currentRow)
-    after = in_tile.rangeBetween(Window.currentRow, Window.unboundedFollowing)
+    whole = in_tile.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
     partial = {
         "sum": lambda c: F.sum(_summed(view, c)),
         "max": F.max,
@@ -330,9 +326,8 @@ def _request_time(views: Sequence[View], events: DataFrame, first: date, last: d
             "_tile",
             "_us",
             *(expr.over(head_frame).alias(name[s]) for s, expr in head.items()),
-            (F.max("_us").over(after) == F.col("_us")).alias("_last"),  # the tile's last
-            F.bit_or("_m").over(peers).alias("_leaves"),
-            F.count("_one").over(peers).alias("_n"),
+            (F.max("_us").over(whole) == F.col("_us")).alias("_last"),  # the tile's last
+            F.bit_or("_m").over(peers).alias("_marks"),
             (instant.isNull() | (instant != F.col("_us"))).alias("_first"),
         )
         .filter(F.col("_first"))  # ties share their values: one row per instant
@@ -375,8 +370,7 @@ def _request_time(views: Sequence[View], events: DataFrame, first: date, last: d
                 for i, v in enumerate(views)
                 for j in range(len(v.aggs))
             ),
-            (F.col("_n") > 0).alias("_event"),
-            "_leaves",
+            "_marks",
         )
         .withColumn("date", F.to_date("event_timestamp"))
         .filter(F.col("date").between(first, last))
