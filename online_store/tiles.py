@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -74,21 +74,6 @@ class TilePlan:
     def columns(self) -> tuple[str, ...]:
         """The event columns the slots read, in slot order (count reads none)."""
         return tuple(c for _, c in self.slots[1:])
-
-    def event_slots(self, values: Mapping[str, Any]) -> list[float]:
-        """One event's contribution: a tile holding just this event."""
-        return [1.0] + [float(values[c]) for _, c in self.slots[1:]]
-
-    def merge(self, tile: list[float], event: Sequence[float]) -> None:
-        """Fold an event's slots (:meth:`event_slots`) into a tile's, in place."""
-        tile[0] += event[0]
-        for i, (kind, _) in enumerate(self.slots[1:], 1):
-            if kind == "sum":
-                tile[i] += event[i]
-            elif kind == "max":
-                tile[i] = max(tile[i], event[i])
-            else:
-                tile[i] = min(tile[i], event[i])
 
     def encode(self, tiles: Iterable[tuple[int, Sequence[float]]]) -> bytes:
         """The blob of ``(tile index, slots)`` pairs (any order; indexes distinct)."""

@@ -45,7 +45,7 @@ from online_store.tiles import TILES_FEATURE, TilePlan, tiles_field
 from pipelines.declared import View
 from pipelines.errors import first_line
 from pipelines.stream import metrics
-from pipelines.stream.aggregates import Group, Row, key_groups
+from pipelines.stream.aggregates import Group, Row, key_groups, tile_rows
 from pipelines.stream.events import Rejected
 
 if TYPE_CHECKING:
@@ -285,7 +285,7 @@ def _blob(tiled: tuple[int, TilePlan, bytes], row: Row) -> bytes:
     at, plan, _ = tiled
     # a row built without its key's tiles (only by hand: the keyed state always fills them)
     # carries none: an empty window
-    return plan.encode_rows(row.tiles[at] if at < len(row.tiles) else ())
+    return plan.encode_rows(tile_rows(plan, row.tiles[at]) if at < len(row.tiles) else ())
 
 
 def _pipelined(client: Any, script: Any, calls: list[tuple[Any, ...]]) -> None:
