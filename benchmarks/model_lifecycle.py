@@ -4,7 +4,7 @@ ONNX and on Triton.
 
     .venv/bin/python -m benchmarks.model_lifecycle [--rows 30000] [--seconds 40]
         [--connections 8] [--baseline-seconds 15] [--shadow-seconds 10] [--pairs 2]
-        [--backends onnx,triton]
+        [--shadow-queue Q] [--backends onnx,triton]
 
 Builds the Redis-backed project of ``benchmarks.harness`` (generate, backfill, apply,
 materialize, train: version 1). Per backend, one ``hotpath serve`` (1 worker, default
@@ -172,7 +172,10 @@ def shadow_pair(
     path = f"{url}/admin/models/{MODEL}/shadow"
     headers = {"x-api-key": ADMIN_KEY}
     requests.post(
-        path, json={"version": candidate}, headers=headers, timeout=300
+        path,
+        json={"version": candidate, "queue": args.shadow_queue},
+        headers=headers,
+        timeout=300,
     ).raise_for_status()
     shadowed = run_wrk(url, p.bodies, args.connections, args.shadow_seconds)
     report = status(url)["shadow"]
@@ -189,6 +192,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--shadow-seconds", type=int, default=10)
     parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument(
+        "--shadow-queue", type=int, default=None, help="the shadow's queue (0: every batch dropped)"
+    )
     parser.add_argument("--backends", default="onnx,triton")
     args = parser.parse_args()
     load = os.getloadavg()
