@@ -59,9 +59,10 @@ def spark_session(master: str | None = None, driver_memory: str | None = None) -
         .master(master or defaults.master)
         .config("spark.driver.memory", driver_memory or defaults.driver_memory)
     )
-    conf = SESSION_CONF | SQL_CONF | {"spark.executor.extraJavaOptions": JVM_OPTIONS}
-    logging = console.spark_conf().get("spark.driver.extraJavaOptions", "")
+    conf = SESSION_CONF | SQL_CONF | console.spark_conf()
+    logging = conf.get("spark.driver.extraJavaOptions", "")
     conf["spark.driver.extraJavaOptions"] = f"{JVM_OPTIONS} {logging}".strip()
+    conf["spark.executor.extraJavaOptions"] = JVM_OPTIONS
     for key, value in conf.items():
         builder = builder.config(key, value)
     with console.jvm_stderr():  # a JVM started here inherits stderr

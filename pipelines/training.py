@@ -431,6 +431,12 @@ def served_dataset(
     served = logged[~fallback]
     keys = [f.name for f in request if f.entity]
     found = _labels_of(model, served[REQUEST_ID_FIELD], keys)
+    if spec.known_at:  # an id labelled twice (a correction): its newest label known by then
+        t = pd.to_datetime(found[spec.known_at], utc=True)
+        found = found.assign(__ok=t <= pd.Timestamp(known_by), __t=t)
+        found = found.sort_values(["__ok", "__t"], ascending=False, kind="stable")
+        found = found.drop(columns=["__ok", "__t"])
+    found = found.drop_duplicates("__label_id", keep="first")
     joined = served.merge(
         found, how="left", left_on=REQUEST_ID_FIELD, right_on="__label_id",
         suffixes=("", "__label"), validate="many_to_one",
@@ -486,8 +492,11 @@ def _labels_of(model: Any, ids: pd.Series, keys: list[str]) -> pd.DataFrame:
     def where(dataset: ds.Dataset) -> Any:
         kind = dataset.schema.field(column).type
         values = ids.dropna().unique().tolist()
-        if pa.types.is_integer(kind):  # ids that are not integers label nothing here
-            values = [int(v) for v in values if v.lstrip("-").isdigit()]
+        if pa.types.is_integer(kind):  # ids that are no such integer label nothing here
+            bits = kind.bit_width - pa.types.is_signed_integer(kind)
+            low = -(2**bits) if pa.types.is_signed_integer(kind) else 0
+            numbers = (int(v) for v in values if re.fullmatch(r"-?[0-9]+", v))
+            values = [n for n in numbers if low <= n < 2**bits]
         return ds.field(column).isin(pa.array(values, kind))
 
     labels = _read_labels(Path(spec.source.path), wanted, where)

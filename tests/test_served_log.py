@@ -301,7 +301,10 @@ def test_training_on_what_was_served_joins_labels_known_by_the_cut_off(
     labels.loc[:2, "label_ts"] = cut + timedelta(minutes=1)  # 3 known after the cut-off
     labels.loc[4, "user_id"] += 1  # an id whose label is another payment's
     labels = labels.drop(index=3)  # no label yet
-    labels.to_parquet(tmp_path / "labels.parquet")
+    # a correction of one label, known only after the cut-off: the one known by then counts
+    fix = labels.iloc[[5]].copy()
+    fix["is_fraud"], fix["label_ts"] = ~fix["is_fraud"], cut + timedelta(minutes=2)
+    pd.concat([labels, fix]).to_parquet(tmp_path / "labels.parquet")
     model = declared(logged.fs, "fraud_detection")
     source = FileSource(name="late_labels", path=str(tmp_path / "labels.parquet"),
                         timestamp_field="event_timestamp")  # fmt: skip

@@ -1409,3 +1409,24 @@ def test_dead_letter_stream_writes_each_source_id_once(own_redis) -> None:
     assert [f[b"id"] for _, f in entries] == [b"tx:1-0", b"tx:2-0", b"tx:3-0"]
     assert client.hgetall("tx:dead-letter:ids") == {f[b"id"]: e for e, f in entries}
     assert all(f[b"reason"] and f[b"code"] and f[b"event"] for _, f in entries)
+
+
+def test_exact_tile_sums_past_the_float_range_stay_one_value() -> None:
+    """An infinity, a NaN or an overflow has no exact sum: the plain one, as Spark's, kept
+    as the tile's only partial (never a list that grows with every later event)."""
+    import math
+
+    from pipelines.stream.aggregates import exact_add
+
+    def fold(values: list[float]) -> tuple[tuple[float, ...], float]:
+        partials: tuple[float, ...] = ()
+        total = 0.0
+        for v in values:
+            partials, total = exact_add(partials, v)
+        return partials, total
+
+    assert fold([1.0, math.inf, 2.0, 3.0]) == ((math.inf,), math.inf)
+    assert fold([1e308, 1e308, -1e308]) == ((math.inf,), math.inf)
+    partials, total = fold([math.nan] + [1.0] * 50)
+    assert len(partials) == 1 and math.isnan(total)
+    assert fold([0.1, 0.2, 0.3])[1] == math.fsum([0.1, 0.2, 0.3]) == 0.6

@@ -41,7 +41,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from math import fsum
+from math import fsum, isfinite
 from operator import attrgetter
 from typing import Any, NamedTuple
 
@@ -505,7 +505,12 @@ def exact_add(partials: tuple[float, ...], x: float) -> tuple[tuple[float, ...],
     rounded. An exact sum does not depend on the order its values are added in, so neither
     does the rounded one the blob carries: a key's tiles are byte-identical however its
     events arrive (Kafka partitions interleaved, out of order, replayed after recovery).
-    Amounts in cents keep 2-4 partials."""
+    Amounts in cents keep 2-4 partials. Past the floats' range (an infinity, a NaN, an
+    overflow) there is no exact sum: the plain one, kept as the only partial."""
+    if not isfinite(x) or (partials and not isfinite(partials[-1])):
+        total = sum(partials) + x
+        return (total,), total
+    given = x
     out = []
     for y in partials:
         if abs(x) < abs(y):
@@ -516,7 +521,13 @@ def exact_add(partials: tuple[float, ...], x: float) -> tuple[tuple[float, ...],
             out.append(lo)
         x = hi
     out.append(x)
-    return tuple(out), x if len(out) == 1 else fsum(out)
+    if len(out) == 1 and isfinite(x):
+        return (x,), x
+    try:
+        return tuple(out), fsum(out)
+    except (OverflowError, ValueError):  # the sum overflowed
+        total = sum(partials) + given
+        return (total,), total
 
 
 def tile_rows(plan: TilePlan, tiles: tuple[tuple[Any, ...], ...]) -> Sequence[Sequence[float]]:
