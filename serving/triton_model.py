@@ -7,7 +7,8 @@ It runs that version's ``model.onnx`` with one of two engines, chosen by the con
   Triton that has no onnxruntime backend;
 - ``torch`` (``configs/gpu.pbtxt``): the ONNX tree ensemble read into tensors and
   evaluated with PyTorch on the instance's device (CUDA for ``KIND_GPU``, else the CPU),
-  every tree at once, one level of every tree per step.
+  every tree at once, one level of every tree per step (on CUDA, replayed as one captured
+  graph per batch size).
 
 Triton loads this file on its own (the stub ignores ``PYTHONPATH``): it imports nothing
 from hotpath. The tree evaluator needs ``onnx`` and ``torch`` only when chosen.
@@ -27,6 +28,7 @@ except ImportError:  # imported elsewhere for TorchTrees alone
     pb_utils = None
 
 INPUT, OUTPUT = "features", "probabilities"
+GRAPH_MAX_ROWS = 4096  # CUDA graphs up to this batch; larger ones launch kernel by kernel
 
 
 class OnnxRuntime:
@@ -137,19 +139,50 @@ class TorchTrees:
         self.true_next, self.false_next = as_tensor(true_next), as_tensor(false_next)
         self.feature, self.threshold = as_tensor(feature), as_tensor(threshold)
         self.tracks, self.weight = as_tensor(tracks), as_tensor(weight)
+        self._graphs: dict[int, tuple[Any, Any, Any]] = {}  # CUDA: rows -> (graph, in, out)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         torch = self.torch
+        x = np.ascontiguousarray(x, dtype=np.float32)
         with torch.inference_mode():
-            xs = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=self.device)
-            node = self.roots.expand(len(xs), -1)
-            for _ in range(self.depth):
-                value = torch.gather(xs, 1, self.feature[node])
-                go_true = (value <= self.threshold[node]) | (torch.isnan(value) & self.tracks[node])
-                node = torch.where(go_true, self.true_next[node], self.false_next[node])
-            score = self.weight[node].sum(dim=1) + self.base
-            p = torch.sigmoid(score) if self.transform == "LOGISTIC" else score
-            return torch.stack([1 - p, p], dim=1).to(torch.float32).cpu().numpy()
+            if self.device.type == "cuda" and 0 < len(x) <= GRAPH_MAX_ROWS:
+                return self._replay(x)
+            return self._probabilities(torch.as_tensor(x, device=self.device)).cpu().numpy()
+
+    def _probabilities(self, xs: Any) -> Any:
+        """``[1 - p, p]`` per row of the tensor ``xs`` (on the device)."""
+        torch = self.torch
+        node = self.roots.expand(len(xs), -1)
+        for _ in range(self.depth):
+            value = torch.gather(xs, 1, self.feature[node])
+            go_true = (value <= self.threshold[node]) | (torch.isnan(value) & self.tracks[node])
+            node = torch.where(go_true, self.true_next[node], self.false_next[node])
+        score = self.weight[node].sum(dim=1) + self.base
+        p = torch.sigmoid(score) if self.transform == "LOGISTIC" else score
+        return torch.stack([1 - p, p], dim=1).to(torch.float32)
+
+    def _replay(self, x: np.ndarray) -> np.ndarray:
+        """On CUDA, the evaluation as one captured graph per power-of-two batch size (rows
+        padded): a level of every tree is a few small kernels, and launching them one by
+        one costs milliseconds a batch; a graph launches them all at once."""
+        torch = self.torch
+        rows = 1 << (len(x) - 1).bit_length()
+        found = self._graphs.get(rows)
+        if found is None:
+            static_in = torch.zeros((rows, x.shape[1]), dtype=torch.float32, device=self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up off the capture, as PyTorch asks
+                self._probabilities(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._probabilities(static_in)
+            found = self._graphs[rows] = (graph, static_in, static_out)
+        graph, static_in, static_out = found
+        static_in[: len(x)].copy_(torch.from_numpy(x))
+        graph.replay()
+        return static_out[: len(x)].cpu().numpy()
 
 
 def _depth(true_next: np.ndarray, false_next: np.ndarray, roots: np.ndarray) -> int:

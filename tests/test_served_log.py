@@ -281,7 +281,8 @@ def test_training_on_what_was_served_joins_labels_known_by_the_cut_off(
     import pandas as pd
     from feast import FileSource
 
-    from pipelines.training import EXAMPLE_TS, declared, fit_and_publish, served_dataset
+    from pipelines.served_training import served_dataset
+    from pipelines.training import EXAMPLE_TS, declared, fit_and_publish
     from serving.model_repository import feature_matrix, load_metadata, onnx_path
     from serving.served_log import served_vectors
 

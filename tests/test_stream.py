@@ -48,11 +48,11 @@ from pipelines.stream.aggregates import (
     check,
     key_groups,
     keyed_steps,
-    tile_rows,
 )
 from pipelines.stream.events import Event, Rejected, parse
 from pipelines.stream.flow import keyed_windows
 from pipelines.stream.sinks import DeadLetterSink, Emitted
+from pipelines.stream.tiles import tile_rows
 
 FEATURES = [
     "user_txn_count_5m",
@@ -1416,7 +1416,7 @@ def test_exact_tile_sums_past_the_float_range_stay_one_value() -> None:
     as the tile's only partial (never a list that grows with every later event)."""
     import math
 
-    from pipelines.stream.aggregates import exact_add
+    from pipelines.stream.tiles import exact_add
 
     def fold(values: list[float]) -> tuple[tuple[float, ...], float]:
         partials: tuple[float, ...] = ()

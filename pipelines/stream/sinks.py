@@ -45,8 +45,9 @@ from online_store.tiles import TILES_FEATURE, TilePlan, tiles_field
 from pipelines.declared import View
 from pipelines.errors import first_line
 from pipelines.stream import metrics
-from pipelines.stream.aggregates import Group, Row, key_groups, tile_rows
+from pipelines.stream.aggregates import Group, Row, key_groups
 from pipelines.stream.events import Rejected
+from pipelines.stream.tiles import tile_rows
 
 if TYPE_CHECKING:
     from pipelines.stream.kafka import DeadLetterTopic
