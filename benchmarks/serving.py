@@ -95,7 +95,9 @@ def feast_serve(p: Project, procs: list[subprocess.Popen]) -> str:
     port = free_port()
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("feast")), "-f", str(p.settings.feature_store_yaml)]
-        + ["serve", "-h", "127.0.0.1", "-p", str(port)],
+        # no worker restarts mid-run (its default recycles the worker every ~1,000
+        # requests, resetting the client's connection)
+        + ["serve", "-h", "127.0.0.1", "-p", str(port), "--max-requests", "100000000"],
         cwd=p.settings.repo,
         env={**os.environ, **p.env},
         stdout=subprocess.DEVNULL,
