@@ -24,6 +24,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import hiredis
 import pyarrow as pa
 import pyarrow.parquet as pq
 import redis
@@ -39,7 +40,7 @@ from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.types import Int32, Int64
 
 from online_store import layout
-from online_store.connect import redis_client
+from online_store.connect import RespClient, RespError, redis_client
 from online_store.tiers import Placement, feast_write, placement
 from online_store.tiles import TILES_FEATURE, TilePlan, tiles_field
 from pipelines.declared import View
@@ -63,7 +64,8 @@ class Emitted(NamedTuple):
 
 # ValueProto field of an entity's value type (the stream's keys are integers)
 # What a Redis Cluster failover or a node restart raises until the cluster answers again.
-RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError)
+# redis-py's connection failures, and the raw connection's (socket errors, timeouts)
+RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError, OSError)
 RETRY_S = 30.0
 _KEY_FIELD = {ValueType.INT64: "int64_val", ValueType.INT32: "int32_val"}
 
@@ -100,10 +102,16 @@ class _GroupWriter:
         if placed.kind == "redis":  # standalone or cluster: one key per call, routed by key
             if placed.tier not in clients:  # groups in one tier share a client (one pipeline)
                 client = redis_client(placed.config)
-                clients[placed.tier] = (client, client.register_script(layout.COMPARE_AND_SET))
-            self.redis, self.cas = clients[placed.tier]
+                # a standalone node's pipeline goes out on a raw connection, packed by hiredis
+                # in one call (redis-py's pipeline cost a fifth of the flow's time)
+                raw = None
+                if not isinstance(client, redis.RedisCluster):
+                    raw = RespClient.from_feast(placed.config.connection_string, RETRY_S)
+                cas = client.register_script(layout.COMPARE_AND_SET)
+                clients[placed.tier] = (client, cas, raw)
+            self.redis, self.cas, self.raw = clients[placed.tier]
             # redis-py refuses scripts in a cluster pipeline: one call per row there
-            self.cluster = isinstance(self.redis, redis.RedisCluster)
+            self.cluster = self.raw is None
             self.encoder = layout.KeyEncoder.for_view(store, self.views[0])
             # Feast serializes join keys sorted: the entity's values in that order (None: as is)
             order = [group.keys.index(k) for k in self.encoder.join_keys]
@@ -262,7 +270,7 @@ class OnlineWriter:
                 out = calls.setdefault(id(g.redis), (g, []))[1]
             written += g.write(self.store, of_group, now_us, out)
         for g, out in calls.values():
-            _pipelined(g.redis, g.cas, out)
+            _pipelined(g.raw, g.cas, out)
         now = time.time()
         metrics.WRITES.labels("online").inc(len(written))
         for r in written:
@@ -289,21 +297,20 @@ def _blob(tiled: tuple[int, TilePlan, bytes], row: Row) -> bytes:
     return plan.encode_rows(tile_rows(plan, row.tiles[at]) if at < len(row.tiles) else ())
 
 
-def _pipelined(client: Any, script: Any, calls: list[tuple[Any, ...]]) -> None:
+def _pipelined(client: RespClient, script: Any, calls: list[tuple[Any, ...]]) -> None:
     """``calls`` in one round trip. A server that lost the compare-and-set script (a
     restart, ``SCRIPT FLUSH``) refuses its EVALSHAs: it is loaded and they are sent again
-    (compare-and-set writes are idempotent)."""
+    (compare-and-set writes are idempotent). An error reply drops the connection (its
+    other replies unread) and is raised as redis-py's ``ResponseError`` (not retried)."""
+    packed = b"".join([hiredis.pack_command(call) for call in calls])
     for attempt in (1, 2):
-        pipe = client.pipeline(transaction=False)
-        for call in calls:
-            pipe.execute_command(*call)
         try:
-            pipe.execute()
+            client.execute(packed, len(calls))
             return
-        except redis.exceptions.NoScriptError:
-            if attempt == 2:
-                raise
-            client.script_load(script.script)
+        except RespError as e:
+            if attempt == 2 or not str(e).startswith("NOSCRIPT"):
+                raise redis.ResponseError(str(e)) from None
+            client.execute(hiredis.pack_command(("SCRIPT", "LOAD", script.script)), 1)
 
 
 def _stream_tier(store: FeatureStore, group: Group) -> tuple[Placement, float]:
