@@ -241,8 +241,12 @@ def main() -> None:
     except ImportError:
         trees = None
     if trees is not None:
-        got = np.concatenate([trees(x[i : i + 65536]) for i in range(0, len(x), 65536)])
-        ceiling["trees_max_abs_diff"] = float(np.max(np.abs(got - expected)))
+        trees.capture(args.batch)  # as Triton's model load does (CUDA graphs; none on a CPU)
+        worst = 0.0
+        for chunk in (1000, 65536):  # padded to a captured graph's size; past them, eager
+            got = np.concatenate([trees(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+            worst = max(worst, float(np.max(np.abs(got - expected))))
+        ceiling["trees_max_abs_diff"] = worst
         ceiling["trees_batch1_ms"] = latency(trees, x[:1])
         ceiling["trees_rate"] = in_process_rate(trees, batch)
         big = x[: 64 * args.batch] if len(x) >= 64 * args.batch else np.tile(batch, (64, 1))

@@ -140,6 +140,10 @@ class TorchTrees:
         self.feature, self.threshold = as_tensor(feature), as_tensor(threshold)
         self.tracks, self.weight = as_tensor(tracks), as_tensor(weight)
         self._graphs: dict[int, tuple[Any, Any, Any]] = {}  # CUDA: rows -> (graph, in, out)
+        # the input's width: the graph's declared one, else what the splits read
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        declared = dims[1].dim_value if len(dims) == 2 else 0
+        self.width = declared or int(feature.max()) + 1
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         torch = self.torch
@@ -167,22 +171,39 @@ class TorchTrees:
         one costs milliseconds a batch; a graph launches them all at once."""
         torch = self.torch
         rows = 1 << (len(x) - 1).bit_length()
-        found = self._graphs.get(rows)
-        if found is None:
-            static_in = torch.zeros((rows, x.shape[1]), dtype=torch.float32, device=self.device)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up off the capture, as PyTorch asks
-                self._probabilities(static_in)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = self._probabilities(static_in)
-            found = self._graphs[rows] = (graph, static_in, static_out)
-        graph, static_in, static_out = found
-        static_in[: len(x)].copy_(torch.from_numpy(x))
-        graph.replay()
-        return static_out[: len(x)].cpu().numpy()
+        with torch.cuda.device(self.device):  # capture and replay on the instance's GPU
+            found = self._graphs.get(rows) or self._capture(rows)
+            graph, static_in, static_out = found
+            static_in[: len(x)].copy_(torch.from_numpy(x))
+            graph.replay()
+            return static_out[: len(x)].cpu().numpy()
+
+    def capture(self, max_rows: int) -> None:
+        """Every batch size's graph up to ``max_rows`` (at most :data:`GRAPH_MAX_ROWS`),
+        now: at Triton's model load rather than on a request (a capture synchronizes the
+        device and collects garbage). Nothing to do off CUDA."""
+        if self.device.type != "cuda":
+            return
+        with self.torch.inference_mode(), self.torch.cuda.device(self.device):
+            rows = 1
+            while rows <= min(max_rows, GRAPH_MAX_ROWS):
+                if rows not in self._graphs:
+                    self._capture(rows)
+                rows *= 2
+
+    def _capture(self, rows: int) -> tuple[Any, Any, Any]:
+        torch = self.torch
+        static_in = torch.zeros((rows, self.width), dtype=torch.float32, device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up off the capture, as PyTorch asks
+            self._probabilities(static_in)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            static_out = self._probabilities(static_in)
+        self._graphs[rows] = (graph, static_in, static_out)
+        return self._graphs[rows]
 
 
 def _depth(true_next: np.ndarray, false_next: np.ndarray, roots: np.ndarray) -> int:
@@ -204,6 +225,7 @@ class TritonPythonModel:
             gpu = args.get("model_instance_kind") == "GPU"
             device = f"cuda:{args.get('model_instance_device_id', '0')}" if gpu else "cpu"
             self.run: Any = TorchTrees(path, device)
+            self.run.capture(int(config.get("max_batch_size") or GRAPH_MAX_ROWS))
         elif engine == "onnxruntime":
             self.run = OnnxRuntime(path)
         else:

@@ -38,6 +38,7 @@ from feast import FeatureStore, ValueType
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.types import Int32, Int64
+from redis._parsers.base import BaseParser
 
 from online_store import layout
 from online_store.connect import RespClient, RespError, redis_client
@@ -67,6 +68,7 @@ class Emitted(NamedTuple):
 # redis-py's connection failures, and the raw connection's (socket errors, timeouts)
 RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError, OSError)
 RETRY_S = 30.0
+parse_error = BaseParser.parse_error  # an error reply as redis-py's exception for it
 _KEY_FIELD = {ValueType.INT64: "int64_val", ValueType.INT32: "int32_val"}
 
 
@@ -105,13 +107,14 @@ class _GroupWriter:
                 # a standalone node's pipeline goes out on a raw connection, packed by hiredis
                 # in one call (redis-py's pipeline cost a fifth of the flow's time)
                 raw = None
-                if not isinstance(client, redis.RedisCluster):
+                if placed.config.redis_type == "redis":
                     raw = RespClient.from_feast(placed.config.connection_string, RETRY_S)
                 cas = client.register_script(layout.COMPARE_AND_SET)
                 clients[placed.tier] = (client, cas, raw)
             self.redis, self.cas, self.raw = clients[placed.tier]
-            # redis-py refuses scripts in a cluster pipeline: one call per row there
-            self.cluster = self.raw is None
+            # redis-py refuses scripts in a cluster pipeline, and a sentinel's master is found
+            # through redis-py: one call per row there
+            self.pipelined = self.raw is not None
             self.encoder = layout.KeyEncoder.for_view(store, self.views[0])
             # Feast serializes join keys sorted: the entity's values in that order (None: as is)
             order = [group.keys.index(k) for k in self.encoder.join_keys]
@@ -266,11 +269,12 @@ class OnlineWriter:
         calls: dict[int, tuple[_GroupWriter, list[tuple[Any, ...]]]] = {}
         for keys, of_group in newest.items():
             g, out = self.groups[keys], None
-            if g.redis is not None and not g.cluster:
+            if g.redis is not None and g.pipelined:
                 out = calls.setdefault(id(g.redis), (g, []))[1]
             written += g.write(self.store, of_group, now_us, out)
         for g, out in calls.values():
-            _pipelined(g.raw, g.cas, out)
+            if out:
+                _pipelined(g.raw, g.cas, out)
         now = time.time()
         metrics.WRITES.labels("online").inc(len(written))
         for r in written:
@@ -301,16 +305,22 @@ def _pipelined(client: RespClient, script: Any, calls: list[tuple[Any, ...]]) ->
     """``calls`` in one round trip. A server that lost the compare-and-set script (a
     restart, ``SCRIPT FLUSH``) refuses its EVALSHAs: it is loaded and they are sent again
     (compare-and-set writes are idempotent). An error reply drops the connection (its
-    other replies unread) and is raised as redis-py's ``ResponseError`` (not retried)."""
+    other replies unread) and is raised as the exception redis-py raises for it, so what
+    :data:`RETRYABLE` retries is the same (``LOADING`` while a restarted node reloads,
+    ``MASTERDOWN``; not ``READONLY`` or ``OOM``)."""
     packed = b"".join([hiredis.pack_command(call) for call in calls])
     for attempt in (1, 2):
         try:
             client.execute(packed, len(calls))
             return
         except RespError as e:
-            if attempt == 2 or not str(e).startswith("NOSCRIPT"):
-                raise redis.ResponseError(str(e)) from None
+            error = parse_error(str(e))
+        if attempt == 2 or not isinstance(error, redis.exceptions.NoScriptError):
+            raise error from None
+        try:
             client.execute(hiredis.pack_command(("SCRIPT", "LOAD", script.script)), 1)
+        except RespError as e:
+            raise parse_error(str(e)) from None
 
 
 def _stream_tier(store: FeatureStore, group: Group) -> tuple[Placement, float]:
