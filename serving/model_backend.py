@@ -70,6 +70,7 @@ class OnnxBackend:
 
 
 LOAD_TIMEOUT_S = 300  # a Python-backend model takes seconds; a GPU one may take minutes
+RECONNECT_MAX_MS = 500  # the longest wait before reconnecting to a Triton that went away
 
 
 class TritonBackend:
@@ -79,9 +80,25 @@ class TritonBackend:
 
     def __init__(self, url: str, model: str, version: int | None = None) -> None:
         import tritonclient.grpc.aio as grpcclient
+        from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
 
         self._grpc = grpcclient
-        self.client = grpcclient.InferenceServerClient(url)
+        keep = KeepAliveOptions()
+        options = [  # the client's defaults...
+            ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+            ("grpc.keepalive_time_ms", keep.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keep.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", keep.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", keep.http2_max_pings_without_data),
+            # ...and a Triton that comes back is reconnected within half a second: gRPC's
+            # own backoff grows past 2 s while it is down, and recovery would wait for it
+            # rather than take one probe interval (serving.health)
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_MS),
+        ]
+        self.client = grpcclient.InferenceServerClient(url, channel_args=options)
         self.model = model
         self.version = "" if version is None else str(version)
 
