@@ -22,15 +22,14 @@ import gc
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
+from benchmarks.timing import report, timed
 from pipelines import store
 from pipelines.batch_job import run_batch
 from pipelines.generate import GenerateConfig, GenerateResult, generate
@@ -40,17 +39,6 @@ from serving.online_features import OnlineFeatures
 from tests.helpers import ServerError, start_redis_server, stop
 
 SERVICE = "fraud_detection_v1"
-
-
-def timed(call: Callable[[dict], object], rows: list[dict]) -> np.ndarray:
-    for row in rows[:50]:  # warm-up
-        call(row)
-    out = np.empty(len(rows))
-    for i, row in enumerate(rows):
-        t0 = time.perf_counter()
-        call(row)
-        out[i] = time.perf_counter() - t0
-    return out * 1000
 
 
 @contextmanager
@@ -90,14 +78,6 @@ def compare(
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
-
-
-def report(name: str, ms: np.ndarray) -> tuple[float, float]:
-    p50, p99 = np.percentile(ms, 50), np.percentile(ms, 99)
-    print(
-        f"    {name:<34} p50 {p50:7.3f} ms   p99 {p99:7.3f} ms   {1000 / ms.mean():9,.0f} calls/s"
-    )
-    return p50, p99
 
 
 def backfilled_project(

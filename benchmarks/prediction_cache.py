@@ -23,8 +23,8 @@ import subprocess
 
 import requests
 
-from benchmarks.feature_retrieval import report, timed
 from benchmarks.harness import Project, redis_project
+from benchmarks.timing import report, timed
 from tests.helpers import free_port, local_triton, serve, stop
 
 MODEL = "fraud_detection"

@@ -57,8 +57,9 @@ import numpy as np
 import pandas as pd
 import requests
 
-from benchmarks.feature_retrieval import compare, report, timed
+from benchmarks.feature_retrieval import compare
 from benchmarks.harness import Project, redis_project, stop_spark, with_wrk
+from benchmarks.timing import report, timed
 from online_store.tiles import view_plan
 from serving.online_features import OnlineFeatures
 from serving.triton_local import LocalTriton

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.timing import timed
 from serving.model_repository import (
     GPU_CONFIG_NAME,
     LOCAL_CONFIG_NAME,
@@ -141,14 +142,7 @@ def throughput(address: str, model: str, x: np.ndarray, clients: int, seconds: f
 
 def latency(call: Any, x: np.ndarray, n: int = 1000) -> tuple[float, float]:
     """p50 and p99 in milliseconds of ``n`` sequential calls (after 50 unmeasured)."""
-    for _ in range(50):
-        call(x)
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        call(x)
-        times.append(time.perf_counter() - t0)
-    p50, p99 = np.percentile(np.asarray(times) * 1e3, [50, 99])
+    p50, p99 = np.percentile(timed(call, [x] * n), [50, 99])
     return float(p50), float(p99)
 
 

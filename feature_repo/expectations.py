@@ -5,7 +5,8 @@ every column exists with its declared type, entity keys and ``event_timestamp`` 
 null, one row per entity and timestamp, no timestamp in the future or before the
 validated range, every day of the range has rows, and no feature is null unless its
 ``max_null_fraction`` below allows it (a request-time view's max, min and mean are null
-wherever its window is empty: not bounded unless declared). Declare here what only a person knows:
+wherever its window is empty: not bounded unless declared). Declare here what only a
+person knows:
 
 * ``columns``: per feature ``min`` / ``max`` (inclusive), ``in`` (allowed values),
   ``max_null_fraction`` (share of rows that may be null; default 0);
