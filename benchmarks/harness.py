@@ -230,6 +230,8 @@ def run_wrk(
     predictions and fallbacks, and 503s with and without Retry-After (it makes wrk read
     every answer into Lua: a little more client work, the same for every server). wrk's
     timeout is the run's length plus 10 s, so no answer falls out of the latencies."""
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: `apt-get install wrk` (the load benchmarks drive it)")
     lua = _WRK_REQUEST.replace("PATH", path).replace(
         "BODIES", ",".join(f"[[{json.dumps(b)}]]" for b in bodies)
     )

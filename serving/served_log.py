@@ -29,7 +29,9 @@ value's is the read time.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import operator
 import threading
 import time
 import uuid
@@ -40,6 +42,7 @@ from pathlib import Path
 from random import random
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -121,6 +124,7 @@ class ModelLog:
                 cols.append((f.name, col, col + "__timestamp", col + "__status"))
                 featured.update(cols[-1][1:])
             self._views.append((None if proj.name in on_demand else proj.name, cols))
+        self._dated = [view for view, _ in self._views if view is not None]
         system = {LOG_TIMESTAMP_FIELD, LOG_DATE_FIELD, REQUEST_ID_FIELD}
         system.update(f.name for f in OUTCOME_FIELDS)
         # join keys and request fields, straight from the request's rows
@@ -149,68 +153,130 @@ class ModelLog:
         w.submitted += n
         w.queue.append((self, jobs, values, ages, answers, read_at))
 
-    def add(self, item: tuple[Any, ...], out: list[tuple[Any, ...]]) -> None:
-        """Append one submitted batch's sampled rows to ``out``, as references: (request
-        row, served values or None, view ages, answer, request id, read time in µs)."""
-        jobs, values, ages, answers, read_at = item
-        read_us = round(read_at * 1e6)
-        rate = self.rate
+    def _sampled(
+        self, jobs: Sequence[Any], values: Any, ages: list[Any], answers: list[Any], read_at: float
+    ) -> tuple[Any, ...]:
+        """One submitted batch with only its sampled requests (per request, like Feast)."""
+        keep = []
         i = 0
         for job in jobs:
             n = len(job.rows)
-            if rate >= 1 or random() < rate:  # sampled per request, like Feast
-                # the client's X-Request-ID (serving.predict_routes), else one of ours
-                request_id = job.rows[0].get(REQUEST_ID_FIELD) or uuid.uuid4().hex
-                for j, row in enumerate(job.rows, start=i):
-                    vals = values[j] if values is not None else None
-                    out.append((row, vals, ages[j], answers[j], request_id, read_us))
+            if random() < self.rate:
+                keep.append((job, i, i + n))
             i += n
+        taken = [k for _, a, b in keep for k in range(a, b)]
+        return (
+            [job for job, _, _ in keep],
+            [values[k] for k in taken] if values is not None else None,
+            [ages[k] for k in taken],
+            [answers[k] for k in taken],
+            read_at,
+        )
 
-    def batch(self, rows: list[tuple[Any, ...]]) -> pa.RecordBatch:
-        """The rows as one Arrow batch: a list comprehension per column, statuses and
-        event times computed per view in Arrow; the GIL is let go between columns so the
-        event loop never waits long for it."""
-        reqs, vals, ages, answers, ids, reads = zip(*rows, strict=True)
+    def rows(self, items: list[tuple[Any, ...]]) -> pa.RecordBatch | None:
+        """Submitted batches as one Arrow batch of their sampled rows (None: none sampled).
+
+        Python touches each row a few times in C-level calls (a slice per request, one
+        ``itemgetter`` per row and group of columns, ``zip`` to turn rows into columns);
+        statuses and event times are computed per column in Arrow. The writer shares the
+        GIL with the event loop: less Python per row is what keeps the log off its path."""
+        reqs: list[dict[str, Any]] = []
+        vals: list[dict[str, Any] | None] = []
+        ages: list[dict[str, float | None]] = []
+        answers: list[dict[str, Any]] = []
+        ids: list[tuple[str | None, int]] = []  # per request: X-Request-ID, rows
+        batches: list[tuple[float, int, bool]] = []  # per batch: read time, rows, read?
+        for item in items:
+            jobs, values, batch_ages, batch_answers, read_at = (
+                item if self.rate >= 1 else self._sampled(*item)
+            )
+            if not jobs:
+                continue
+            for job in jobs:
+                reqs += job.rows
+                ids.append((job.rows[0].get(REQUEST_ID_FIELD), len(job.rows)))
+            n = len(batch_answers)
+            vals += values if values is not None else [None] * n
+            ages += batch_ages
+            answers += batch_answers
+            batches.append((read_at, n, values is not None))
+        if not reqs:
+            return None
         schema = self.schema
-        read = pa.array(reads, pa.int64())
-        unread = pa.array([v is None for v in vals])
-        cols: dict[str, Any] = {k: [r.get(k) for r in reqs] for k in self._keys}
+        at, counts, was_read = zip(*batches, strict=True)
+        n = len(reqs)
+        read_us = np.repeat(np.round(np.array(at) * 1e6).astype(np.int64), counts)
+        unread = np.repeat(~np.array(was_read), counts)
+        read = pa.array(read_us)
+        present = pa.array(np.full(n, int(PRESENT), np.int32))  # shared by full columns
+        cols: dict[str, Any] = dict(zip(self._keys, _columns(reqs, self._keys), strict=True))
+        nothing: dict[str, Any] = {}  # the values of a row that was not read
+        vals = [nothing if v is None else v for v in vals]
+        ages_of = dict(zip(self._dated, _columns(ages, self._dated), strict=True))
         for view, features in self._views:
-            if view is None:  # on demand: computed at read time
-                stamp = pc.if_else(unread, _NO_TIME, read)
+            # the values' event time: read time less the view's age (ms), or, on demand,
+            # the read time; null where nothing was found
+            if view is None:
+                found = ~unread
+                stamp_us = read_us
             else:
-                age = pa.array([a.get(view) for a in ages], pa.float64())
-                ms = pc.cast(pc.round(pc.multiply(age, 1000.0)), pa.int64())
-                stamp = pc.subtract(read, pc.multiply(ms, 1000))
-            found = pc.is_valid(stamp)
-            for feature, col, ts_col, status_col in features:
-                value = pa.array(
-                    [v.get(feature) if v is not None else None for v in vals],
-                    schema.field(col).type,
-                )
-                present = pc.is_valid(value)
-                empty = pc.if_else(found, _NULL_VALUE, _NOT_FOUND)
+                age = np.array(ages_of[view], np.float64)  # None -> NaN
+                found = ~np.isnan(age)
+                stamp_us = read_us - np.round(np.nan_to_num(age) * 1000).astype(np.int64) * 1000
+            stamp = pa.array(stamp_us, TIMESTAMP, mask=~found)
+            # a value not present: INVALID if nothing was read, else by whether its
+            # view's row was found (NULL_VALUE) or not (NOT_FOUND)
+            absent = np.where(unread, int(INVALID), np.where(found, NULL_VALUE, NOT_FOUND))
+            # transposed a view at a time: the GIL is let go between views
+            names = [f for f, *_ in features]
+            for (_, col, ts_col, status_col), column in zip(
+                features, _columns(vals, names), strict=True
+            ):
+                value = pa.array(column, schema.field(col).type)
                 cols[col] = value
-                cols[ts_col] = stamp if view is not None else pc.if_else(present, stamp, _NO_TIME)
-                cols[status_col] = pc.if_else(
-                    unread, _INVALID, pc.if_else(present, _PRESENT, empty)
+                if value.null_count == 0:
+                    cols[ts_col], cols[status_col] = stamp, present
+                    continue
+                has = value.is_valid().to_numpy(zero_copy_only=False)
+                cols[status_col] = pa.array(np.where(has, int(PRESENT), absent).astype(np.int32))
+                cols[ts_col] = (
+                    stamp if view is not None else pa.array(stamp_us, TIMESTAMP, mask=~has)
                 )
-                time.sleep(0)
+            time.sleep(0)  # let the event loop have the GIL between views
+        new_id = self._writer.request_id
+        # the client's X-Request-ID (serving.predict_routes), else one of ours
+        cols[REQUEST_ID_FIELD] = [r for rid, k in ids for r in [rid or new_id()] * k]
+        score, decision, fallback, latency = _columns(answers, _ANSWERED)
         cols[LOG_TIMESTAMP_FIELD] = read
-        cols[LOG_DATE_FIELD] = pc.cast(pc.divide(read, 86_400_000_000), pa.int32())
-        cols[REQUEST_ID_FIELD] = list(ids)
-        cols[MODEL] = [self.meta.model_name] * len(rows)
-        cols[VERSION] = [self.meta.version] * len(rows)
-        cols[SCORE] = [a["score"] for a in answers]
-        cols[DECISION] = [a["decision"] for a in answers]
-        cols[FALLBACK] = [a["fallback"] for a in answers]
-        cols[LATENCY] = [a["latency_ms"].get("total") for a in answers]
+        cols[LOG_DATE_FIELD] = pa.array((read_us // 86_400_000_000).astype(np.int32))
+        cols[MODEL] = pa.repeat(pa.scalar(self.meta.model_name, pa.string()), n)
+        cols[VERSION] = pa.repeat(pa.scalar(self.meta.version, pa.int32()), n)
+        cols[SCORE] = score
+        cols[DECISION] = decision
+        cols[FALLBACK] = fallback
+        cols[LATENCY] = [t["total"] for t in latency]
         arrays = [_array(cols[f.name], f.type) for f in schema]
         return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
+_ANSWERED = ["score", "decision", "fallback", "latency_ms"]
+
+
+def _columns(rows: list[Any], names: list[str]) -> list[tuple[Any, ...]]:
+    """``rows`` (dicts) as one tuple per name, in two C-level passes: ``itemgetter`` per
+    row, ``zip`` to transpose. A row lacking a name has None there."""
+    if not names:
+        return []
+    get = operator.itemgetter(*names) if len(names) > 1 else lambda r: (r[names[0]],)
+    try:
+        picked = [get(r) for r in rows]
+    except KeyError:
+        picked = [tuple(map(r.get, names)) for r in rows]
+    return list(zip(*picked, strict=True))
+
+
 def _array(values: Any, kind: pa.DataType) -> pa.Array:
-    if isinstance(values, list):
+    if isinstance(values, list | tuple):
         return pa.array(values, kind)
     return values if values.type == kind else values.cast(kind)
 
@@ -228,6 +294,8 @@ class ServedLog:
         self.taken = 0
         self.closed = False
         self._pending: dict[ModelLog, list[pa.RecordBatch]] = {}
+        self._id_prefix = uuid.uuid4().hex[:20]
+        self._ids = itertools.count()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="served-log", daemon=True)
 
@@ -259,28 +327,29 @@ class ServedLog:
                 return
 
     def _drain(self) -> None:
-        """Everything queued into Arrow batches, per model."""
-        rows: dict[ModelLog, list[tuple[Any, ...]]] = {}
-        while self.queue:
-            model, *item = self.queue.popleft()
-            n = len(item[3])
-            out = rows.setdefault(model, [])
-            before = len(out)
+        """Everything queued into Arrow batches, one per model."""
+        items: dict[ModelLog, list[tuple[Any, ...]]] = {}
+        taken = 0
+        queue = self.queue
+        while queue:  # one pass, no GIL handover per batch: each would cost the loop a switch
+            model, *item = queue.popleft()
+            items.setdefault(model, []).append(tuple(item))
+            taken += len(item[3])
+        self.taken += taken
+        for model, batches in items.items():
             try:
-                model.add(tuple(item), out)
+                batch = model.rows(batches)
             except Exception as e:  # a bug here must not stop the log
-                log.error("served_log: batch dropped: %r", e)
-                model.dropped["error"].inc(n)
-                del out[before:]
-            self.taken += n
-            time.sleep(0)  # let the event loop have the GIL between batches
-        for model, out in rows.items():
-            if out:
-                try:
-                    self._pending.setdefault(model, []).append(model.batch(out))
-                except Exception as e:
-                    log.error("served_log: rows dropped: %r", e)
-                    model.dropped["error"].inc(len(out))
+                log.error("served_log: rows dropped: %r", e)
+                model.dropped["error"].inc(sum(len(b[3]) for b in batches))
+                continue
+            if batch is not None:
+                self._pending.setdefault(model, []).append(batch)
+
+    def request_id(self) -> str:
+        """An id for a request that came without ``X-Request-ID``: this process's random
+        prefix and a count (unique like a uuid4, without a system call per request)."""
+        return f"{self._id_prefix}{next(self._ids):012x}"
 
     def _write(self) -> None:
         """One parquet file per FeatureService (its models' rows), as Feast's

@@ -378,3 +378,43 @@ def test_training_on_what_was_served_joins_labels_known_by_the_cut_off(
     assert new.extra["labels_known_by"] == cut.isoformat()
     got = scores(onnx_path(tmp_path / "models", "fraud_detection").parent, x)
     assert np.all((np.asarray(got) >= 0) & (np.asarray(got) <= 1))
+
+
+def test_sampling_keeps_or_drops_whole_requests_at_the_declared_rate(logged: Logged) -> None:
+    """The writer's sampling, in process on the served model's metadata: a request's rows
+    are logged together or not at all, about ``rate`` of the requests, each with its own
+    id; a vector not read (the store failed) is INVALID with no event time, one read and
+    not found is NOT_FOUND."""
+    import random
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from serving.metrics import Metrics
+    from serving.model_repository import load_metadata
+    from serving.served_log import ServedLog
+
+    meta = load_metadata(logged.models, "fraud_detection")
+    writer = ServedLog(logged.folder.parent / "unused", 10_000, 600, Metrics(None))
+    answer = {"score": 0.5, "decision": "approve", "fallback": False, "latency_ms": {"total": 1.0}}
+    row = {"user_id": 1, "merchant_id": 2, "amount": 3.0}
+    # 300 requests of 3 rows, in batches of 5 requests; every other batch was not read
+    items = []
+    for b in range(60):
+        jobs = [SimpleNamespace(rows=[dict(row, user_id=b * 5 + j)] * 3) for j in range(5)]
+        values = None if b % 2 else [{}] * 15
+        items.append((jobs, values, [{}] * 15, [answer] * 15, 1_700_000_000.0 + b))
+    random.seed(7)
+    for rate, low, high in ((0.0, 0, 0), (0.5, 105, 195), (1.0, 300, 300)):
+        batch = writer.model(logged.fs, replace(meta, log_sample_rate=rate)).rows(items)
+        rows = batch.to_pylist() if batch is not None else []
+        by_request: dict[str, set[int]] = {}
+        for r in rows:
+            by_request.setdefault(r["__request_id"], set()).add(r["user_id"])
+        assert low <= len(by_request) <= high, (rate, len(by_request))
+        assert len(rows) == 3 * len(by_request)  # whole requests
+        assert all(len(users) == 1 for users in by_request.values())  # an id per request
+        for r in rows:
+            read = (r["user_id"] // 5) % 2 == 0
+            status = r["user_velocity__user_txn_count_1h__status"]
+            assert status == (3 if read else 0), r  # NOT_FOUND / INVALID
+            assert r["user_velocity__user_txn_count_1h__timestamp"] is None
