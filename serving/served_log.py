@@ -67,10 +67,6 @@ INVALID, PRESENT, NULL_VALUE, NOT_FOUND = (
     FieldStatus.NULL_VALUE,
     FieldStatus.NOT_FOUND,
 )
-_INVALID, _PRESENT, _NULL_VALUE, _NOT_FOUND = (
-    pa.scalar(int(x), pa.int32()) for x in (INVALID, PRESENT, NULL_VALUE, NOT_FOUND)
-)
-_NO_TIME = pa.scalar(None, pa.int64())
 # Feast types feature timestamps in seconds (its Go logger's unit); microseconds keep the
 # event times exact and are what Spark 4 reads
 TIMESTAMP = pa.timestamp("us", tz=UTC)
@@ -176,10 +172,10 @@ class ModelLog:
     def rows(self, items: list[tuple[Any, ...]]) -> pa.RecordBatch | None:
         """Submitted batches as one Arrow batch of their sampled rows (None: none sampled).
 
-        Python touches each row a few times in C-level calls (a slice per request, one
-        ``itemgetter`` per row and group of columns, ``zip`` to turn rows into columns);
-        statuses and event times are computed per column in Arrow. The writer shares the
-        GIL with the event loop: less Python per row is what keeps the log off its path."""
+        Python touches each row a few times, in C-level calls (one ``itemgetter`` per row
+        and view, ``zip`` to turn rows into columns); event times and statuses are
+        computed per view in numpy. The writer shares the GIL with the event loop: less
+        Python per row is what keeps the log off its path."""
         reqs: list[dict[str, Any]] = []
         vals: list[dict[str, Any] | None] = []
         ages: list[dict[str, float | None]] = []
