@@ -44,6 +44,7 @@ class OnnxBackend:
     def __init__(self, path: Path) -> None:
         import onnxruntime as ort
 
+        self.path = path  # (a shadow scores the same file in a process of its own)
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

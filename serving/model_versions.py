@@ -179,7 +179,14 @@ class ModelVersions:
                 raise VersionRefused(f"{name} v{version} refused as a shadow: {why}") from None
             size = self.rt.settings.shadow_queue if queue is None else queue
             shadow = Shadow(serving, candidate, self.rt.metrics, size)
-            shadow.start()
+            try:
+                await shadow.start()
+            except Exception as e:
+                await shadow.stop()
+                why = first_line(e)
+                self._count(name, "shadow", "refused")
+                event(logging.ERROR, "shadow_refused", model=name, version=version, error=why)
+                raise VersionRefused(f"{name} v{version} refused as a shadow: {why}") from None
             serving.scorer.shadow = shadow
             self._count(name, "shadow", "served")
             event(

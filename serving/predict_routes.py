@@ -79,12 +79,14 @@ class PredictRoutes:
         if found is None:
             await self.app(scope, receive, send)
             return
+        rid = None
         try:
             if scope["method"] != "POST":
                 raise HTTPException(405, "method not allowed: use POST", {"Allow": "POST"})
             if self._key is not None and _header(scope, b"x-api-key") != self._key:
                 raise Unauthorized
             route, name = found
+            rid = _request_id(scope)
             raw = await _body(receive)
             # the version is picked after the last await before the scorer queues the
             # request: a request never waits on a version that was swapped out meanwhile
@@ -93,7 +95,7 @@ class PredictRoutes:
             served = rt.default if name is None else rt.models.get(name)
             if served is None:
                 raise UnknownModel(name or "(default)", list(rt.models))
-            answer = await route(served, raw, admission.arrival(scope), _request_id(scope))
+            answer = await route(served, raw, admission.arrival(scope), rid)
             status, out, headers = 200, orjson.dumps(answer), None
         except ClientGone:
             return
@@ -102,6 +104,8 @@ class PredictRoutes:
                 log.exception("unexpected error on %s", scope["path"])
             status, out, hdrs = problem_of(e)
             headers = [(k.lower().encode(), v.encode()) for k, v in hdrs.items()]
+        if rid is not None:  # echoed, so a client can match answers (and logs) to requests
+            headers = [*(headers or ()), (b"x-request-id", rid.encode())]
         await _send(send, status, out, headers)
 
     async def _one(self, served: Any, raw: bytes, arrival: float, rid: str | None) -> Any:

@@ -4,9 +4,10 @@ the response path, and how often the two agree is exported.
 The serving scorer hands each coalesced batch it scored (the exact float32 rows the model
 read, and its scores) to :meth:`Shadow.submit`: an append to a bounded queue, never a
 wait; a full queue drops the batch and counts its rows. One task per shadowed model drains
-the queue, everything waiting at once: the candidate scores the same rows (in-process ONNX
-in a worker thread, so its CPU work is not on the event loop; Triton over gRPC), each
-version's own policy decides, and per row the decisions' agreement and the score difference
+the queue every :data:`GATHER_S`, everything waiting at once: the candidate scores the same
+rows (an in-process ONNX candidate in a process of its own, :class:`CandidateProcess`, so
+neither its CPU nor its GIL is the event loop's; Triton over gRPC), each version's own
+policy decides, and per row the decisions' agreement and the score difference
 are counted (``hotpath_shadow_rows_total{model,outcome}``: agree, disagree, dropped, error;
 ``hotpath_shadow_score_diff{model}``: |candidate - serving|). :meth:`Shadow.report` (in
 ``hotpath models status``) sums them up with quantiles of the recent differences.
@@ -16,19 +17,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections import deque
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from serving.errors import first_line
 from serving.logs import Throttled
+from serving.shadow_scorer import HEADER
 
 if TYPE_CHECKING:
     from serving.app import Served
     from serving.metrics import Metrics
 
 RECENT = 20_000  # score differences kept for the report's quantiles
+GATHER_S = 0.02  # the shadow scores what queued in this long, in one call
+START_S = 60.0  # a candidate's process has this long to load its model
+STOP_S = 5.0  # and this long to exit once its stdin is closed
 
 
 class Shadow:
@@ -49,13 +56,22 @@ class Shadow:
         self._recent: deque[float] = deque(maxlen=RECENT)
         self._log = Throttled()
         self._task: asyncio.Task[None] | None = None
+        self._process: CandidateProcess | None = None
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Start scoring: an in-process candidate first gets its process (ready once its
+        model is loaded: the copies start flowing only then)."""
+        backend = self.candidate.scorer.backend
+        if backend.in_process:
+            self._process = CandidateProcess(backend.path)
+            await self._process.start()
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self._process is not None:
+            await self._process.close()
         await self.candidate.scorer.backend.close()
 
     def submit(self, x: np.ndarray, scores: np.ndarray) -> None:
@@ -67,32 +83,35 @@ class Shadow:
         self._wake.set()
 
     async def _run(self) -> None:
-        """Everything queued as one candidate call: batches that arrived while it scored
-        the previous ones share one thread hop (or gRPC call) and one comparison."""
-        backend = self.candidate.scorer.backend
-        score = getattr(backend, "score", None)  # in process: off the event loop
+        """Everything queued as one candidate call, at most every :data:`GATHER_S`: the
+        batches of that interval share one call (to the candidate's process, or Triton's
+        gRPC) and one comparison, so the event loop pays for the shadow a few times a
+        second, not per request."""
+        score = self._process.score if self._process is not None else self._predict
         while True:
             await self._wake.wait()
+            await asyncio.sleep(GATHER_S)
             self._wake.clear()
-            while self._queue:
-                taken = [self._queue.popleft() for _ in range(len(self._queue))]
-                x = np.concatenate([t[0] for t in taken])
-                served = np.concatenate([t[1] for t in taken])
-                try:
-                    if score is not None:
-                        theirs = await asyncio.to_thread(score, x)
-                    else:
-                        theirs = await backend.predict(x)
-                except Exception as e:
-                    self._count("error", len(x))
-                    why = first_line(e)
-                    self._log(logging.WARNING, "shadow_error", type(e).__name__, error=why)
-                    continue
-                self._compare(served, np.asarray(theirs))
+            if not self._queue:
+                continue
+            taken = [self._queue.popleft() for _ in range(len(self._queue))]
+            x = np.concatenate([t[0] for t in taken])
+            served = np.concatenate([t[1] for t in taken])
+            try:
+                theirs = await score(x)
+            except Exception as e:
+                self._count("error", len(x))
+                why = first_line(e)
+                self._log(logging.WARNING, "shadow_error", type(e).__name__, error=why)
+                continue
+            self._compare(served, np.asarray(theirs))
+
+    async def _predict(self, x: np.ndarray) -> np.ndarray:
+        return await self.candidate.scorer.backend.predict(x)
 
     def _compare(self, ours: np.ndarray, theirs: np.ndarray) -> None:
         """Per row: do the two versions' decisions agree, and by how much do the scores
-        differ. Vectorized: a batch costs a few numpy calls on the event loop."""
+        differ. Vectorized: a few numpy calls per gathered batch, on the event loop."""
         agree = int(
             np.count_nonzero(
                 _decisions(self.serving.scorer.policy, ours)
@@ -129,6 +148,62 @@ class Shadow:
             "score_diff": quantiles,
             "queued": len(self._queue),
         }
+
+
+class CandidateProcess:
+    """An in-process candidate's model file scored by ``python -m serving.shadow_scorer``
+    (see there why) over its stdin/stdout. Calls are one at a time (the shadow's task);
+    a child that died is started again on the next call, the call itself failing."""
+
+    def __init__(self, model: Path) -> None:
+        self.model = model
+        self._child: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self._child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "serving.shadow_scorer",
+            str(self.model),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            await asyncio.wait_for(self._read(), START_S)  # its "loaded" frame
+        except BaseException:
+            await self.close()
+            raise
+
+    async def score(self, x: np.ndarray) -> np.ndarray:
+        if self._child is None or self._child.returncode is not None:
+            await self.close()
+            await self.start()
+        assert self._child is not None and self._child.stdin is not None
+        rows = np.ascontiguousarray(x, np.float32)
+        payload = rows.shape[1].to_bytes(HEADER, "little") + rows.tobytes()
+        try:
+            self._child.stdin.write(len(payload).to_bytes(HEADER, "little") + payload)
+            return np.frombuffer(await self._read(), np.float32)
+        except BaseException:
+            await self.close()  # mid-frame: the stream is lost; a new child next time
+            raise
+
+    async def _read(self) -> bytes:
+        assert self._child is not None and self._child.stdout is not None
+        head = await self._child.stdout.readexactly(HEADER)
+        return await self._child.stdout.readexactly(int.from_bytes(head, "little"))
+
+    async def close(self) -> None:
+        child, self._child = self._child, None
+        if child is None:
+            return
+        if child.stdin is not None:
+            child.stdin.close()  # EOF: it exits
+        try:
+            await asyncio.wait_for(child.wait(), STOP_S)
+        except TimeoutError:
+            child.kill()
+            await child.wait()
 
 
 def _decisions(policy: Any, scores: np.ndarray) -> np.ndarray:

@@ -40,6 +40,7 @@ def _post(url: str, path: str, body: dict, request_id: str | None = None) -> dic
     headers = {"X-Request-ID": request_id} if request_id else None
     r = requests.post(url + path, json=body, headers=headers, timeout=10)
     assert r.status_code == 200, r.text
+    assert r.headers.get("x-request-id") == request_id  # echoed when sent, else absent
     return r.json()
 
 
