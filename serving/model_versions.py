@@ -87,6 +87,7 @@ class ModelVersions:
         self.states = {name: ModelState() for name in rt.models}
         self._releasing: set[asyncio.Task[None]] = set()
         self._stepping: dict[str, asyncio.Task[None]] = {}  # canaries with a step interval
+        self._closing = False  # set at shutdown: a shadow still starting is stopped
         for served in rt.models.values():
             self._show(served, 1)
 
@@ -181,6 +182,8 @@ class ModelVersions:
             shadow = Shadow(serving, candidate, self.rt.metrics, size)
             try:
                 await shadow.start()
+                if self._closing:  # shut down while its process started
+                    raise RuntimeError("the server is shutting down")
             except Exception as e:
                 await shadow.stop()
                 why = first_line(e)
@@ -482,6 +485,7 @@ class ModelVersions:
 
     async def close(self) -> None:
         """At shutdown: let the releases in progress finish, stop the shadows."""
+        self._closing = True
         if self._releasing:
             await asyncio.gather(*self._releasing, return_exceptions=True)
         for task in self._stepping.values():

@@ -81,12 +81,12 @@ class PredictRoutes:
             return
         rid = None
         try:
+            rid = _request_id(scope)
             if scope["method"] != "POST":
                 raise HTTPException(405, "method not allowed: use POST", {"Allow": "POST"})
             if self._key is not None and _header(scope, b"x-api-key") != self._key:
                 raise Unauthorized
             route, name = found
-            rid = _request_id(scope)
             raw = await _body(receive)
             # the version is picked after the last await before the scorer queues the
             # request: a request never waits on a version that was swapped out meanwhile

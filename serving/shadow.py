@@ -16,8 +16,10 @@ are counted (``hotpath_shadow_rows_total{model,outcome}``: agree, disagree, drop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
+import time
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +38,7 @@ RECENT = 20_000  # score differences kept for the report's quantiles
 GATHER_S = 0.02  # the shadow scores what queued in this long, in one call
 START_S = 60.0  # a candidate's process has this long to load its model
 STOP_S = 5.0  # and this long to exit once its stdin is closed
+RESTART_S = 5.0  # after a failed call, the next process starts no sooner than this
 
 
 class Shadow:
@@ -69,7 +72,9 @@ class Shadow:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            self._task.cancel()  # (a call in flight closes the process itself)
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         if self._process is not None:
             await self._process.close()
         await self.candidate.scorer.backend.close()
@@ -98,13 +103,11 @@ class Shadow:
             x = np.concatenate([t[0] for t in taken])
             served = np.concatenate([t[1] for t in taken])
             try:
-                theirs = await score(x)
+                self._compare(served, np.asarray(await score(x)))
             except Exception as e:
                 self._count("error", len(x))
                 why = first_line(e)
                 self._log(logging.WARNING, "shadow_error", type(e).__name__, error=why)
-                continue
-            self._compare(served, np.asarray(theirs))
 
     async def _predict(self, x: np.ndarray) -> np.ndarray:
         return await self.candidate.scorer.backend.predict(x)
@@ -152,12 +155,16 @@ class Shadow:
 
 class CandidateProcess:
     """An in-process candidate's model file scored by ``python -m serving.shadow_scorer``
-    (see there why) over its stdin/stdout. Calls are one at a time (the shadow's task);
-    a child that died is started again on the next call, the call itself failing."""
+    (see there why) over its stdin/stdout. Calls are one at a time (the shadow's task). A
+    call that fails loses the child; the next one starts another, but not sooner than
+    :data:`RESTART_S` after the failure (calls in between fail at once), so a model that
+    will not load or a crash on some input costs a process start every few seconds, not
+    one per gathered batch."""
 
     def __init__(self, model: Path) -> None:
         self.model = model
         self._child: asyncio.subprocess.Process | None = None
+        self._retry_at = 0.0
 
     async def start(self) -> None:
         self._child = await asyncio.create_subprocess_exec(
@@ -171,11 +178,13 @@ class CandidateProcess:
         try:
             await asyncio.wait_for(self._read(), START_S)  # its "loaded" frame
         except BaseException:
-            await self.close()
+            await self._lost()
             raise
 
     async def score(self, x: np.ndarray) -> np.ndarray:
         if self._child is None or self._child.returncode is not None:
+            if time.monotonic() < self._retry_at:
+                raise RuntimeError("the candidate's process failed; restarting shortly")
             await self.close()
             await self.start()
         assert self._child is not None and self._child.stdin is not None
@@ -185,7 +194,7 @@ class CandidateProcess:
             self._child.stdin.write(len(payload).to_bytes(HEADER, "little") + payload)
             return np.frombuffer(await self._read(), np.float32)
         except BaseException:
-            await self.close()  # mid-frame: the stream is lost; a new child next time
+            await self._lost()  # mid-frame: the stream is lost
             raise
 
     async def _read(self) -> bytes:
@@ -193,17 +202,33 @@ class CandidateProcess:
         head = await self._child.stdout.readexactly(HEADER)
         return await self._child.stdout.readexactly(int.from_bytes(head, "little"))
 
+    async def _lost(self) -> None:
+        self._retry_at = time.monotonic() + RESTART_S
+        await self.close()
+
     async def close(self) -> None:
+        """Close its stdin (it exits) and reap it; killed if it has not exited within
+        :data:`STOP_S`. Its stdout is read meanwhile: a reply it is still writing must
+        not keep it (or the wait for it) blocked on a full pipe."""
         child, self._child = self._child, None
         if child is None:
             return
         if child.stdin is not None:
-            child.stdin.close()  # EOF: it exits
+            child.stdin.close()
+        drain = asyncio.ensure_future(_discard(child.stdout))
         try:
             await asyncio.wait_for(child.wait(), STOP_S)
         except TimeoutError:
             child.kill()
-            await child.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(child.wait(), STOP_S)
+        finally:
+            drain.cancel()
+
+
+async def _discard(stream: asyncio.StreamReader | None) -> None:
+    while stream is not None and await stream.read(1 << 16):
+        pass
 
 
 def _decisions(policy: Any, scores: np.ndarray) -> np.ndarray:

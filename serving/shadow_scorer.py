@@ -12,6 +12,7 @@ empty frame out says the model is loaded. EOF on stdin: exit.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -41,4 +42,6 @@ def serve(model: Path, inp: BinaryIO, out: BinaryIO) -> None:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server's Ctrl-C: it closes our stdin
-    serve(Path(sys.argv[1]), sys.stdin.buffer, sys.stdout.buffer)
+    # buffered both ways whatever PYTHONUNBUFFERED says: read(n) and write() are whole
+    with os.fdopen(0, "rb") as inp, os.fdopen(1, "wb") as out:
+        serve(Path(sys.argv[1]), inp, out)

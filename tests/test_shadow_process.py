@@ -1,12 +1,17 @@
 """A shadow candidate's own process (serving.shadow.CandidateProcess): it scores exactly
-what the model scores in process, and a child that died is replaced on the next call."""
+what the model scores in process, a child that died is replaced on the next call, a call
+cut short (the shadow stopped) does not leave the child or the wait for it stuck, and
+after a failed call a new child starts only after a pause."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
+import pytest
 
+from serving import shadow
 from serving.model_backend import OnnxBackend
 from serving.model_repository import load_metadata, onnx_path
 from serving.shadow import CandidateProcess
@@ -14,7 +19,9 @@ from serving.shadow import CandidateProcess
 MODEL = "fraud_detection"
 
 
-def test_the_candidate_process_scores_like_the_model_and_outlives_a_crash(trained) -> None:
+def test_the_candidate_process_scores_like_the_model_and_outlives_a_crash(
+    trained, monkeypatch: pytest.MonkeyPatch
+) -> None:
     project, _, first = trained
     models = project.settings.model_repository
     meta = load_metadata(models, MODEL, first.version)
@@ -36,8 +43,24 @@ def test_the_candidate_process_scores_like_the_model_and_outlives_a_crash(traine
             await process.wait()
             assert np.array_equal(await child.score(x[5:9]), want[5:9])  # a new child
             assert child._child is not None and child._child.pid != process.pid
+            # a call cut short while the child computes a reply bigger than a pipe holds
+            monkeypatch.setattr(shadow, "RESTART_S", 1.0)
+            process = child._child
+            big = np.repeat(x, 300, axis=0)  # 90,000 rows: a 360 kB reply
+            call = asyncio.ensure_future(child.score(big))
+            await asyncio.sleep(0.05)
+            t0 = time.monotonic()
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            assert time.monotonic() - t0 < shadow.STOP_S  # exited on its own, reaped
+            assert child._child is None and process.returncode is not None
+            with pytest.raises(RuntimeError, match="restarting"):  # no restart storm
+                await child.score(x[:1])
+            await asyncio.sleep(1.0)
+            assert np.array_equal(await child.score(x[:2]), want[:2])
         finally:
             await child.close()
-        assert child._child is None and process.returncode is not None
+        assert child._child is None
 
     asyncio.run(run())
