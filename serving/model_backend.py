@@ -56,7 +56,7 @@ class OnnxBackend:
         return self.score(x)
 
     def score(self, x: np.ndarray) -> np.ndarray:
-        """:meth:`predict`, callable from a thread (a shadow candidate scores off the loop)."""
+        """:meth:`predict` without the event loop (a shadow candidate's own process calls it)."""
         (proba,) = self.session.run([OUTPUT_PROBABILITIES], {INPUT_NAME: x})
         return proba[:, 1]
 
