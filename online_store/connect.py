@@ -109,6 +109,24 @@ class RespClient:
             float(params.get("socket_timeout", timeout_s)),
         )
 
+    @classmethod
+    def from_url(cls, url: str, timeout_s: float = 5.0) -> RespClient:
+        """A client for a ``redis://`` or ``rediss://`` URL, read as redis-py reads it."""
+        from redis.connection import SSLConnection, parse_url
+
+        p = parse_url(url)
+        if "path" in p:
+            raise ValueError(f"{url}: a Unix socket; the raw client connects over TCP")
+        return cls(
+            p.get("host", "localhost"),
+            int(p.get("port", 6379)),
+            int(p.get("db", 0)),
+            p.get("username"),
+            p.get("password"),
+            p.get("connection_class") is SSLConnection,
+            timeout_s,
+        )
+
     def _connect(self) -> tuple[socket.socket, hiredis.Reader]:
         sock = socket.create_connection(self.address, timeout=self.timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -1154,6 +1154,69 @@ def test_a_two_key_group_is_written_under_feasts_entity_key(
         assert got[feature] == [5]
 
 
+def test_a_batch_of_many_chunks_survives_a_lost_script_and_a_failure_half_sent(
+    stream_root, redis_url
+) -> None:
+    """The writer sends a batch's compare-and-sets a chunk at a time as it builds them and
+    reads the replies at the end. A server that lost the script refuses every chunk's calls:
+    all are sent again. A batch that fails after chunks went out leaves their replies
+    unread: the next batch must not take them for its own (it would then miss a refusal
+    and write nothing, silently)."""
+    from pipelines.stream.sinks import OnlineWriter, Row, _Pipeline
+
+    fs = _open(_settings(stream_root, redis_url, 10))
+    pair = next(v for v in declared.from_store(fs) if v.name == "user_merchant_history")
+    (feature,) = [a.name for a in pair.aggs]
+    writer = OnlineWriter(fs, [pair])
+    n, now_us, u = 3 * _Pipeline.CHUNK + 5, int(time.time() * 1e6), FIRST_USER + 980
+    client = redis.Redis.from_url(redis_url)
+
+    def rows(value: Any, at: int) -> list[Row]:
+        return [Row(pair.keys, (u, m), at, (value,), 0.0) for m in range(n)]
+
+    def read() -> list[Any]:
+        rows_ = [{"user_id": u, "merchant_id": m} for m in range(n)]
+        return fs.get_online_features(
+            features=[f"user_merchant_history:{feature}"], entity_rows=rows_
+        ).to_dict()[feature]
+
+    client.script_flush()
+    writer.write(rows(3, now_us))
+    assert read() == [3] * n
+    broken = rows(4, now_us + 1)
+    broken[-1] = Row(pair.keys, (u, n - 1), now_us + 1, ("not a count",), 0.0)
+    with pytest.raises(TypeError):  # raised while building: three chunks already sent
+        writer.write(broken)
+    client.script_flush()
+    writer.write(rows(5, now_us + 2)[:1])  # fewer calls than the replies left unread
+    assert read()[0] == 5
+
+
+def test_the_lag_histogram_counts_as_prometheus_own_does() -> None:
+    """The stream's batch-fed histogram exposes what prometheus_client's own Histogram
+    exposes for the same observations (bounds included: a value on a bound is in it)."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from pipelines.stream.metrics import BatchHistogram
+
+    values = [0.0, 0.001, 0.0010001, 0.0049, 0.2, 0.2, 3.0, 12.0, 0.05]
+    bounds = (0.001, 0.005, 0.05, 0.2, 1, 10)
+    theirs = CollectorRegistry()
+    h = Histogram("lag_seconds", "doc", buckets=bounds, registry=theirs)
+    for v in values:
+        h.observe(v)
+    ours = BatchHistogram("lag_seconds", "doc", bounds, registry=CollectorRegistry())
+    ours.observe_many(values[:4])
+    ours.observe_many(values[4:])
+
+    def samples(text: bytes) -> list[str]:
+        return sorted(x for x in text.decode().splitlines() if x.startswith("lag_seconds_"))
+
+    mine = samples(generate_latest(ours.registry))
+    assert mine == [x for x in samples(generate_latest(theirs)) if "_created" not in x]
+    assert 'lag_seconds_bucket{le="0.001"} 2.0' in mine
+
+
 # ------------------------------------------------------------------ crashes and stop requests
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[str]:

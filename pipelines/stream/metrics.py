@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server, values
+import math
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+from itertools import accumulate
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    start_http_server,
+    values,
+)
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 # Feast's import sets PROMETHEUS_MULTIPROC_DIR, which makes every metric created afterwards
 # a locked write to a memory-mapped file; the flow's values live in this process's memory
@@ -25,7 +40,49 @@ KEYS = Gauge(
     "Keys holding window state (idle ones are evicted)",
     ["step"],
 )
-LAG = Histogram(
+
+
+class BatchHistogram:
+    """A Prometheus histogram fed a batch of observations at once: the stream observes one
+    lag per row written, and ``Histogram.observe`` (a lock and a bucket search in Python
+    per row) was 2-3 % of the flow's time. Exposed as any histogram is (``_bucket``,
+    ``_sum``, ``_count``)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry = REGISTRY,
+    ) -> None:
+        self.name, self.documentation, self.registry = name, documentation, registry
+        self.bounds = [*buckets, math.inf]
+        self.counts = [0] * len(self.bounds)  # per bucket, not cumulative
+        self.total = 0.0
+        self._lock = threading.Lock()  # the flow's workers and the scrape's thread
+        registry.register(self)
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        bounds, counts, total = self.bounds, [0] * len(self.bounds), 0.0
+        for v in values:
+            counts[bisect_left(bounds, v)] += 1  # the first bucket with v <= its bound
+            total += v
+        with self._lock:
+            self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
+            self.total += total
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            cumulative, total = list(accumulate(self.counts)), self.total
+        yield HistogramMetricFamily(
+            self.name,
+            self.documentation,
+            buckets=[(floatToGoString(b), c) for b, c in zip(self.bounds, cumulative, strict=True)],
+            sum_value=total,
+        )
+
+
+LAG = BatchHistogram(
     "hotpath_stream_lag_seconds",
     "From an event entering the stream to its row in the online store",
     buckets=(

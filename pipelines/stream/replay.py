@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import redis
+import hiredis
 
+from online_store.connect import RespClient, RespError
 from pipelines.errors import HotpathError
 from pipelines.store import check_redis
 from pipelines.stream.sources import EVENT_FIELD, read_events
@@ -38,15 +39,21 @@ class ReplayResult:
 
 
 def to_stream(url: str, stream_key: str) -> Send:
-    """XADD each event to ``stream_key``, pipelined per chunk (Redis checked now, by URL)."""
+    """XADD each event to ``stream_key``, a chunk per round trip (Redis checked now, by
+    URL). Packed by hiredis on the raw client: redis-py's pipeline cost the producer
+    ~60 µs an event, a third of a core at 5,000 events/s, taken from the flow it feeds
+    when both share a machine (the freshness benchmark)."""
     check_redis(url)  # a clear error naming the URL, before reading anything
-    client = redis.Redis.from_url(url)
+    client = RespClient.from_url(url)
+    head = (b"XADD", stream_key.encode(), b"*", EVENT_FIELD)
+    dumps, pack = json.dumps, hiredis.pack_command
 
     def send(events: list[dict[str, Any]]) -> None:
-        pipe = client.pipeline(transaction=False)
-        for e in events:
-            pipe.xadd(stream_key, {EVENT_FIELD: json.dumps(e)})
-        pipe.execute()
+        packed = b"".join([pack((*head, dumps(e))) for e in events])
+        try:
+            client.execute(packed, len(events))
+        except RespError as e:
+            raise HotpathError(f"Redis refused an XADD to {stream_key}: {e}") from None
 
     return send
 
