@@ -111,19 +111,26 @@ class RespClient:
 
     @classmethod
     def from_url(cls, url: str, timeout_s: float = 5.0) -> RespClient:
-        """A client for a ``redis://`` or ``rediss://`` URL, read as redis-py reads it."""
+        """A client for a ``redis://`` or ``rediss://`` URL (host, port, credentials, db,
+        as redis-py reads them); a URL option it would not honour (a Unix socket, TLS or
+        socket settings) is refused with a ``ValueError`` naming it, not ignored."""
         from redis.connection import SSLConnection, parse_url
 
         p = parse_url(url)
         if "path" in p:
-            raise ValueError(f"{url}: a Unix socket; the raw client connects over TCP")
+            raise ValueError("the raw client connects over TCP, not to a Unix socket")
+        if p.get("connection_class") is SSLConnection:
+            del p["connection_class"]
+        other = sorted(set(p) - {"host", "port", "db", "username", "password"})
+        if other:
+            raise ValueError(f"the raw client takes no {', '.join(other)} in its URL")
         return cls(
             p.get("host", "localhost"),
             int(p.get("port", 6379)),
             int(p.get("db", 0)),
             p.get("username"),
             p.get("password"),
-            p.get("connection_class") is SSLConnection,
+            url.startswith("rediss://"),
             timeout_s,
         )
 

@@ -136,12 +136,12 @@ def check_redis(url: str, timeout_s: float = 2.0) -> float:
     except ValueError as e:
         raise HotpathError(f"not a Redis URL: {url!r} ({e})") from None
     except redis.AuthenticationError as e:
-        raise HotpathError(f"Redis at {_safe(url)} refused the credentials: {e}") from None
+        raise HotpathError(f"Redis at {safe_url(url)} refused the credentials: {e}") from None
     except redis.RedisError as e:
-        raise HotpathError(f"Redis unreachable at {_safe(url)}: {first_line(e)}") from None
+        raise HotpathError(f"Redis unreachable at {safe_url(url)}: {first_line(e)}") from None
 
 
-def _safe(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL with any password hidden."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)

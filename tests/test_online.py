@@ -315,6 +315,27 @@ def test_served_vectors_drop_expired_values(materialized) -> None:
     assert "user_txn_count_30d" in expired or vec.ts["user_txn_count_30d"] is None
 
 
+def test_the_raw_client_reads_a_url_as_redis_py_does_or_refuses_it() -> None:
+    """Host, port, credentials (percent-decoded), db from the path or the query, TLS; an
+    option it would not honour is refused, never ignored."""
+    from online_store.connect import RespClient
+
+    c = RespClient.from_url("redis://u:p%40ss@127.0.0.1:6380/2")
+    assert (c.address, c.db, c.username, c.password, c.ssl) == (
+        ("127.0.0.1", 6380), 2, "u", "p@ss", None
+    )  # fmt: skip
+    tls = RespClient.from_url("rediss://h")
+    assert tls.address == ("h", 6379) and tls.ssl is not None
+    assert RespClient.from_url("redis://h?db=3").db == 3
+    for url, option in [
+        ("unix:///tmp/r.sock", "Unix socket"),
+        ("rediss://h?ssl_cert_reqs=none", "ssl_cert_reqs"),
+        ("redis://h/1?socket_timeout=3", "socket_timeout"),
+    ]:
+        with pytest.raises(ValueError, match=option):
+            RespClient.from_url(url)
+
+
 def test_resp_client_auth_db_and_reconnect(tmp_path) -> None:
     """The fast path's Redis connection: AUTH and SELECT from Feast's connection string,
     a clear error on a wrong password, and a fresh connection after the server restarts."""

@@ -1192,6 +1192,27 @@ def test_a_batch_of_many_chunks_survives_a_lost_script_and_a_failure_half_sent(
     assert read()[0] == 5
 
 
+def test_a_refused_reconnection_is_an_error_at_once_not_a_retry(redis_url) -> None:
+    """Chunks go out as a batch is built: a connection whose SELECT is refused (a db past
+    the server's count) raises redis-py's error for the reply, which the writer does not
+    retry; and `hotpath replay` refuses a URL option its client would ignore, naming it."""
+    from online_store.connect import RespClient
+    from online_store.layout import COMPARE_AND_SET
+    from pipelines.errors import HotpathError
+    from pipelines.stream.replay import to_stream
+    from pipelines.stream.sinks import RETRYABLE, _Pipeline
+
+    host, port = redis_url.split("://")[1].split("/")[0].split(":")
+    script = redis.Redis.from_url(redis_url).register_script(COMPARE_AND_SET)
+    pipe = _Pipeline(RespClient(host, int(port), 99), script)
+    with pytest.raises(redis.ResponseError, match="DB index is out of range") as e:
+        for m in range(2 * _Pipeline.CHUNK):
+            pipe.append(("EVALSHA", script.sha, 1, f"k{m}", 1, b"", 0))
+    assert not isinstance(e.value, RETRYABLE)
+    with pytest.raises(HotpathError, match="socket_timeout"):
+        to_stream(redis_url + "?socket_timeout=3", "tx")
+
+
 def test_the_lag_histogram_counts_as_prometheus_own_does() -> None:
     """The stream's batch-fed histogram exposes what prometheus_client's own Histogram
     exposes for the same observations (bounds included: a value on a bound is in it)."""

@@ -161,7 +161,8 @@ def test_second_run_adds_version_two(trained) -> None:
     project, fs, r = trained
     s = project.settings
     v1 = _tree_digest(r.path)
-    second = train(fs, s.model_repository, log=lambda _: None)
+    last_weeks = project.now.date() - timedelta(days=14)  # any data will do: fewer labels
+    second = train(fs, s.model_repository, start=last_weeks, log=lambda _: None)
     assert second.version == r.version + 1
     assert versions(s.model_repository, "fraud_detection")[-2:] == [r.version, second.version]
     assert _tree_digest(r.path) == v1

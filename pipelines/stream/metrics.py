@@ -55,6 +55,8 @@ class BatchHistogram:
         buckets: tuple[float, ...],
         registry: CollectorRegistry = REGISTRY,
     ) -> None:
+        if list(buckets) != sorted(set(buckets)) or math.inf in buckets:
+            raise ValueError(f"{name}: bucket bounds must be finite and increasing")
         self.name, self.documentation, self.registry = name, documentation, registry
         self.bounds = [*buckets, math.inf]
         self.counts = [0] * len(self.bounds)  # per bucket, not cumulative

@@ -20,8 +20,8 @@ from typing import Any
 import hiredis
 
 from online_store.connect import RespClient, RespError
-from pipelines.errors import HotpathError
-from pipelines.store import check_redis
+from pipelines.errors import HotpathError, first_line
+from pipelines.store import check_redis, safe_url
 from pipelines.stream.sources import EVENT_FIELD, read_events
 
 # a target: writes a chunk of events (plain dicts) and returns once they are accepted
@@ -44,7 +44,10 @@ def to_stream(url: str, stream_key: str) -> Send:
     ~60 µs an event, a third of a core at 5,000 events/s, taken from the flow it feeds
     when both share a machine (the freshness benchmark)."""
     check_redis(url)  # a clear error naming the URL, before reading anything
-    client = RespClient.from_url(url)
+    try:
+        client = RespClient.from_url(url)
+    except ValueError as e:
+        raise HotpathError(f"replay to {safe_url(url)}: {e}") from None
     head = (b"XADD", stream_key.encode(), b"*", EVENT_FIELD)
     dumps, pack = json.dumps, hiredis.pack_command
 
@@ -53,7 +56,9 @@ def to_stream(url: str, stream_key: str) -> Send:
         try:
             client.execute(packed, len(events))
         except RespError as e:
-            raise HotpathError(f"Redis refused an XADD to {stream_key}: {e}") from None
+            raise HotpathError(f"Redis at {safe_url(url)} refused {stream_key}: {e}") from None
+        except OSError as e:
+            raise HotpathError(f"Redis at {safe_url(url)}: {first_line(e)}") from None
 
     return send
 

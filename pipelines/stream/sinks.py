@@ -119,7 +119,7 @@ class _GroupWriter:
             # Feast serializes join keys sorted: the entity's values in that order (None: as is)
             order = [group.keys.index(k) for k in self.encoder.join_keys]
             self.order = None if order == sorted(order) else order
-            self.keys: dict[tuple[Any, ...], bytes] = {}  # entity -> its Redis key, as encoded
+            self.redis_keys: dict[tuple[Any, ...], bytes] = {}  # entity -> its Redis key
             # per view: (ts field, [(hash field, index in Row.values, serialized ValueProto)])
             self.layout = [
                 (
@@ -182,7 +182,7 @@ class _GroupWriter:
         written = [r for entity, r in newest.items() if live[entity]]
         if self.redis is not None:
             project = store.project.encode()
-            keys = self.keys
+            keys = self.redis_keys
             if len(keys) > _KEYS_KEPT:
                 keys.clear()
             for r in written:
@@ -346,7 +346,10 @@ class _Pipeline:
 
     def _send(self) -> None:
         pack = hiredis.pack_command
-        self.client.send(b"".join([pack(c) for c in self.calls[self.sent :]]))
+        try:  # a reconnection's AUTH or SELECT can be refused
+            self.client.send(b"".join([pack(c) for c in self.calls[self.sent :]]))
+        except RespError as e:
+            raise parse_error(str(e)) from None
         self.sent = len(self.calls)
 
     def abandon(self) -> None:
