@@ -471,11 +471,12 @@ def exported_metrics() -> dict[str, set[str]]:
     # the registered collectors: prometheus_client's public collect() names no labels for a
     # labelled metric that has no child yet, so read the collectors themselves
     collectors = list(registry._collector_to_names)
-    collectors += [m for m in vars(stream_metrics).values() if isinstance(m, MetricWrapperBase)]
+    stream = (MetricWrapperBase, stream_metrics.BatchHistogram)
+    collectors += [m for m in vars(stream_metrics).values() if isinstance(m, stream)]
     out: dict[str, set[str]] = {}
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     for c in collectors:
-        labels = set(c._labelnames)
+        labels = set(getattr(c, "_labelnames", ()))  # a BatchHistogram has none
         for family in c.collect():
             for suffix in suffixes[family.type]:
                 out[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())

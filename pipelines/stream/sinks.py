@@ -143,7 +143,7 @@ class _GroupWriter:
                 )
             self.key_fields = [_KEY_FIELD[types[k]] for k in group.keys]
 
-    def _redis_key(self, entity: tuple[Any, ...], project: bytes) -> bytes:
+    def _key_bytes(self, entity: tuple[Any, ...], project: bytes) -> bytes:
         order = self.order
         values = entity if order is None else tuple(entity[i] for i in order)
         return self.encoder.encode_values(values) + project
@@ -188,7 +188,7 @@ class _GroupWriter:
             for r in written:
                 key = keys.get(r.entity)
                 if key is None:
-                    key = keys[r.entity] = self._redis_key(r.entity, project)
+                    key = keys[r.entity] = self._key_bytes(r.entity, project)
                 expire_at = layout.expire_at(r.ts_us / 1e6, self.ttl_s) if self.ttl_s else 0
                 args: list[Any] = [r.ts_us, layout.encode_stamp(r.ts_us), expire_at]
                 values = r.values
