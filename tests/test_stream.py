@@ -49,9 +49,10 @@ from pipelines.stream.aggregates import (
     key_groups,
     keyed_steps,
 )
+from pipelines.stream.dead_letters import DeadLetterSink
 from pipelines.stream.events import Event, Rejected, parse
 from pipelines.stream.flow import keyed_windows
-from pipelines.stream.sinks import DeadLetterSink, Emitted
+from pipelines.stream.sinks import Emitted
 from pipelines.stream.tiles import tile_rows
 
 FEATURES = [

@@ -41,10 +41,10 @@ from pipelines.stream.aggregates import (
     key_groups,
     keyed_steps,
 )
+from pipelines.stream.dead_letters import DeadLetterSink
 from pipelines.stream.events import Event, Rejected, parse
 from pipelines.stream.kafka import declared_topic
 from pipelines.stream.sinks import (
-    DeadLetterSink,
     Emitted,
     OfflineSink,
     OnlineSink,
