@@ -174,10 +174,7 @@ class ModelVersions:
             try:
                 candidate = await self._ready(name, version, [serving.meta.version])
             except Exception as e:
-                why = first_line(e)
-                self._count(name, "shadow", "refused")
-                event(logging.ERROR, "shadow_refused", model=name, version=version, error=why)
-                raise VersionRefused(f"{name} v{version} refused as a shadow: {why}") from None
+                raise self._shadow_refused(name, version, e) from None
             size = self.rt.settings.shadow_queue if queue is None else queue
             shadow = Shadow(serving, candidate, self.rt.metrics, size)
             try:
@@ -186,10 +183,7 @@ class ModelVersions:
                     raise RuntimeError("the server is shutting down")
             except Exception as e:
                 await shadow.stop()
-                why = first_line(e)
-                self._count(name, "shadow", "refused")
-                event(logging.ERROR, "shadow_refused", model=name, version=version, error=why)
-                raise VersionRefused(f"{name} v{version} refused as a shadow: {why}") from None
+                raise self._shadow_refused(name, version, e) from None
             serving.scorer.shadow = shadow
             self._count(name, "shadow", "served")
             event(
@@ -482,6 +476,13 @@ class ModelVersions:
         while not old.scorer.idle() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         await old.scorer.backend.close()
+
+    def _shadow_refused(self, name: str, version: int, e: Exception) -> VersionRefused:
+        """Counted, logged, and the error to raise."""
+        why = first_line(e)
+        self._count(name, "shadow", "refused")
+        event(logging.ERROR, "shadow_refused", model=name, version=version, error=why)
+        return VersionRefused(f"{name} v{version} refused as a shadow: {why}")
 
     async def close(self) -> None:
         """At shutdown: let the releases in progress finish, stop the shadows."""
