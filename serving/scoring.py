@@ -43,7 +43,7 @@ from serving.model_repository import ModelMetadata
 from serving.online_features import OnlineFeatures
 from serving.prediction_cache import PredictionCache
 from serving.resilience import CircuitBreaker
-from serving.served_log import ModelLog
+from serving.served_log import Answered, ModelLog
 from serving.settings import ServingSettings
 from serving.shadow import Shadow
 
@@ -99,10 +99,10 @@ class Scorer:
         self._no_wait_until = 0.0
         self._names = meta.feature_names
         self._defaults = [(f.name, f.default) for f in meta.features]
-        # the contract's values of one row as a tuple, in one C call (see _matrix)
+        # the contract's values of one row as a tuple, in one C call (see _served)
         pick = operator.itemgetter(*self._names)
         self._pick = pick if len(self._names) > 1 else lambda vals: (pick(vals),)
-        self._fill = np.array([d for _, d in self._defaults], dtype=np.float32)
+        self._fill = np.array([d for _, d in self._defaults], dtype=np.float64)
         # reason rules over request fields get them too (fallback rules always do)
         self._with_request = bool(policy.reason_fields & {f.name for f in meta.request})
         self._queue_s = settings.queue_budget_ms / 1000
@@ -212,12 +212,13 @@ class Scorer:
         rows = [r for job in live for r in job.rows]
         read_at = time.time()  # the instant the features are computed and judged at
         values, ages, store_cause = self._read(rows, read_at)
+        served = self._served(values) if values is not None else None
         t1 = time.perf_counter()
         scores, cause = None, store_cause
-        if values is not None:
-            scores, cause = await self._score(values)
+        if served is not None:
+            scores, cause = await self._score(served)
         t2 = time.perf_counter()
-        out = self._answers(rows, values, ages, scores, cause)
+        out = self._answers(rows, values, served, ages, scores, cause)
         t3 = time.perf_counter()
         m, record = self.metrics, self.recording
         if record:  # (breaker states: the health monitor publishes them)
@@ -239,7 +240,13 @@ class Scorer:
             if not job.future.done():
                 job.future.set_result(answers)
         if record and self.served_log is not None:  # queued as built: the writer does the rest
-            self.served_log.submit(live, values, ages, out, read_at)
+            decisions = [a["decision"] for a in out]
+            sizes, arrivals = [len(j.rows) for j in live], [j.arrival for j in live]
+            self.served_log.submit(
+                Answered(
+                    rows, sizes, arrivals, values, served, ages, scores, decisions, read_at, t3
+                )
+            )
 
     def _read(
         self, rows: list[dict[str, Any]], now: float
@@ -276,11 +283,13 @@ class Scorer:
     def _no_ages(self, rows: list[dict[str, Any]]) -> list[dict[str, float | None]]:
         return [dict.fromkeys(self.features.view_names) for _ in rows]
 
-    async def _score(self, values: list[dict[str, Any]]) -> tuple[Any, str | None]:
-        """Model scores for every row, or None and the cause of the fallback."""
+    async def _score(self, served: np.ndarray) -> tuple[Any, str | None]:
+        """Model scores for every row of ``served`` (see :meth:`_served`), or None and the
+        cause of the fallback."""
         if not self.model_breaker.allow():
             return None, "breaker_open"
-        x = self._matrix(values)
+        missing = np.isnan(served)
+        x = (np.where(missing, self._fill, served) if missing.any() else served).astype(np.float32)
         try:
             if self.cache is None:
                 scores = await self.call_model(x)
@@ -298,20 +307,18 @@ class Scorer:
             self.shadow.submit(x, scores)
         return scores, None
 
-    def _matrix(self, values: list[dict[str, Any]]) -> np.ndarray:
-        """The model's float32 input, contract order, defaults for missing (and NaN) values;
-        equal to model_repository.feature_matrix, without a numpy array per column: each
-        row's values picked in one call (None becomes NaN), then NaN replaced at once."""
+    def _served(self, values: list[dict[str, Any]]) -> np.ndarray:
+        """The served values in the model's contract order, float64, NaN where a value is
+        missing (None, NaN or absent): what the model is given before defaults, what the
+        answers call missing and what the served-vector log records, built once. Each row's
+        values are picked in one call; the defaults filled in, it equals
+        model_repository.feature_matrix."""
         pick = self._pick
         try:
             picked = [pick(vals) for vals in values]
         except KeyError:  # a row lacking a contract feature: it is missing
             picked = [tuple(vals.get(n) for n in self._names) for vals in values]
-        x = np.array(picked, dtype=np.float32).reshape(len(values), len(self._names))
-        missing = np.isnan(x)
-        if missing.any():
-            x = np.where(missing, self._fill, x)
-        return x
+        return np.array(picked, dtype=np.float64).reshape(len(values), len(self._names))
 
     async def call_model(self, x: np.ndarray) -> np.ndarray:
         """The backend's scores for ``x``; TimeoutError past the model budget (a remote
@@ -329,20 +336,30 @@ class Scorer:
         self,
         rows: list[dict[str, Any]],
         values: list[dict[str, Any]] | None,
+        served: np.ndarray | None,
         ages: list[dict[str, float | None]],
         scores: Any,
         cause: str | None,
     ) -> list[dict[str, Any]]:
         m, record, policy = self.metrics, self.recording, self.policy
-        name, version = self.meta.model_name, self.meta.version
+        name, version, names = self.meta.model_name, self.meta.version, self._names
         if cause is not None and record:
             self._log(logging.WARNING, "fallback", cause, cause=cause, model=name, rows=len(rows))
         out = []
         verdicts: dict[str, int] = {}  # counted once per batch (see ModelMetrics.count)
-        misses: dict[str, int] = {}
+        # missing features: per row with any (NaN in ``served``), and per feature (a count)
+        holes: dict[int, list[str]] = {}
+        if served is None:  # nothing was read: every feature of every row
+            holes = {i: list(names) for i in range(len(rows))}
+            misses = dict.fromkeys(names, len(rows)) if rows else {}
+        else:
+            mask = np.isnan(served)
+            for i in np.flatnonzero(mask.any(axis=1)).tolist():
+                holes[i] = [names[j] for j in np.flatnonzero(mask[i]).tolist()]
+            misses = {names[j]: int(c) for j, c in enumerate(mask.sum(axis=0).tolist()) if c}
         for i, row in enumerate(rows):
             vals = values[i] if values is not None else {}
-            missing = [n for n in self._names if vals.get(n) is None]
+            missing = holes.get(i) or []
             seen = {**row, **vals} if self._with_request else vals
             why = policy.reasons(seen)
             p: float | None
@@ -353,8 +370,6 @@ class Scorer:
                 p, verdict = None, policy.fallback({**row, **vals})
                 why = [f"fallback:{cause}", *why]
             verdicts[verdict] = verdicts.get(verdict, 0) + 1
-            for n in missing:
-                misses[n] = misses.get(n, 0) + 1
             out.append(
                 {
                     "score": p,

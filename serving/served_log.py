@@ -14,13 +14,15 @@ straight under its path), one path per FeatureService, so
 through Feast, and Spark reads the same folder.
 
 Off the request path: the scorer hands over the objects it already built (one deque append
-per coalesced batch); a writer thread turns them into Arrow batches every
+per coalesced batch), the model's features among them as its float64 matrix (integers are
+exact up to 2**53); a writer thread turns them into Arrow batches every
 :data:`DRAIN_S` and writes a file per FeatureService every ``served_log_flush_s`` and on
 clean shutdown. Past ``served_log_queue`` predictions waiting, a batch is dropped and counted
 (``hotpath_served_log_dropped_total``), never waited for. A kill loses what was not written.
 
 Statuses as the fast path knows them: ``PRESENT``; ``NULL_VALUE`` (the view's row was found
-and fresh, this value empty); ``NOT_FOUND`` (no row, or a row past the view's TTL: the fast
+and fresh, this value empty — or NaN: the model was given its default, and the log records
+what the model saw as missing); ``NOT_FOUND`` (no row, or a row past the view's TTL: the fast
 path blanks both alike, so ``OUTSIDE_MAX_AGE`` is not told apart); ``INVALID`` (nothing was
 read: the store failed or was open-breakered, the answer is a fallback). A stored value's
 event time is the read time minus its view's age (millisecond precision); an on-demand
@@ -36,7 +38,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, date
 from pathlib import Path
 from random import random
@@ -97,6 +99,25 @@ def schema_of(store: Any, feature_service: str) -> pa.Schema:
     return pa.schema(fields + OUTCOME_FIELDS)
 
 
+@dataclass(slots=True)
+class Answered:
+    """One coalesced batch as the scorer answered it, handed to the log as built: arrays,
+    flat lists and dicts of plain values — objects the garbage collector does not walk
+    while they wait (holding the requests' answers, or their futures that hold them,
+    cost every request a share of the collections that promoted them)."""
+
+    rows: list[dict[str, Any]]  # its requests' rows (join keys, request fields), in order
+    sizes: list[int]  # per request, its rows
+    arrivals: list[float]  # per request, when it arrived (perf_counter)
+    values: list[dict[str, Any]] | None  # served values per row (None: not read)
+    served: np.ndarray | None  # the model's features (Scorer._served; None: not read)
+    ages: list[dict[str, float | None]]  # per row, each view's age in seconds
+    scores: np.ndarray | None  # per row (None: a fallback)
+    decisions: list[str]  # per row
+    read_at: float  # when the values were read (epoch seconds: the ``now`` they're as of)
+    done_at: float  # when the batch was answered (perf_counter)
+
+
 class ModelLog:
     """One served model's log: its columns, and the scorer's hook (:meth:`submit`)."""
 
@@ -125,90 +146,102 @@ class ModelLog:
         system.update(f.name for f in OUTCOME_FIELDS)
         # join keys and request fields, straight from the request's rows
         self._keys = [n for n in self.schema.names if n not in featured and n not in system]
+        # a feature's values: its column of the scorer's matrix (the version's features),
+        # else (the service gained it after this version was published) the rows' dicts
+        self._column_of = {name: i for i, name in enumerate(meta.feature_names)}
+        self._from_rows = [
+            f for _, cols in self._views for f, *_ in cols if f not in self._column_of
+        ]
         children = writer.metrics.served_log_dropped
         self.dropped = {r: children.labels(meta.model_name, r) for r in ("queue_full", "error")}
         self.written = writer.metrics.served_log_rows.labels(meta.model_name)
 
-    def submit(
-        self,
-        jobs: Sequence[Any],
-        values: list[dict[str, Any]] | None,
-        ages: list[dict[str, float | None]],
-        answers: list[dict[str, Any]],
-        read_at: float,
-    ) -> None:
-        """Queue one coalesced batch as the scorer built it: its requests (each with
-        ``.rows``), served values (None: not read), per-view ages, the answers, and when
-        the values were read (epoch seconds: the ``now`` they were computed at). Never
-        waits: past the queue's bound the batch is dropped and counted."""
+    def submit(self, batch: Answered) -> None:
+        """Queue one answered batch. Never waits: past the queue's bound the batch is
+        dropped and counted."""
         w = self._writer
-        n = len(answers)
+        n = len(batch.decisions)
         if w.closed or w.submitted - w.taken + n > w.limit:
             self.dropped["queue_full"].inc(n)
             return
         w.submitted += n
-        w.queue.append((self, jobs, values, ages, answers, read_at))
+        if not self._from_rows:  # only the matrix is read: the dicts may go
+            batch.values = None
+        w.queue.append((self, batch))
 
-    def _sampled(
-        self, jobs: Sequence[Any], values: Any, ages: list[Any], answers: list[Any], read_at: float
-    ) -> tuple[Any, ...]:
+    def _sampled(self, b: Answered) -> Answered:
         """One submitted batch with only its sampled requests (per request, like Feast)."""
-        keep = []
+        keep = []  # (request, its first row, past its last)
         i = 0
-        for job in jobs:
-            n = len(job.rows)
+        for r, n in enumerate(b.sizes):
             if random() < self.rate:
-                keep.append((job, i, i + n))
+                keep.append((r, i, i + n))
             i += n
-        taken = [k for _, a, b in keep for k in range(a, b)]
-        return (
-            [job for job, _, _ in keep],
-            [values[k] for k in taken] if values is not None else None,
-            [ages[k] for k in taken],
-            [answers[k] for k in taken],
-            read_at,
+        taken = [k for _, a, z in keep for k in range(a, z)]
+        return Answered(
+            [b.rows[k] for k in taken],
+            [b.sizes[r] for r, _, _ in keep],
+            [b.arrivals[r] for r, _, _ in keep],
+            [b.values[k] for k in taken] if b.values is not None else None,
+            b.served[taken] if b.served is not None else None,
+            [b.ages[k] for k in taken],
+            b.scores[taken] if b.scores is not None else None,
+            [b.decisions[k] for k in taken],
+            b.read_at,
+            b.done_at,
         )
 
-    def rows(self, items: list[tuple[Any, ...]]) -> pa.RecordBatch | None:
+    def rows(self, batches: list[Answered]) -> pa.RecordBatch | None:
         """Submitted batches as one Arrow batch of their sampled rows (None: none sampled).
 
-        Python touches each row a few times, in C-level calls (one ``itemgetter`` per row
-        and view, ``zip`` to turn rows into columns); event times and statuses are
-        computed per view in numpy. The writer shares the GIL with the event loop: less
-        Python per row is what keeps the log off its path."""
+        The model's features and scores come as numpy arrays (a feature is a row of the
+        matrix's transpose, its NaNs the nulls); what else a row holds (keys, request
+        fields, ages, decisions) is picked in C-level calls (``itemgetter`` per row, ``zip``
+        to transpose). Event times and statuses are computed per view in numpy."""
         reqs: list[dict[str, Any]] = []
         vals: list[dict[str, Any] | None] = []
+        matrices: list[np.ndarray] = []
         ages: list[dict[str, float | None]] = []
-        answers: list[dict[str, Any]] = []
-        ids: list[tuple[str | None, int]] = []  # per request: X-Request-ID, rows
-        batches: list[tuple[float, int, bool]] = []  # per batch: read time, rows, read?
-        for item in items:
-            jobs, values, batch_ages, batch_answers, read_at = (
-                item if self.rate >= 1 else self._sampled(*item)
-            )
-            if not jobs:
+        scores: list[np.ndarray] = []
+        decisions: list[str] = []
+        ids: list[tuple[str | None, int, float]] = []  # per request: X-Request-ID, rows, ms
+        parts: list[tuple[float, int, bool, bool]] = []  # per batch: at, rows, read?, fallback?
+        width = len(self.meta.features)
+        for b in batches if self.rate >= 1 else map(self._sampled, batches):
+            if not b.sizes:
                 continue
-            for job in jobs:
-                reqs += job.rows
-                ids.append((job.rows[0].get(REQUEST_ID_FIELD), len(job.rows)))
-            n = len(batch_answers)
-            vals += values if values is not None else [None] * n
-            ages += batch_ages
-            answers += batch_answers
-            batches.append((read_at, n, values is not None))
+            first = len(reqs)
+            reqs += b.rows
+            for k, arrival in zip(b.sizes, b.arrivals, strict=True):
+                ms = round((b.done_at - arrival) * 1000, 3)  # as the answer says
+                ids.append((reqs[first].get(REQUEST_ID_FIELD), k, ms))
+                first += k
+            n = len(b.decisions)
+            read = b.served is not None
+            if self._from_rows:
+                vals += b.values if b.values is not None else [None] * n
+            matrices.append(b.served if read else np.full((n, width), np.nan))
+            scores.append(np.full(n, np.nan) if b.scores is None else b.scores)
+            ages += b.ages
+            decisions += b.decisions
+            parts.append((b.read_at, n, read, b.scores is None))
         if not reqs:
             return None
+        # a feature's values contiguous (one row of the transpose): no copy per column
+        by_feature = np.ascontiguousarray(
+            (np.concatenate(matrices) if len(matrices) > 1 else matrices[0]).T
+        )
         schema = self.schema
-        at, counts, was_read = zip(*batches, strict=True)
+        at, counts, was_read, fell_back = zip(*parts, strict=True)
         n = len(reqs)
         read_us = np.repeat(np.round(np.array(at) * 1e6).astype(np.int64), counts)
         unread = np.repeat(~np.array(was_read), counts)
-        read = pa.array(read_us)
         present = pa.array(np.full(n, int(PRESENT), np.int32))  # shared by full columns
         cols: dict[str, Any] = dict(zip(self._keys, _columns(reqs, self._keys), strict=True))
         nothing: dict[str, Any] = {}  # the values of a row that was not read
         vals = [nothing if v is None else v for v in vals]
         ages_of = dict(zip(self._dated, _columns(ages, self._dated), strict=True))
+        from_rows = dict(zip(self._from_rows, _columns(vals, self._from_rows), strict=True))
         for view, features in self._views:
             # the values' event time: read time less the view's age (ms), or, on demand,
             # the read time; null where nothing was found
@@ -217,45 +250,54 @@ class ModelLog:
                 stamp_us = read_us
             else:
                 age = np.array(ages_of[view], np.float64)  # None -> NaN
-                found = ~np.isnan(age)
-                stamp_us = read_us - np.round(np.nan_to_num(age) * 1000).astype(np.int64) * 1000
+                found = age == age
+                stamp_us = (
+                    read_us - np.round(np.where(found, age, 0) * 1000).astype(np.int64) * 1000
+                )
             stamp = pa.array(stamp_us, TIMESTAMP, mask=~found)
             # a value not present: INVALID if nothing was read, else by whether its
             # view's row was found (NULL_VALUE) or not (NOT_FOUND)
             absent = np.where(unread, int(INVALID), np.where(found, NULL_VALUE, NOT_FOUND))
-            # transposed a view at a time: the GIL is let go between views
-            names = [f for f, *_ in features]
-            for (_, col, ts_col, status_col), column in zip(
-                features, _columns(vals, names), strict=True
-            ):
-                value = pa.array(column, schema.field(col).type)
+            for name, col, ts_col, status_col in features:
+                kind = schema.field(col).type
+                j = self._column_of.get(name)
+                if j is None:  # not one of the model's features (see __init__)
+                    value = pa.array(from_rows[name], kind)
+                    has = value.is_valid().to_numpy(zero_copy_only=False)
+                else:
+                    value, has = _typed(by_feature[j], kind)
                 cols[col] = value
-                if value.null_count == 0:
+                if has.all():
                     cols[ts_col], cols[status_col] = stamp, present
                     continue
-                has = value.is_valid().to_numpy(zero_copy_only=False)
                 cols[status_col] = pa.array(np.where(has, int(PRESENT), absent).astype(np.int32))
                 cols[ts_col] = (
                     stamp if view is not None else pa.array(stamp_us, TIMESTAMP, mask=~has)
                 )
-            time.sleep(0)  # let the event loop have the GIL between views
         new_id = self._writer.request_id
         # the client's X-Request-ID (serving.predict_routes), else one of ours
-        cols[REQUEST_ID_FIELD] = [r for rid, k in ids for r in [rid or new_id()] * k]
-        score, decision, fallback, latency = _columns(answers, _ANSWERED)
-        cols[LOG_TIMESTAMP_FIELD] = read
+        cols[REQUEST_ID_FIELD] = [r for rid, k, _ in ids for r in [rid or new_id()] * k]
+        cols[LOG_TIMESTAMP_FIELD] = pa.array(read_us)
         cols[LOG_DATE_FIELD] = pa.array((read_us // 86_400_000_000).astype(np.int32))
         cols[MODEL] = pa.repeat(pa.scalar(self.meta.model_name, pa.string()), n)
         cols[VERSION] = pa.repeat(pa.scalar(self.meta.version, pa.int32()), n)
-        cols[SCORE] = score
-        cols[DECISION] = decision
-        cols[FALLBACK] = fallback
-        cols[LATENCY] = [t["total"] for t in latency]
+        fallback = np.repeat(np.array(fell_back), counts)
+        cols[SCORE] = pa.array(np.concatenate(scores).astype(np.float64), mask=fallback)
+        cols[DECISION] = decisions
+        cols[FALLBACK] = pa.array(fallback)
+        cols[LATENCY] = pa.array(np.repeat([t for *_, t in ids], [k for _, k, _ in ids]))
         arrays = [_array(cols[f.name], f.type) for f in schema]
         return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
-_ANSWERED = ["score", "decision", "fallback", "latency_ms"]
+def _typed(values: np.ndarray, kind: pa.DataType) -> tuple[pa.Array, np.ndarray]:
+    """A float64 column (NaN: missing) as ``kind`` (the log schema's type for it), nulls
+    where NaN, converted in numpy; and where it has a value."""
+    has = values == values
+    full = bool(has.all())
+    if kind != pa.float64():
+        values = (values if full else np.where(has, values, 0)).astype(kind.to_pandas_dtype())
+    return pa.array(values, kind, mask=None if full else ~has), has
 
 
 def _columns(rows: list[Any], names: list[str]) -> list[tuple[Any, ...]]:
@@ -285,7 +327,7 @@ class ServedLog:
 
     def __init__(self, folder: Path, limit: int, flush_s: float, metrics: Metrics) -> None:
         self.folder, self.limit, self.flush_s, self.metrics = folder, limit, flush_s, metrics
-        self.queue: deque[tuple[Any, ...]] = deque()
+        self.queue: deque[tuple[ModelLog, Answered]] = deque()
         self.submitted = 0
         self.taken = 0
         self.closed = False
@@ -324,20 +366,20 @@ class ServedLog:
 
     def _drain(self) -> None:
         """Everything queued into Arrow batches, one per model."""
-        items: dict[ModelLog, list[tuple[Any, ...]]] = {}
+        items: dict[ModelLog, list[Answered]] = {}
         taken = 0
         queue = self.queue
         while queue:  # one pass, no GIL handover per batch: each would cost the loop a switch
-            model, *item = queue.popleft()
-            items.setdefault(model, []).append(tuple(item))
-            taken += len(item[3])
+            model, answered = queue.popleft()
+            items.setdefault(model, []).append(answered)
+            taken += len(answered.decisions)
         self.taken += taken
         for model, batches in items.items():
             try:
                 batch = model.rows(batches)
             except Exception as e:  # a bug here must not stop the log
                 log.error("served_log: rows dropped: %r", e)
-                model.dropped["error"].inc(sum(len(b[3]) for b in batches))
+                model.dropped["error"].inc(sum(len(b.decisions) for b in batches))
                 continue
             if batch is not None:
                 self._pending.setdefault(model, []).append(batch)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pyarrow.dataset as ds
 import pytest
 import requests
@@ -278,7 +279,6 @@ def test_training_on_what_was_served_joins_labels_known_by_the_cut_off(
     serving gave), and the model trains, publishes and scores."""
     from dataclasses import replace
 
-    import numpy as np
     import pandas as pd
     from feast import FileSource
 
@@ -388,22 +388,26 @@ def test_sampling_keeps_or_drops_whole_requests_at_the_declared_rate(logged: Log
     not found is NOT_FOUND."""
     import random
     from dataclasses import replace
-    from types import SimpleNamespace
 
     from serving.metrics import Metrics
     from serving.model_repository import load_metadata
-    from serving.served_log import ServedLog
+    from serving.served_log import Answered, ServedLog
 
     meta = load_metadata(logged.models, "fraud_detection")
     writer = ServedLog(logged.folder.parent / "unused", 10_000, 600, Metrics(None))
-    answer = {"score": 0.5, "decision": "approve", "fallback": False, "latency_ms": {"total": 1.0}}
+    decided = ["approve"] * 15
     row = {"user_id": 1, "merchant_id": 2, "amount": 3.0}
     # 300 requests of 3 rows, in batches of 5 requests; every other batch was not read
     items = []
+    nothing = np.full((15, len(meta.features)), np.nan)  # read, no feature found
     for b in range(60):
-        jobs = [SimpleNamespace(rows=[dict(row, user_id=b * 5 + j)] * 3) for j in range(5)]
-        values = None if b % 2 else [{}] * 15
-        items.append((jobs, values, [{}] * 15, [answer] * 15, 1_700_000_000.0 + b))
+        rows = [dict(row, user_id=b * 5 + j) for j in range(5) for _ in range(3)]
+        values, served = (None, None) if b % 2 else ([{}] * 15, nothing)
+        scores = None if b % 2 else np.full(15, 0.5)
+        at = 1_700_000_000.0 + b
+        items.append(
+            Answered(rows, [3] * 5, [0.0] * 5, values, served, [{}] * 15, scores, decided, at, 1.0)
+        )
     random.seed(7)
     for rate, low, high in ((0.0, 0, 0), (0.5, 105, 195), (1.0, 300, 300)):
         batch = writer.model(logged.fs, replace(meta, log_sample_rate=rate)).rows(items)
