@@ -5,7 +5,7 @@ one worker runs in this process; with several, uvicorn's ``Multiprocess`` superv
 pickles the config (and so the settings) into each spawned worker, which shares the bound
 socket. Admission control is uvicorn's HTTP protocol (``serving.admission``).
 
-Metrics of all workers meet in one fresh folder per server (:func:`metrics_folder`,
+Metrics of several workers meet in one fresh folder per server (:func:`metrics_folder`,
 handed to the workers in their settings; see ``serving.metrics``), removed when it stops.
 """
 
@@ -40,24 +40,27 @@ class AppFactory:
 
 
 @contextmanager
-def metrics_folder() -> Iterator[Path]:
-    """A fresh metrics folder for one server, removed when it stops: on return, on an
-    error, and on SIGTERM (uvicorn re-raises the SIGTERM it handled once it has shut down;
-    with the default handler that would kill the process before any clean-up, so SIGTERM
-    becomes a normal exit)."""
-    folder = Path(tempfile.mkdtemp(prefix="hotpath-metrics-"))
+def metrics_folder(workers: int) -> Iterator[Path | None]:
+    """Where several workers' metrics meet (None for one worker: its registry is the
+    whole story, and not writing it out every probe interval spares its event loop a
+    few milliseconds each time): a fresh folder, removed when the server stops — on
+    return, on an error, and on SIGTERM (uvicorn re-raises the SIGTERM it handled once it
+    has shut down; with the default handler that would kill the process before any
+    clean-up, so SIGTERM becomes a normal exit)."""
+    folder = Path(tempfile.mkdtemp(prefix="hotpath-metrics-")) if workers > 1 else None
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         yield folder
     finally:
         signal.signal(signal.SIGTERM, previous)
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def run(settings: ServingSettings) -> bool:
     """Serve until stopped on ``settings.host:port`` with ``settings.workers`` processes;
     False if the (single) worker failed to start."""
-    with metrics_folder() as folder:
+    with metrics_folder(settings.workers) as folder:
         return _run(settings.model_copy(update={"metrics_dir": folder}))
 
 
