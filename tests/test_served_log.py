@@ -423,3 +423,20 @@ def test_sampling_keeps_or_drops_whole_requests_at_the_declared_rate(logged: Log
             status = r["user_velocity__user_txn_count_1h__status"]
             assert status == (3 if read else 0), r  # NOT_FOUND / INVALID
             assert r["user_velocity__user_txn_count_1h__timestamp"] is None
+
+
+def test_a_feature_column_keeps_its_type_and_its_missing_values() -> None:
+    """The log's feature columns come from the scorer's float64 matrix: NaN (missing, or a
+    NaN the model was given its default for) becomes null, integers stay exact up to
+    2**53, booleans and floats keep their type."""
+    import pyarrow as pa
+
+    from serving.served_log import _typed
+
+    got, has = _typed(np.array([1.0, np.nan, 2.0**53, 0.0, -7.0]), pa.int64())
+    assert got.type == pa.int64() and got.to_pylist() == [1, None, 2**53, 0, -7]
+    assert has.tolist() == [True, False, True, True, True]
+    assert _typed(np.array([1.0, 0.0, np.nan]), pa.bool_())[0].to_pylist() == [True, False, None]
+    assert _typed(np.array([0.5, np.nan]), pa.float32())[0].to_pylist() == [0.5, None]
+    full, has = _typed(np.array([0.25, 3.0]), pa.float64())
+    assert full.null_count == 0 and has.all() and full.to_pylist() == [0.25, 3.0]
