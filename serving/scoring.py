@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import operator
 import time
@@ -354,8 +355,9 @@ class Scorer:
             misses = dict.fromkeys(names, len(rows)) if rows else {}
         else:
             mask = np.isnan(served)
-            for i in np.flatnonzero(mask.any(axis=1)).tolist():
-                holes[i] = [names[j] for j in np.flatnonzero(mask[i]).tolist()]
+            lacking = np.flatnonzero(mask.any(axis=1))
+            for i, flags in zip(lacking.tolist(), mask[lacking].tolist(), strict=True):
+                holes[i] = list(itertools.compress(names, flags))
             misses = {names[j]: int(c) for j, c in enumerate(mask.sum(axis=0).tolist()) if c}
         for i, row in enumerate(rows):
             vals = values[i] if values is not None else {}
