@@ -52,6 +52,18 @@ from online_store.tiles import (
 )
 
 
+class _TileMemo:
+    """One request-time view's evaluated blobs, for one tile of the instant: a blob's
+    values change only when the instant enters another tile (then it starts afresh)."""
+
+    __slots__ = ("tile", "values", "size")
+
+    def __init__(self) -> None:
+        self.tile: int | None = None
+        self.values: dict[bytes | None, tuple[Any, ...]] = {}
+        self.size = 0  # bytes of the blobs kept
+
+
 @dataclass(frozen=True)
 class RequestTime:
     """A request-time view's tile plan (``online_store.tiles.view_plan``, built once) and,
@@ -59,12 +71,9 @@ class RequestTime:
 
     plan: TilePlan
     pick: tuple[int, ...]
-    # (tile of the instant, blob) -> values: a blob's values change only when the instant
-    # enters another tile, and a ranking request's candidates come back request after
-    # request (100 merchants' tiles were a tenth of a ranking request's time)
-    _memo: dict[tuple[int, bytes | None], tuple[Any, ...]] = field(
-        default_factory=dict, repr=False, compare=False
-    )
+    # a ranking request's candidates come back request after request (evaluating 100
+    # merchants' tiles was a tenth of a ranking request's time)
+    _memo: _TileMemo = field(default_factory=_TileMemo, repr=False, compare=False)
 
     @classmethod
     def of(cls, view: Any, features: Sequence[str]) -> RequestTime | None:
@@ -81,18 +90,22 @@ class RequestTime:
         tiles, empty windows): those not evaluated in this tile before, all at once
         (``evaluate_many``)."""
         tile, memo = tile_of(now_us, self.plan.resolution_us), self._memo
-        got: dict[bytes | None, Any] = {b: memo.get((tile, b)) for b in blobs}
+        if memo.tile != tile:
+            memo.tile, memo.values, memo.size = tile, {}, 0
+        known = memo.values
+        got: dict[bytes | None, Any] = {b: known.get(b) for b in blobs}
         new = [b for b, v in got.items() if v is None]
         if new:
-            if len(memo) + len(new) > _MEMO_MAX:
-                memo.clear()
             pick = self.pick
             for b, out in zip(new, self.plan.evaluate_many(new, now_us), strict=True):
-                got[b] = memo[tile, b] = tuple(out[i] for i in pick)
+                got[b] = value = tuple(out[i] for i in pick)
+                if memo.size < _MEMO_BYTES:
+                    known[b] = value
+                    memo.size += len(b) if b else 0
         return [got[b] for b in blobs]
 
 
-_MEMO_MAX = 20_000  # evaluated blobs kept per request-time view (cleared when full)
+_MEMO_BYTES = 16 << 20  # blob bytes kept per request-time view within a tile
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,15 @@
 ``labels()`` costs microseconds per call; on a path that answers in a few hundred of
 them, children are looked up at start-up. Values live in each worker's memory:
 prometheus_client's multiprocess mode makes every write a locked write to a memory-mapped
-file, and a dozen per request cost an eighth of the service's CPU. Instead each worker
-saves its whole exposition to the server's metrics folder on the health monitor's tick
-(every ``breaker_probe_s``) and a scrape merges the folder (:func:`merged`: counters and
-histograms summed, gauges by their rule), so ``/metrics`` shows every worker, the others
-as of their last tick. Breaker states are set on that tick too, and feature ages are
-observed for one row per coalesced batch (a sample). Stage latencies are per batch
-(``hotpath_batch_rows`` says how large); ``hotpath_request_seconds`` is per request, from
-arrival to answer, queueing included. Every per-model metric carries a ``model`` label.
+file, and a dozen per request cost an eighth of the service's CPU. Instead, with several
+workers, each saves its whole exposition to the server's metrics folder on the health
+monitor's tick (every ``breaker_probe_s``) and a scrape merges the folder
+(:func:`merged`: counters and histograms summed, gauges by their rule), so ``/metrics``
+shows every worker, the others as of their last tick. Breaker states are set on that
+tick too, and feature ages are observed for one row per coalesced batch (a sample).
+Stage latencies are per batch (``hotpath_batch_rows`` says how large);
+``hotpath_request_seconds`` is per request, from arrival to answer, queueing included.
+Every per-model metric carries a ``model`` label.
 """
 
 from __future__ import annotations

@@ -213,8 +213,8 @@ class Scorer:
         rows = [r for job in live for r in job.rows]
         read_at = time.time()  # the instant the features are computed and judged at
         values, ages, store_cause = self._read(rows, read_at)
-        served = self._served(values) if values is not None else None
         t1 = time.perf_counter()
+        served = self._served(values) if values is not None else None
         scores, cause = None, store_cause
         if served is not None:
             scores, cause = await self._score(served)

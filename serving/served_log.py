@@ -102,9 +102,10 @@ def schema_of(store: Any, feature_service: str) -> pa.Schema:
 @dataclass(slots=True)
 class Answered:
     """One coalesced batch as the scorer answered it, handed to the log as built: arrays,
-    flat lists and dicts of plain values — objects the garbage collector does not walk
-    while they wait (holding the requests' answers, or their futures that hold them,
-    cost every request a share of the collections that promoted them)."""
+    a few lists and dicts of plain values (which the garbage collector does not track) —
+    not the requests' answers, nor their futures that hold them: kept for the 0.1 s they
+    wait, those were promoted and walked by every older-generation collection, a share of
+    every request's time."""
 
     rows: list[dict[str, Any]]  # its requests' rows (join keys, request fields), in order
     sizes: list[int]  # per request, its rows
@@ -262,7 +263,7 @@ class ModelLog:
                 kind = schema.field(col).type
                 j = self._column_of.get(name)
                 if j is None:  # not one of the model's features (see __init__)
-                    value = pa.array(from_rows[name], kind)
+                    value = pa.array(from_rows[name], kind, from_pandas=True)  # NaN: null
                     has = value.is_valid().to_numpy(zero_copy_only=False)
                 else:
                     value, has = _typed(by_feature[j], kind)
@@ -292,12 +293,16 @@ class ModelLog:
 
 def _typed(values: np.ndarray, kind: pa.DataType) -> tuple[pa.Array, np.ndarray]:
     """A float64 column (NaN: missing) as ``kind`` (the log schema's type for it), nulls
-    where NaN, converted in numpy; and where it has a value."""
+    where NaN; and where it has a value. Integers through Arrow's safe cast: a fraction or
+    an infinity in an integer feature raises (the batch is dropped and counted), it is
+    not logged as some other number."""
     has = values == values
-    full = bool(has.all())
+    mask = None if has.all() else ~has
+    if pa.types.is_integer(kind):
+        return pa.array(values, pa.float64(), mask=mask).cast(kind), has
     if kind != pa.float64():
-        values = (values if full else np.where(has, values, 0)).astype(kind.to_pandas_dtype())
-    return pa.array(values, kind, mask=None if full else ~has), has
+        values = values.astype(kind.to_pandas_dtype())
+    return pa.array(values, kind, mask=mask), has
 
 
 def _columns(rows: list[Any], names: list[str]) -> list[tuple[Any, ...]]:

@@ -440,3 +440,6 @@ def test_a_feature_column_keeps_its_type_and_its_missing_values() -> None:
     assert _typed(np.array([0.5, np.nan]), pa.float32())[0].to_pylist() == [0.5, None]
     full, has = _typed(np.array([0.25, 3.0]), pa.float64())
     assert full.null_count == 0 and has.all() and full.to_pylist() == [0.25, 3.0]
+    for wrong in (2.7, np.inf):  # not some other integer: refused (the batch is counted)
+        with pytest.raises(pa.ArrowInvalid):
+            _typed(np.array([1.0, wrong]), pa.int64())
