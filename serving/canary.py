@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -92,7 +92,7 @@ class Window:
         self.latency_ms: deque[float] = deque(maxlen=size)
         self.scores: deque[float] = deque(maxlen=size)
 
-    def add(self, answers: list[dict[str, Any]]) -> None:
+    def add(self, answers: Sequence[dict[str, Any]]) -> None:
         for a in answers:
             self.bad.append(1 if a["fallback"] else 0)
             self.latency_ms.append(a["latency_ms"].get("total", 0.0))
@@ -169,7 +169,7 @@ class Canary:
     def to_candidate(self, row: dict[str, Any]) -> bool:
         return bucket((row[self.key],)) < self.percent * (BUCKETS // 100)
 
-    async def predict(self, rows: list[dict[str, Any]], arrival: float) -> list[dict[str, Any]]:
+    async def predict(self, rows: list[dict[str, Any]], arrival: float) -> Sequence[dict[str, Any]]:
         """Each row answered by its entity's version, in the request's order."""
         if self.tripped is not None:  # rolled back: the owner is removing this canary
             return await self.stable.scorer.predict(rows, arrival)
@@ -187,11 +187,11 @@ class Canary:
 
     async def _arm(
         self, arm: str, rows: list[dict[str, Any]], arrival: float
-    ) -> list[dict[str, Any]]:
+    ) -> Sequence[dict[str, Any]]:
         served = self.candidate if arm == "candidate" else self.stable
         window = self.windows[arm]
         try:
-            answers = await served.scorer.predict(rows, arrival)
+            answers = list(await served.scorer.predict(rows, arrival))  # each built once
         except Exception:
             window.errors(len(rows))
             self._rows[arm, "error"].inc(len(rows))

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 _COMPARE: dict[str, Callable[[Any, Any], bool]] = {
     ">": operator.gt,
     ">=": operator.ge,
@@ -79,6 +81,16 @@ class Policy:
             if score >= threshold:
                 return verdict
         return self.below
+
+    def decide_all(self, scores: np.ndarray) -> list[str]:
+        """:meth:`decide` for every score, in a few numpy calls (compared as float64, as
+        :meth:`decide` compares a Python float; NaN meets no threshold)."""
+        x = np.asarray(scores, dtype=np.float64)
+        first = np.full(len(x), len(self.thresholds))  # the first threshold met (highest first)
+        for k in range(len(self.thresholds) - 1, -1, -1):
+            first[x >= self.thresholds[k][0]] = k
+        labels = np.array([d for _, d in self.thresholds] + [self.below], dtype=object)
+        return labels[first].tolist()  # type: ignore[no-any-return]
 
     def reasons(self, values: dict[str, Any]) -> list[str]:
         """Reason codes a reviewer understands, from the values behind the decision."""

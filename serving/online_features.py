@@ -17,7 +17,6 @@ Feast's SDK, and the tiers only Feast reads, serve its last-event row instead.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,6 +47,36 @@ class Vector:
 
     values: dict[str, Any]
     ts: dict[str, float | None]
+
+
+@dataclass(slots=True)
+class Served:
+    """What the model is served for a batch of rows (:meth:`OnlineFeatures.read_served`):
+    per feature, its value for each row (None: missing or expired); per view, its age in
+    seconds for each row (None: no value, or expired)."""
+
+    n: int
+    values: dict[str, Sequence[Any]]
+    ages: dict[str, list[float | None]]
+
+    def row(self, i: int) -> dict[str, Any]:
+        """Row ``i``'s values, by feature."""
+        return {name: col[i] for name, col in self.values.items()}
+
+    def ages_of(self, i: int) -> dict[str, float | None]:
+        """Row ``i``'s age of each view."""
+        return {view: col[i] for view, col in self.ages.items()}
+
+
+def _transpose(
+    columns: dict[str, Sequence[Any]], names: Sequence[str], rows: list[Sequence[Any]]
+) -> None:
+    """``rows`` (one view's values per row, in ``names`` order) into ``columns``, a tuple
+    per name, in one C-level pass."""
+    if rows:
+        columns.update(zip(names, zip(*rows, strict=True), strict=True))
+    else:
+        columns.update((name, ()) for name in names)
 
 
 class OnlineFeatures:
@@ -145,46 +174,34 @@ class OnlineFeatures:
         fields); no TTL applied, like Feast. Request-time views as of ``now`` (epoch
         seconds; default: the wall clock)."""
         stored = self._stored(rows, time.time() if now is None else now)
-        names, plans = self._stored_names, self._served_plans
-        vectors = []
-        for i in range(len(rows)):
-            flat: list[Any] = []
-            stamps: list[float | None] = []
-            for (_, none, _, _), found in zip(plans, stored, strict=True):
-                stamp, feature_values = found[i]
-                if feature_values is None:
-                    flat += none
-                    stamps += none
-                else:
-                    flat += feature_values
-                    stamps += [stamp] * len(none)
-            vectors.append(
-                Vector(dict(zip(names, flat, strict=True)), dict(zip(names, stamps, strict=True)))
-            )
-        self._add_on_demand(rows, [v.values for v in vectors])
-        for vec in vectors:
-            vec.ts.update(self._on_demand_none)
-        return vectors
+        columns: dict[str, Sequence[Any]] = {}
+        stamps: dict[str, Sequence[float | None]] = {}
+        for (features, none, _, _), found in zip(self._served_plans, stored, strict=True):
+            _transpose(columns, features, [none if v is None else v for _, v in found])
+            at = [stamp if v is not None else None for stamp, v in found]
+            stamps.update(dict.fromkeys(features, at))
+        self._add_on_demand(rows, columns)
+        stamps.update(dict.fromkeys(self._on_demand_none, [None] * len(rows)))
+        return [
+            Vector({k: c[i] for k, c in columns.items()}, {k: c[i] for k, c in stamps.items()})
+            for i in range(len(rows))
+        ]
 
-    def read_served(
-        self, rows: Sequence[dict[str, Any]], now: float | None = None
-    ) -> tuple[list[dict[str, Any]], list[dict[str, float | None]]]:
-        """What the model is served for each row, in one pass (the request path's
-        :meth:`read` + :func:`served`): the values, each view's TTL applied (an expired
-        view's values are missing; on-demand features see them before, as with
-        :meth:`read`), and each view's age in seconds (None: no value, or expired).
-        ``now`` (epoch seconds, default the wall clock, read once): the instant request-time
-        views are computed at and ages and TTLs are judged at."""
+    def read_served(self, rows: Sequence[dict[str, Any]], now: float | None = None) -> Served:
+        """What the model is served for ``rows``, a column per feature (the request path's
+        :meth:`read` + :func:`served`): each view's TTL applied (an expired view's values
+        are missing; on-demand features see them before, as with :meth:`read`), and each
+        view's age in seconds (None: no value, or expired). ``now`` (epoch seconds, default
+        the wall clock, read once): the instant request-time views are computed at and
+        ages and TTLs are judged at. Columns, not a dict per row: a ranking request's 100
+        rows cost a few C calls per view, and the scorer and the log read columns."""
         now = time.time() if now is None else now
         stored = self._stored(rows, now)
-        names, plans = self._stored_names, self._served_plans
+        columns: dict[str, Sequence[Any]] = {}
+        ages: dict[str, list[float | None]] = {}
         expired: list[tuple[int, tuple[str, ...]]] = []  # blanked once on-demand views ran
         age_of: dict[float, float] = {}  # rows share stamps (one user, daily snapshots)
-        # a view at a time (its values and age per row), then each row's dicts in one
-        # pass: a ranking request's 100 rows cost a few C calls each, not a loop per view
-        by_view: list[list[Sequence[Any]]] = []
-        ages_by_view: list[list[float | None]] = []
-        for (features, none, _, ttl), found in zip(plans, stored, strict=True):
+        for (features, none, view, ttl), found in zip(self._served_plans, stored, strict=True):
             view_values: list[Sequence[Any]] = []
             view_ages: list[float | None] = []
             for i, (stamp, feature_values) in enumerate(found):
@@ -200,19 +217,16 @@ class OnlineFeatures:
                             age = age_of[stamp] = round(max(0.0, now - stamp), 3)
                 view_values.append(feature_values)
                 view_ages.append(age)
-            by_view.append(view_values)
-            ages_by_view.append(view_ages)
-        if plans:
-            chain, views = itertools.chain.from_iterable, self.view_names
-            per_row = zip(*by_view, strict=True)
-            values = [dict(zip(names, chain(parts), strict=True)) for parts in per_row]
-            ages = [dict(zip(views, a, strict=True)) for a in zip(*ages_by_view, strict=True)]
-        else:  # on-demand features only
-            values, ages = [{} for _ in rows], [{} for _ in rows]
-        self._add_on_demand(rows, values)
+            _transpose(columns, features, view_values)
+            ages[view] = view_ages
+        self._add_on_demand(rows, columns)
         for i, features in expired:
-            values[i].update(dict.fromkeys(features))
-        return values, ages
+            for name in features:
+                col = columns[name]
+                if not isinstance(col, list):
+                    col = columns[name] = list(col)
+                col[i] = None
+        return Served(len(rows), columns, ages)
 
     def _stored(self, rows: Sequence[dict[str, Any]], now: float) -> list[Found]:
         """Per view (plan order), per row: (event time, values) or (None, None); request-time
@@ -238,24 +252,33 @@ class OnlineFeatures:
                 stored[i] = found if where is None else [found[j] for j in where]
         return stored
 
-    def _add_on_demand(self, rows: Sequence[dict[str, Any]], values: list[dict[str, Any]]) -> None:
-        """Each on-demand view's outputs into ``values`` (one dict per row), its function
-        run once for all rows on the inputs it declares (a stored value wins over a request
-        field of the same name)."""
+    def _add_on_demand(
+        self, rows: Sequence[dict[str, Any]], columns: dict[str, Sequence[Any]]
+    ) -> None:
+        """Each on-demand view's outputs into ``columns`` (a column per feature), its
+        function run once for all rows on the inputs it declares (a stored value wins over
+        a request field of the same name)."""
         if not rows:
+            for od in self.on_demand:
+                columns.update((name, ()) for name in od.outputs)
             return
-        first_values, first_row = values[0], rows[0]
+        first_row = rows[0]
         for od in self.on_demand:
             inputs = {}
             for k in od.inputs:
-                if k in first_values:
-                    inputs[k] = [vals[k] for vals in values]
+                if k in columns:
+                    inputs[k] = list(columns[k])
                 elif k in first_row:
                     inputs[k] = [row.get(k) for row in rows]
             out = od.udf(inputs)
             for name in od.outputs:
-                for vals, v in zip(values, out[name], strict=True):
-                    vals[name] = v
+                col = list(out[name])
+                if len(col) != len(rows):
+                    raise ValueError(
+                        f"on-demand view {od.name}: {name} has {len(col)} values "
+                        f"for {len(rows)} rows"
+                    )
+                columns[name] = col
 
     def ttl_of(self) -> dict[str, float | None]:
         """Each stored feature's view TTL in seconds (computed once, at start-up; None for a

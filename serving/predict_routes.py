@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 
 from serving import admission
 from serving.problems import HANDLED, TooLarge, Unauthorized, UnknownModel, problem_of
+from serving.scoring import best_first
 from serving.served_log import REQUEST_ID_FIELD
 
 log = logging.getLogger("hotpath.serving")
@@ -121,7 +122,8 @@ class PredictRoutes:
             raise TooLarge(self._max_batch, field)
         rows = [item.model_dump() for item in items]
         _tag(rows, rid)
-        return {"predictions": await (served.canary or served.scorer).predict(rows, arrival)}
+        answers = await (served.canary or served.scorer).predict(rows, arrival)
+        return {"predictions": list(answers)}
 
     async def _rank(self, served: Any, raw: bytes, arrival: float, rid: str | None) -> Any:
         """Every candidate with the request's other fields as one coalesced job: one store
@@ -138,26 +140,25 @@ class PredictRoutes:
         rows = [{**base, key: c} for c in candidates]
         _tag(rows, rid)
         answers = await (served.canary or served.scorer).predict(rows, arrival)
-        order = sorted(
-            range(len(answers)),
-            key=lambda i: -answers[i]["score"] if answers[i]["score"] is not None else 0.0,
-        )
-        ranked = [
-            {
-                "candidate": candidates[i],
-                "score": answers[i]["score"],
-                "decision": answers[i]["decision"],
-                "reasons": answers[i]["reasons"],
-                "missing_features": answers[i]["missing_features"],
-            }
-            for i in order[: req.top_k]
-        ]
+        ranked = []
+        for i in best_first(answers)[: req.top_k]:  # only these answers are built
+            a = answers[i]
+            ranked.append(
+                {
+                    "candidate": candidates[i],
+                    "score": a["score"],
+                    "decision": a["decision"],
+                    "reasons": a["reasons"],
+                    "missing_features": a["missing_features"],
+                }
+            )
+        first = answers[0]
         return {
             "ranked": ranked,
-            "fallback": answers[0]["fallback"],
+            "fallback": first["fallback"],
             "model": meta.model_name,
-            "model_version": answers[0]["model_version"],  # (a canary's, maybe)
-            "latency_ms": answers[0]["latency_ms"],
+            "model_version": first["model_version"],  # (a canary's, maybe)
+            "latency_ms": first["latency_ms"],
         }
 
 

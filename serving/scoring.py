@@ -29,7 +29,7 @@ import itertools
 import logging
 import operator
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,7 @@ from serving.logs import Throttled
 from serving.metrics import ModelMetrics
 from serving.model_backend import ModelBackend
 from serving.model_repository import ModelMetadata
-from serving.online_features import OnlineFeatures
+from serving.online_features import OnlineFeatures, Served
 from serving.prediction_cache import PredictionCache
 from serving.resilience import CircuitBreaker
 from serving.served_log import Answered, ModelLog
@@ -65,7 +65,7 @@ class Shed(Exception):
 class _Job:
     rows: list[dict[str, Any]]
     arrival: float
-    future: asyncio.Future[list[dict[str, Any]]]
+    future: asyncio.Future[Answers]
 
 
 class Scorer:
@@ -139,7 +139,7 @@ class Scorer:
             self.store_breaker.success()
             self.model_breaker.success()
 
-    async def predict(self, rows: list[dict[str, Any]], arrival: float) -> list[dict[str, Any]]:
+    async def predict(self, rows: list[dict[str, Any]], arrival: float) -> Answers:
         """One prediction per row (a dict shaped like ``schemas.Prediction``); raises
         :class:`Shed` when the request waited past its budget."""
         loop = asyncio.get_running_loop()
@@ -212,84 +212,86 @@ class Scorer:
             return
         rows = [r for job in live for r in job.rows]
         read_at = time.time()  # the instant the features are computed and judged at
-        values, ages, store_cause = self._read(rows, read_at)
+        got, store_cause = self._read(rows, read_at)
         t1 = time.perf_counter()
-        served = self._served(values) if values is not None else None
-        scores, cause = None, store_cause
-        if served is not None:
-            scores, cause = await self._score(served)
+        served = mask = scores = None
+        cause = store_cause
+        if got is not None:
+            served = self._served(got)
+            mask = np.isnan(served)
+            scores, cause = await self._score(served, mask)
         t2 = time.perf_counter()
-        out = self._answers(rows, values, served, ages, scores, cause)
+        batch = _Scored(self, rows, got, mask, scores, cause)
         t3 = time.perf_counter()
         m, record = self.metrics, self.recording
         if record:  # (breaker states: the health monitor publishes them)
             m.observe_batch(len(rows), t1 - t0, t2 - t1, t3 - t2)
         at = 0
         for job in live:
-            answers = out[at : at + len(job.rows)]
-            at += len(job.rows)
             latency = {
                 "queue": round((t0 - job.arrival) * 1000, 3),
                 "features": round((t1 - t0) * 1000, 3),
                 "model": round((t2 - t1) * 1000, 3),
                 "total": round((t3 - job.arrival) * 1000, 3),
             }
-            for a in answers:
-                a["latency_ms"] = latency
             if record:
                 m.request.observe(t3 - job.arrival)
             if not job.future.done():
-                job.future.set_result(answers)
+                job.future.set_result(Answers(batch, at, len(job.rows), latency))
+            at += len(job.rows)
         if record and self.served_log is not None:  # queued as built: the writer does the rest
-            decisions = [a["decision"] for a in out]
             sizes, arrivals = [len(j.rows) for j in live], [j.arrival for j in live]
-            self.served_log.submit(
+            asyncio.get_running_loop().call_soon(  # once the answers are on their way
+                self.served_log.submit,
                 Answered(
-                    rows, sizes, arrivals, values, served, ages, scores, decisions, read_at, t3
-                )
+                    rows,
+                    sizes,
+                    arrivals,
+                    got.values if got is not None else None,
+                    served,
+                    got.ages if got is not None else None,
+                    scores,
+                    batch.decisions,
+                    read_at,
+                    t3,
+                ),
             )
 
-    def _read(
-        self, rows: list[dict[str, Any]], now: float
-    ) -> tuple[list[dict[str, Any]] | None, list[dict[str, float | None]], str | None]:
+    def _read(self, rows: list[dict[str, Any]], now: float) -> tuple[Served | None, str | None]:
         """Served values (TTL applied) and per-view ages as of ``now`` (epoch seconds), or
         None and the cause."""
         if self.store_empty:
-            return None, self._no_ages(rows), "online_store_not_materialized"
+            return None, "online_store_not_materialized"
         if not self.store_breaker.allow():
-            return None, self._no_ages(rows), "online_store_breaker_open"
+            return None, "online_store_breaker_open"
         t0 = time.perf_counter()
         # Inline: one local round trip for the whole batch, cheaper than a thread hop. The
         # store's socket timeout is the features budget, so a hung store can't hold the
         # loop longer, and the breaker stops asking after a few misses.
         try:
-            values, ages = self.features.read_served(rows, now)
+            got = self.features.read_served(rows, now)
         except (TimeoutError, BlockingIOError):
             self.store_breaker.failure("timeout")
-            return None, self._no_ages(rows), "online_store_deadline"
+            return None, "online_store_deadline"
         except Exception as e:  # a store outage must not fail the request
             self.store_breaker.failure(type(e).__name__)
             self._log(logging.WARNING, "store_error", type(e).__name__, error=first_line(e))
-            return None, self._no_ages(rows), "online_store_error"
+            return None, "online_store_error"
         if time.perf_counter() - t0 > self._features_s:
             self.store_breaker.failure("slow")
-            return None, self._no_ages(rows), "online_store_deadline"
+            return None, "online_store_deadline"
         self.store_breaker.success()
-        if self.recording:  # ages go to the metric for one row per batch (a sample)
-            for view, age in ages[0].items():
-                if age is not None:
-                    self.metrics.age_of[view].observe(age)
-        return values, ages, None
+        if self.recording and rows:  # ages go to the metric for one row per batch (a sample)
+            for view, col in got.ages.items():
+                if col[0] is not None:
+                    self.metrics.age_of[view].observe(col[0])
+        return got, None
 
-    def _no_ages(self, rows: list[dict[str, Any]]) -> list[dict[str, float | None]]:
-        return [dict.fromkeys(self.features.view_names) for _ in rows]
-
-    async def _score(self, served: np.ndarray) -> tuple[Any, str | None]:
-        """Model scores for every row of ``served`` (see :meth:`_served`), or None and the
-        cause of the fallback."""
+    async def _score(self, served: np.ndarray, missing: np.ndarray) -> tuple[Any, str | None]:
+        """Model scores for every row of ``served`` (see :meth:`_served`; ``missing``: its
+        NaNs), or None and the cause of the fallback."""
         if not self.model_breaker.allow():
             return None, "breaker_open"
-        missing = np.isnan(served)
         x = (np.where(missing, self._fill, served) if missing.any() else served).astype(np.float32)
         try:
             if self.cache is None:
@@ -308,18 +310,20 @@ class Scorer:
             self.shadow.submit(x, scores)
         return scores, None
 
-    def _served(self, values: list[dict[str, Any]]) -> np.ndarray:
+    def _served(self, got: Served) -> np.ndarray:
         """The served values in the model's contract order, float64, NaN where a value is
         missing (None, NaN or absent): what the model is given before defaults, what the
-        answers call missing and what the served-vector log records, built once. Each row's
-        values are picked in one call; the defaults filled in, it equals
+        answers call missing and what the served-vector log records, built once from the
+        columns in one call. The defaults filled in, it equals
         model_repository.feature_matrix."""
-        pick = self._pick
+        cols = got.values
         try:
-            picked = [pick(vals) for vals in values]
-        except KeyError:  # a row lacking a contract feature: it is missing
-            picked = [tuple(vals.get(n) for n in self._names) for vals in values]
-        return np.array(picked, dtype=np.float64).reshape(len(values), len(self._names))
+            picked = [cols[n] for n in self._names]
+        except KeyError:  # a contract feature the service lacks: it is missing
+            absent = (None,) * got.n
+            picked = [cols.get(n, absent) for n in self._names]
+        by_feature = np.array(picked, dtype=np.float64).reshape(len(self._names), got.n)
+        return np.ascontiguousarray(by_feature.T)
 
     async def call_model(self, x: np.ndarray) -> np.ndarray:
         """The backend's scores for ``x``; TimeoutError past the model budget (a remote
@@ -333,58 +337,144 @@ class Scorer:
             raise TimeoutError
         return scores
 
-    def _answers(
+
+class _Scored:
+    """One coalesced batch as scored: every row's decision and missing features (the
+    metrics and the log count them all), and what each answer is built from when it is
+    read (:class:`Answers`)."""
+
+    __slots__ = (
+        "decisions",
+        "_cause",
+        "_fields",
+        "_got",
+        "_holes",
+        "_meta",
+        "_policy",
+        "_reasons",
+        "_rows",
+        "_scores",
+        "_views",
+        "_with_request",
+    )
+
+    def __init__(
         self,
+        scorer: Scorer,
         rows: list[dict[str, Any]],
-        values: list[dict[str, Any]] | None,
-        served: np.ndarray | None,
-        ages: list[dict[str, float | None]],
-        scores: Any,
+        got: Served | None,
+        mask: np.ndarray | None,
+        scores: np.ndarray | None,
         cause: str | None,
-    ) -> list[dict[str, Any]]:
-        m, record, policy = self.metrics, self.recording, self.policy
-        name, version, names = self.meta.model_name, self.meta.version, self._names
-        if cause is not None and record:
-            self._log(logging.WARNING, "fallback", cause, cause=cause, model=name, rows=len(rows))
-        out = []
-        verdicts: dict[str, int] = {}  # counted once per batch (see ModelMetrics.count)
-        # missing features: per row with any (NaN in ``served``), and per feature (a count)
-        holes: dict[int, list[str]] = {}
-        if served is None:  # nothing was read: every feature of every row
-            holes = {i: list(names) for i in range(len(rows))}
+    ) -> None:
+        policy, names, m = scorer.policy, scorer._names, scorer.metrics
+        self._rows, self._got, self._scores, self._cause = rows, got, scores, cause
+        self._policy, self._meta, self._with_request = policy, scorer.meta, scorer._with_request
+        self._views = scorer.features.view_names
+        # the policy's fields that were read, as columns (what reasons and fallbacks see)
+        self._fields = (
+            [(f, got.values[f]) for f in sorted(policy.fields) if f in got.values]
+            if got is not None
+            else []
+        )
+        if cause is not None and scorer.recording:
+            name = self._meta.model_name
+            scorer._log(logging.WARNING, "fallback", cause, cause=cause, model=name, rows=len(rows))
+        # missing features: per row with any (NaN in the matrix), and per feature (a count)
+        self._holes: dict[int, list[str]] = {}
+        if mask is None:  # nothing was read: every feature of every row
+            self._holes = {i: list(names) for i in range(len(rows))}
             misses = dict.fromkeys(names, len(rows)) if rows else {}
         else:
-            mask = np.isnan(served)
             lacking = np.flatnonzero(mask.any(axis=1))
             for i, flags in zip(lacking.tolist(), mask[lacking].tolist(), strict=True):
-                holes[i] = list(itertools.compress(names, flags))
+                self._holes[i] = list(itertools.compress(names, flags))
             misses = {names[j]: int(c) for j, c in enumerate(mask.sum(axis=0).tolist()) if c}
-        for i, row in enumerate(rows):
-            vals = values[i] if values is not None else {}
-            missing = holes.get(i) or []
-            seen = {**row, **vals} if self._with_request else vals
-            why = policy.reasons(seen)
-            p: float | None
-            if scores is not None:
-                p = score = float(scores[i])
-                verdict = policy.decide(score)
-            else:
-                p, verdict = None, policy.fallback({**row, **vals})
-                why = [f"fallback:{cause}", *why]
-            verdicts[verdict] = verdicts.get(verdict, 0) + 1
-            out.append(
-                {
-                    "score": p,
-                    "decision": verdict,
-                    "reasons": why,
-                    "fallback": p is None,
-                    "model": name,
-                    "model_version": version,
-                    "missing_features": missing,
-                    "feature_age_s": ages[i],
-                    "latency_ms": {},
-                }
-            )
-        if record:
+        self._reasons: list[list[str]] | None = None
+        if scores is not None:
+            self.decisions = policy.decide_all(scores)
+        else:  # without a score the rules decide, from the reasons: every row's, now
+            self._reasons = []
+            self.decisions = []
+            for i, row in enumerate(rows):
+                seen = {**row, **self._values(i)}
+                self.decisions.append(policy.fallback(seen))
+                why = policy.reasons(seen if self._with_request else self._values(i))
+                self._reasons.append([f"fallback:{cause}", *why])
+        if scorer.recording:
+            verdicts: dict[str, int] = {}  # counted once per batch (see ModelMetrics.count)
+            for d in self.decisions:
+                verdicts[d] = verdicts.get(d, 0) + 1
             m.count(verdicts, scores is None, cause, misses)
-        return out
+
+    def _values(self, i: int) -> dict[str, Any]:
+        """Row ``i``'s values of the fields the policy reads."""
+        return {f: col[i] for f, col in self._fields}
+
+    def score(self, i: int) -> float | None:
+        return None if self._scores is None else float(self._scores[i])
+
+    def answer(self, i: int, latency: dict[str, float]) -> dict[str, Any]:
+        """Row ``i``'s answer, shaped like ``schemas.Prediction``."""
+        p = self.score(i)
+        if self._reasons is not None:
+            why = self._reasons[i]
+        elif self._policy.rules:
+            vals = self._values(i)
+            why = self._policy.reasons({**self._rows[i], **vals} if self._with_request else vals)
+        else:
+            why = []
+        got = self._got
+        return {
+            "score": p,
+            "decision": self.decisions[i],
+            "reasons": why,
+            "fallback": p is None,
+            "model": self._meta.model_name,
+            "model_version": self._meta.version,
+            "missing_features": self._holes.get(i) or [],
+            "feature_age_s": got.ages_of(i) if got is not None else dict.fromkeys(self._views),
+            "latency_ms": latency,
+        }
+
+    def best_first(self, at: int, n: int) -> list[int]:
+        """Rows ``at`` to ``at + n`` by score, best first (a fallback's as 0), ties in
+        their order: ``sorted``'s order, in numpy."""
+        if self._scores is None:
+            return list(range(n))
+        key = -self._scores[at : at + n].astype(np.float64)
+        return np.argsort(np.where(np.isnan(key), 0.0, key), kind="stable").tolist()
+
+
+class Answers(Sequence[dict[str, Any]]):
+    """One request's answers (dicts shaped like ``schemas.Prediction``), each built when
+    read: a ranking request returns its best few of 100, so the rest are never built."""
+
+    __slots__ = ("_batch", "_at", "_n", "_latency")
+
+    def __init__(self, batch: _Scored, at: int, n: int, latency: dict[str, float]) -> None:
+        self._batch, self._at, self._n, self._latency = batch, at, n, latency
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return self._batch.answer(self._at + i % self._n, self._latency)
+
+    def best_first(self) -> list[int]:
+        return self._batch.best_first(self._at, self._n)
+
+
+def best_first(answers: Sequence[dict[str, Any]]) -> list[int]:
+    """The answers' indexes by score, best first; a fallback (no score) counts as 0, ties
+    keep the candidates' order."""
+    if isinstance(answers, Answers):
+        return answers.best_first()
+    return sorted(
+        range(len(answers)),
+        key=lambda i: -answers[i]["score"] if answers[i]["score"] is not None else 0.0,
+    )

@@ -13,12 +13,15 @@ straight under its path), one path per FeatureService, so
 ``FileLoggingDestination(path=<dir>/<feature service>)`` on the service reads them back
 through Feast, and Spark reads the same folder.
 
-Off the request path: the scorer hands over the objects it already built (one deque append
-per coalesced batch), the model's features among them as its float64 matrix (integers are
-exact up to 2**53); a writer thread turns them into Arrow batches every
-:data:`DRAIN_S` and writes a file per FeatureService every ``served_log_flush_s`` and on
-clean shutdown. Past ``served_log_queue`` predictions waiting, a batch is dropped and counted
-(``hotpath_served_log_dropped_total``), never waited for. A kill loses what was not written.
+Off the request path, and off the serving process's GIL: the scorer hands over the objects
+it already built (one deque append per coalesced batch), the model's features among them as
+its float64 matrix (integers are exact up to 2**53); every :data:`DRAIN_S` a thread samples
+them and sends them to the writer process (:mod:`serving.served_log_writer`), which turns
+them into Arrow batches and writes a file per FeatureService every ``served_log_flush_s``
+and on clean shutdown. Past ``served_log_queue`` predictions waiting, a batch is dropped and
+counted (``hotpath_served_log_dropped_total``), never waited for. A kill of the server loses
+what was still queued (up to :data:`DRAIN_S` of predictions); what the writer was handed, it
+writes once it sees the server gone.
 
 Statuses as the fast path knows them: ``PRESENT``; ``NULL_VALUE`` (the view's row was found
 and fresh, this value empty — or NaN: the model was given its default, and the log records
@@ -31,63 +34,51 @@ value's is the read time.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
-import operator
+import os
+import pickle
+import socket
+import subprocess
+import sys
 import threading
 import time
-import uuid
 from collections import deque
-from dataclasses import dataclass
-from datetime import UTC, date
+from datetime import date
+from multiprocessing.connection import Connection
 from pathlib import Path
-from random import random
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from feast.feature_logging import (
-    LOG_DATE_FIELD,
-    LOG_TIMESTAMP_FIELD,
-    REQUEST_ID_FIELD,
-    FeatureServiceLoggingSource,
-)
-from feast.protos.feast.serving.ServingService_pb2 import FieldStatus
+from feast.feature_logging import FeatureServiceLoggingSource
 
 from serving.metrics import Metrics
 from serving.model_repository import ModelMetadata
+from serving.served_log_writer import (
+    DRAIN_S,
+    FALLBACK,
+    INVALID,
+    LOG_DATE_FIELD,
+    LOG_TIMESTAMP_FIELD,
+    MODEL,
+    OUTCOME_FIELDS,
+    PRESENT,
+    REQUEST_ID_FIELD,
+    TIMESTAMP,
+    VERSION,
+    Answered,
+    LogLayout,
+    sampled,
+)
 
 log = logging.getLogger("hotpath.serving")
 
-DRAIN_S = 0.1  # the writer turns queued batches into Arrow this often
-INVALID, PRESENT, NULL_VALUE, NOT_FOUND = (
-    FieldStatus.INVALID,
-    FieldStatus.PRESENT,
-    FieldStatus.NULL_VALUE,
-    FieldStatus.NOT_FOUND,
-)
-# Feast types feature timestamps in seconds (its Go logger's unit); microseconds keep the
-# event times exact and are what Spark 4 reads
-TIMESTAMP = pa.timestamp("us", tz=UTC)
-MODEL, VERSION, SCORE, DECISION, FALLBACK, LATENCY = (
-    "__model",
-    "__model_version",
-    "__score",
-    "__decision",
-    "__fallback",
-    "__latency_ms",
-)
-OUTCOME_FIELDS = [
-    pa.field(MODEL, pa.string()),
-    pa.field(VERSION, pa.int32()),
-    pa.field(SCORE, pa.float64()),
-    pa.field(DECISION, pa.string()),
-    pa.field(FALLBACK, pa.bool_()),
-    pa.field(LATENCY, pa.float64()),
-]
+__all__ = ["Answered", "FALLBACK", "REQUEST_ID_FIELD", "VERSION"]
+CLOSE_S = 60.0  # at shutdown, the writer's time to write what it was handed
+ROOT = Path(__file__).resolve().parents[1]  # where ``serving`` is imported from
 
 
 def schema_of(store: Any, feature_service: str) -> pa.Schema:
@@ -97,26 +88,6 @@ def schema_of(store: Any, feature_service: str) -> pa.Schema:
     feast = FeatureServiceLoggingSource(fs, store.project).get_schema(store.registry)
     fields = [pa.field(f.name, TIMESTAMP) if f.name.endswith("__timestamp") else f for f in feast]
     return pa.schema(fields + OUTCOME_FIELDS)
-
-
-@dataclass(slots=True)
-class Answered:
-    """One coalesced batch as the scorer answered it, handed to the log as built: arrays,
-    a few lists and dicts of plain values (which the garbage collector does not track) —
-    not the requests' answers, nor their futures that hold them: kept for the 0.1 s they
-    wait, those were promoted and walked by every older-generation collection, a share of
-    every request's time."""
-
-    rows: list[dict[str, Any]]  # its requests' rows (join keys, request fields), in order
-    sizes: list[int]  # per request, its rows
-    arrivals: list[float]  # per request, when it arrived (perf_counter)
-    values: list[dict[str, Any]] | None  # served values per row (None: not read)
-    served: np.ndarray | None  # the model's features (Scorer._served; None: not read)
-    ages: list[dict[str, float | None]]  # per row, each view's age in seconds
-    scores: np.ndarray | None  # per row (None: a fallback)
-    decisions: list[str]  # per row
-    read_at: float  # when the values were read (epoch seconds: the ``now`` they're as of)
-    done_at: float  # when the batch was answered (perf_counter)
 
 
 class ModelLog:
@@ -153,13 +124,27 @@ class ModelLog:
         self._from_rows = [
             f for _, cols in self._views for f, *_ in cols if f not in self._column_of
         ]
+        self.key = next(writer.keys)  # its layout's, in the writer process
+        self.layout = LogLayout(
+            meta.model_name,
+            meta.version,
+            self.folder,
+            self.schema,
+            self._views,
+            self._dated,
+            self._keys,
+            self._column_of,
+            self._from_rows,
+        )
         children = writer.metrics.served_log_dropped
         self.dropped = {r: children.labels(meta.model_name, r) for r in ("queue_full", "error")}
         self.written = writer.metrics.served_log_rows.labels(meta.model_name)
 
     def submit(self, batch: Answered) -> None:
-        """Queue one answered batch. Never waits: past the queue's bound the batch is
-        dropped and counted."""
+        """Queue one answered batch, sampled and pickled (on the event loop, once the
+        requests are answered: tens of microseconds for 100 rows, where a thread doing it
+        would hold the GIL for a whole drain's worth at a time). Never waits: past the
+        queue's bound the batch is dropped and counted."""
         w = self._writer
         n = len(batch.decisions)
         if w.closed or w.submitted - w.taken + n > w.limit:
@@ -168,257 +153,160 @@ class ModelLog:
         w.submitted += n
         if not self._from_rows:  # only the matrix is read: the dicts may go
             batch.values = None
-        w.queue.append((self, batch))
-
-    def _sampled(self, b: Answered) -> Answered:
-        """One submitted batch with only its sampled requests (per request, like Feast)."""
-        keep = []  # (request, its first row, past its last)
-        i = 0
-        for r, n in enumerate(b.sizes):
-            if random() < self.rate:
-                keep.append((r, i, i + n))
-            i += n
-        taken = [k for _, a, z in keep for k in range(a, z)]
-        return Answered(
-            [b.rows[k] for k in taken],
-            [b.sizes[r] for r, _, _ in keep],
-            [b.arrivals[r] for r, _, _ in keep],
-            [b.values[k] for k in taken] if b.values is not None else None,
-            b.served[taken] if b.served is not None else None,
-            [b.ages[k] for k in taken],
-            b.scores[taken] if b.scores is not None else None,
-            [b.decisions[k] for k in taken],
-            b.read_at,
-            b.done_at,
-        )
-
-    def rows(self, batches: list[Answered]) -> pa.RecordBatch | None:
-        """Submitted batches as one Arrow batch of their sampled rows (None: none sampled).
-
-        The model's features and scores come as numpy arrays (a feature is a row of the
-        matrix's transpose, its NaNs the nulls); what else a row holds (keys, request
-        fields, ages, decisions) is picked in C-level calls (``itemgetter`` per row, ``zip``
-        to transpose). Event times and statuses are computed per view in numpy."""
-        reqs: list[dict[str, Any]] = []
-        vals: list[dict[str, Any] | None] = []
-        matrices: list[np.ndarray] = []
-        ages: list[dict[str, float | None]] = []
-        scores: list[np.ndarray] = []
-        decisions: list[str] = []
-        ids: list[tuple[str | None, int, float]] = []  # per request: X-Request-ID, rows, ms
-        parts: list[tuple[float, int, bool, bool]] = []  # per batch: at, rows, read?, fallback?
-        width = len(self.meta.features)
-        for b in batches if self.rate >= 1 else map(self._sampled, batches):
-            if not b.sizes:
-                continue
-            first = len(reqs)
-            reqs += b.rows
-            for k, arrival in zip(b.sizes, b.arrivals, strict=True):
-                ms = round((b.done_at - arrival) * 1000, 3)  # as the answer says
-                ids.append((reqs[first].get(REQUEST_ID_FIELD), k, ms))
-                first += k
-            n = len(b.decisions)
-            read = b.served is not None
-            if self._from_rows:
-                vals += b.values if b.values is not None else [None] * n
-            matrices.append(b.served if read else np.full((n, width), np.nan))
-            scores.append(np.full(n, np.nan) if b.scores is None else b.scores)
-            ages += b.ages
-            decisions += b.decisions
-            parts.append((b.read_at, n, read, b.scores is None))
-        if not reqs:
-            return None
-        # a feature's values contiguous (one row of the transpose): no copy per column
-        by_feature = np.ascontiguousarray(
-            (np.concatenate(matrices) if len(matrices) > 1 else matrices[0]).T
-        )
-        schema = self.schema
-        at, counts, was_read, fell_back = zip(*parts, strict=True)
-        n = len(reqs)
-        read_us = np.repeat(np.round(np.array(at) * 1e6).astype(np.int64), counts)
-        unread = np.repeat(~np.array(was_read), counts)
-        present = pa.array(np.full(n, int(PRESENT), np.int32))  # shared by full columns
-        cols: dict[str, Any] = dict(zip(self._keys, _columns(reqs, self._keys), strict=True))
-        nothing: dict[str, Any] = {}  # the values of a row that was not read
-        vals = [nothing if v is None else v for v in vals]
-        ages_of = dict(zip(self._dated, _columns(ages, self._dated), strict=True))
-        from_rows = dict(zip(self._from_rows, _columns(vals, self._from_rows), strict=True))
-        for view, features in self._views:
-            # the values' event time: read time less the view's age (ms), or, on demand,
-            # the read time; null where nothing was found
-            if view is None:
-                found = ~unread
-                stamp_us = read_us
-            else:
-                age = np.array(ages_of[view], np.float64)  # None -> NaN
-                found = age == age
-                stamp_us = (
-                    read_us - np.round(np.where(found, age, 0) * 1000).astype(np.int64) * 1000
-                )
-            stamp = pa.array(stamp_us, TIMESTAMP, mask=~found)
-            # a value not present: INVALID if nothing was read, else by whether its
-            # view's row was found (NULL_VALUE) or not (NOT_FOUND)
-            absent = np.where(unread, int(INVALID), np.where(found, NULL_VALUE, NOT_FOUND))
-            for name, col, ts_col, status_col in features:
-                kind = schema.field(col).type
-                j = self._column_of.get(name)
-                if j is None:  # not one of the model's features (see __init__)
-                    value = pa.array(from_rows[name], kind, from_pandas=True)  # NaN: null
-                    has = value.is_valid().to_numpy(zero_copy_only=False)
-                else:
-                    value, has = _typed(by_feature[j], kind)
-                cols[col] = value
-                if has.all():
-                    cols[ts_col], cols[status_col] = stamp, present
-                    continue
-                cols[status_col] = pa.array(np.where(has, int(PRESENT), absent).astype(np.int32))
-                cols[ts_col] = (
-                    stamp if view is not None else pa.array(stamp_us, TIMESTAMP, mask=~has)
-                )
-        new_id = self._writer.request_id
-        # the client's X-Request-ID (serving.predict_routes), else one of ours
-        cols[REQUEST_ID_FIELD] = [r for rid, k, _ in ids for r in [rid or new_id()] * k]
-        cols[LOG_TIMESTAMP_FIELD] = pa.array(read_us)
-        cols[LOG_DATE_FIELD] = pa.array((read_us // 86_400_000_000).astype(np.int32))
-        cols[MODEL] = pa.repeat(pa.scalar(self.meta.model_name, pa.string()), n)
-        cols[VERSION] = pa.repeat(pa.scalar(self.meta.version, pa.int32()), n)
-        fallback = np.repeat(np.array(fell_back), counts)
-        cols[SCORE] = pa.array(np.concatenate(scores).astype(np.float64), mask=fallback)
-        cols[DECISION] = decisions
-        cols[FALLBACK] = pa.array(fallback)
-        cols[LATENCY] = pa.array(np.repeat([t for *_, t in ids], [k for _, k, _ in ids]))
-        arrays = [_array(cols[f.name], f.type) for f in schema]
-        return pa.RecordBatch.from_arrays(arrays, schema=schema)
-
-
-def _typed(values: np.ndarray, kind: pa.DataType) -> tuple[pa.Array, np.ndarray]:
-    """A float64 column (NaN: missing) as ``kind`` (the log schema's type for it), nulls
-    where NaN; and where it has a value. Integers through Arrow's safe cast: a fraction or
-    an infinity in an integer feature raises (the batch is dropped and counted), it is
-    not logged as some other number."""
-    has = values == values
-    mask = None if has.all() else ~has
-    if pa.types.is_integer(kind):
-        return pa.array(values, pa.float64(), mask=mask).cast(kind), has
-    if kind != pa.float64():
-        values = values.astype(kind.to_pandas_dtype())
-    return pa.array(values, kind, mask=mask), has
-
-
-def _columns(rows: list[Any], names: list[str]) -> list[tuple[Any, ...]]:
-    """``rows`` (dicts) as one tuple per name, in two C-level passes: ``itemgetter`` per
-    row, ``zip`` to transpose. A row lacking a name has None there."""
-    if not names:
-        return []
-    get = operator.itemgetter(*names) if len(names) > 1 else lambda r: (r[names[0]],)
-    try:
-        picked = [get(r) for r in rows]
-    except KeyError:
-        picked = [tuple(map(r.get, names)) for r in rows]
-    return list(zip(*picked, strict=True))
-
-
-def _array(values: Any, kind: pa.DataType) -> pa.Array:
-    if isinstance(values, list | tuple):
-        return pa.array(values, kind)
-    return values if values.type == kind else values.cast(kind)
+        try:
+            if self.rate < 1:
+                batch = sampled(batch, self.rate)
+            message = pickle.dumps(("rows", self.key, batch), protocol=5)
+        except Exception as e:  # e.g. an on-demand value pickle refuses: counted, not lost
+            log.error("served_log: %d rows dropped: %r", n, e)
+            self.dropped["error"].inc(n)
+            return
+        w.queue.append((self, n, len(batch.decisions), message))
 
 
 class ServedLog:
-    """The bounded queue and the one writer thread behind every model's :class:`ModelLog`.
+    """The bounded queue behind every model's :class:`ModelLog`, and the thread that hands
+    it to the writer process (:mod:`serving.served_log_writer`) every :data:`DRAIN_S`.
 
-    ``submitted`` is only written on the event loop, ``taken`` only by the writer: their
-    difference, the rows waiting, needs no lock."""
+    ``submitted`` is only written on the event loop, ``taken`` only by the thread: their
+    difference, the rows waiting, needs no lock. The thread only sends bytes; it blocks,
+    without the GIL, if the writer falls behind, and the queue's bound then drops (and
+    counts) what does not fit. Rows handed over are counted as written or dropped when
+    the writer says so; if it dies, what it held is counted as dropped (``error``) and
+    the next batch starts another."""
 
     def __init__(self, folder: Path, limit: int, flush_s: float, metrics: Metrics) -> None:
         self.folder, self.limit, self.flush_s, self.metrics = folder, limit, flush_s, metrics
-        self.queue: deque[tuple[ModelLog, Answered]] = deque()
+        # (model, rows submitted, rows sampled, its message to the writer)
+        self.queue: deque[tuple[ModelLog, int, int, bytes]] = deque()
         self.submitted = 0
         self.taken = 0
         self.closed = False
-        self._pending: dict[ModelLog, list[pa.RecordBatch]] = {}
-        self._id_prefix = uuid.uuid4().hex[:20]
-        self._ids = itertools.count()
+        self.keys = itertools.count()  # one per ModelLog: its layout in the writer
+        self._models: dict[int, ModelLog] = {}
+        self._held: dict[int, int] = {}  # per model: rows the writer has not accounted for
+        self._sent: set[int] = set()  # the layouts the current writer process has
+        self._conn: Connection | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="served-log", daemon=True)
 
     def model(self, store: Any, meta: ModelMetadata) -> ModelLog:
-        return ModelLog(self, store, meta)
+        m = ModelLog(self, store, meta)
+        self._models[m.key] = m
+        return m
 
     def start(self) -> None:
         self._thread.start()
 
     def close(self) -> None:
-        """Write everything queued and stop (clean shutdown; blocks until written)."""
+        """Hand over everything queued, have it written, and stop (clean shutdown; blocks
+        until written, :data:`CLOSE_S` at most)."""
         self.closed = True
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        else:  # never started: write what was queued here
-            self._drain()
-            self._write()
+        else:  # never started: hand over what was queued from here
+            self._forward()
+            self._finish()
 
     def _run(self) -> None:
-        next_write = time.monotonic() + self.flush_s
         while True:
-            stopping = self._stop.wait(min(DRAIN_S, self.flush_s))
-            self._drain()
-            if stopping or time.monotonic() >= next_write:
-                self._write()
-                next_write = time.monotonic() + self.flush_s
+            stopping = self._stop.wait(DRAIN_S)
+            self._forward()
             if stopping:
+                self._finish()
                 return
 
-    def _drain(self) -> None:
-        """Everything queued into Arrow batches, one per model."""
-        items: dict[ModelLog, list[Answered]] = {}
-        taken = 0
+    def _forward(self) -> None:
+        """Everything queued to the writer: bytes already, each sent on its own (the
+        socket's send lets go of the GIL)."""
         queue = self.queue
-        while queue:  # one pass, no GIL handover per batch: each would cost the loop a switch
-            model, answered = queue.popleft()
-            items.setdefault(model, []).append(answered)
-            taken += len(answered.decisions)
-        self.taken += taken
-        for model, batches in items.items():
+        while queue:
+            model, n, rows, message = queue.popleft()
+            self.taken += n
             try:
-                batch = model.rows(batches)
-            except Exception as e:  # a bug here must not stop the log
-                log.error("served_log: rows dropped: %r", e)
-                model.dropped["error"].inc(sum(len(b.decisions) for b in batches))
+                conn = self._writer()
+                if model.key not in self._sent:
+                    conn.send(("layout", model.key, model.layout))
+                    self._sent.add(model.key)
+                conn.send_bytes(message)
+            except Exception as e:  # the writer died: started again for the next batch
+                log.error("served_log: %d rows dropped, the writer failed: %r", rows, e)
+                model.dropped["error"].inc(rows)
+                self._gone()
                 continue
-            if batch is not None:
-                self._pending.setdefault(model, []).append(batch)
+            self._held[model.key] = self._held.get(model.key, 0) + rows
+        self._collect()
 
-    def request_id(self) -> str:
-        """An id for a request that came without ``X-Request-ID``: this process's random
-        prefix and a count (unique like a uuid4, without a system call per request)."""
-        return f"{self._id_prefix}{next(self._ids):012x}"
+    def _writer(self) -> Connection:
+        """The connection to the writer process, started if it is not running."""
+        if self._conn is not None and self._proc is not None and self._proc.poll() is None:
+            return self._conn
+        self._gone()
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        argv = [sys.executable, "-m", "serving.served_log_writer", str(theirs.fileno())]
+        try:
+            self._proc = subprocess.Popen(
+                [*argv, str(self.flush_s)], pass_fds=[theirs.fileno()], env=env, cwd=ROOT
+            )
+        finally:
+            theirs.close()
+        self._conn = Connection(ours.detach())
+        return self._conn
 
-    def _write(self) -> None:
-        """One parquet file per FeatureService (its models' rows), as Feast's
-        FileLoggingDestination names them; written aside and renamed, so a reader never
-        sees half a file."""
-        pending, self._pending = self._pending, {}
-        by_folder: dict[Path, list[tuple[ModelLog, list[pa.RecordBatch]]]] = {}
-        for model, batches in pending.items():
-            by_folder.setdefault(model.folder, []).append((model, batches))
-        for folder, parts in by_folder.items():
-            rows = sum(b.num_rows for _, batches in parts for b in batches)
+    def _gone(self) -> None:
+        """Forget the writer process (dead, or done): what it still held is lost, and
+        counted so."""
+        if self._conn is not None:
+            self._collect()  # what it said before it went
+            self._conn.close()
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        for key, rows in self._held.items():
+            if rows:
+                log.error("served_log: %d rows lost with the writer process", rows)
+                self._models[key].dropped["error"].inc(rows)
+        self._held.clear()
+        self._conn, self._proc = None, None
+        self._sent.clear()
+
+    def _collect(self, until: float | None = None) -> bool:
+        """The writer's counts into the metrics: what is there now, or (``until``, a
+        monotonic deadline) until it says it has closed. True if it has."""
+        conn = self._conn
+        while conn is not None:
+            wait = 0.0 if until is None else max(0.0, until - time.monotonic())
             try:
-                schema = parts[0][0].schema
-                table = pa.Table.from_batches([b for _, bs in parts for b in bs], schema)
-                folder.mkdir(parents=True, exist_ok=True)
-                name = f"{uuid.uuid4().hex}-0.parquet"
-                tmp = folder / f".{name}.tmp"
-                pq.write_table(table, tmp)
-                tmp.rename(folder / name)
-            except Exception as e:
-                log.error("served_log: %d rows not written to %s: %r", rows, folder, e)
-                for model, batches in parts:
-                    model.dropped["error"].inc(sum(b.num_rows for b in batches))
-                continue
-            for model, batches in parts:
-                model.written.inc(sum(b.num_rows for b in batches))
+                if not conn.poll(wait):
+                    return False
+                outcome, key, rows = conn.recv()
+            except (EOFError, OSError):
+                return False
+            if outcome == "closed":
+                return True
+            model = self._models.get(key)
+            if model is not None:
+                counter = model.written if outcome == "written" else model.dropped["error"]
+                counter.inc(rows)
+                self._held[key] = self._held.get(key, 0) - rows
+        return False
+
+    def _finish(self) -> None:
+        """Tell the writer to write what it holds and exit; wait for it."""
+        conn, proc = self._conn, self._proc
+        if conn is None or proc is None:
+            return
+        with contextlib.suppress(OSError):  # (dead already: the wait below says so)
+            conn.send(("close",))
+        if not self._collect(until=time.monotonic() + CLOSE_S):
+            log.error("served_log: the writer did not confirm its last write")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        self._gone()
 
 
 def _layout(names: list[str]) -> tuple[list[str], list[str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import ROOT
 
@@ -47,3 +48,22 @@ def test_a_malformed_policy_names_its_file(tmp_path: Path) -> None:
     path.write_text(path.read_text().replace('"missing")', '"absent")'))
     with pytest.raises(HotpathError, match=r"models.py: model fraud_detection: .*'absent'"):
         policy_record(models(repo)["fraud_detection"])
+
+
+def test_decisions_of_a_batch_equal_one_score_at_a_time() -> None:
+    """``decide_all`` (numpy, the scorer's) gives what ``decide`` gives for each float32
+    score the model returns: at each threshold, one float32 step either side, NaN, 0, 1 —
+    for the declared policy and for one whose threshold float32 rounds down (0.7: compared
+    in float32, a score of float32(0.7) would pass it)."""
+    from dataclasses import replace
+
+    downward = replace(POLICY, thresholds=((0.7, "high"), (0.3, "mid")), below="low")
+    assert float(np.float32(0.7)) < 0.7
+    for policy in (POLICY, downward):
+        scores = [0.0, 1.0, float("nan"), *np.random.default_rng(3).random(500).tolist()]
+        for t, _ in policy.thresholds:
+            near = np.float32(t)
+            scores += [float(near), float(np.nextafter(near, 0)), float(np.nextafter(near, 1))]
+        x = np.array(scores, dtype=np.float32)
+        assert policy.decide_all(x) == [policy.decide(float(s)) for s in x]
+        assert len(set(policy.decide_all(x))) == len(policy.thresholds) + 1  # every one met

@@ -161,7 +161,8 @@ def _same(got: dict, want: dict) -> bool:
 def _check(fast: OnlineFeatures, events: pd.DataFrame, users: list[int], t: int) -> None:
     """The fast path at instant ``t`` equals the oracle for each user; counts and sums are
     never missing (an empty window is 0); the request-time view never expires."""
-    values, ages = fast.read_served([{"user_id": u} for u in users], now=t / S)
+    read = fast.read_served([{"user_id": u} for u in users], now=t / S)
+    values, ages = [read.row(i) for i in range(read.n)], [read.ages_of(i) for i in range(read.n)]
     for u, got, age in zip(users, values, ages, strict=True):
         want = oracle(events, u, t)
         assert _same(got, want), (u, t, {k: (got[k], v) for k, v in want.items()})
@@ -233,13 +234,13 @@ def test_request_instants_between_events_equal_pandas(stores, kind: str) -> None
             continue
         assert late == []
         seen = max(b + at, int(given.ts.max()) if len(given) else 0)  # the key's newest
-        quiet = fast.read_served([{"user_id": user}], now=seen / S)[0][0]
+        quiet = fast.read_served([{"user_id": user}], now=seen / S).row(0)
         before = quiet["rt_count_30s"]
         clock[0] = max(r.ts_us for r in rows) / S
         writer.write(rows)
         given.loc[len(given)] = [user, b + at, amount]
         newest = int(given.ts.max())
-        after = fast.read_served([{"user_id": user}], now=newest / S)[0][0]
+        after = fast.read_served([{"user_id": user}], now=newest / S).row(0)
         if at == 33 * S:  # into its tile (3), which the 30 s window at 41 s counts
             assert after["rt_count_30s"] == before + 1 == 4
         if at == 3 * 3600 * S:  # the burst's first event is counted at its own instant
@@ -293,10 +294,10 @@ def test_the_bytewax_flow_writes_tiles_the_fast_path_reads(stores) -> None:
     readers = [*users, 999_999]  # and one never seen
     for t in _edges(events, int(last), int(last) + 2 * 120 * S) + [last + 86_400 * S]:
         _check(fast, events, readers, t)
-    values, _ = fast.read_served([{"user_id": u} for u in readers], now=last / S + 30)
-    assert [v[LAST_EVENT] is None for v in values[:-1]] == [True] * len(users)  # TTL: 20 s
-    values, _ = fast.read_served([{"user_id": u} for u in readers], now=last / S)
-    assert values[0][LAST_EVENT] is not None and values[0]["rt_count_30s"] >= 1
+    late = fast.read_served([{"user_id": u} for u in readers], now=last / S + 30)
+    assert [v is None for v in late.values[LAST_EVENT][:-1]] == [True] * len(users)  # TTL: 20 s
+    now = fast.read_served([{"user_id": u} for u in readers], now=last / S)
+    assert now.row(0)[LAST_EVENT] is not None and now.row(0)["rt_count_30s"] >= 1
     (vec,) = fast.read([{"user_id": users[0]}], now=last / S + 86_400)
     assert served(vec, fast.ttl_of(), last / S + 86_400) == {LAST_EVENT}
     assert vec.values["rt_count_2m"] == 0 and vec.values["rt_sum_30s"] == 0.0

@@ -7,6 +7,10 @@ with SIGTERM: everything it answered must be on disk, written by the clean shutd
 
 from __future__ import annotations
 
+import itertools
+import os
+import signal
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -391,7 +395,8 @@ def test_sampling_keeps_or_drops_whole_requests_at_the_declared_rate(logged: Log
 
     from serving.metrics import Metrics
     from serving.model_repository import load_metadata
-    from serving.served_log import Answered, ServedLog
+    from serving.served_log import ServedLog
+    from serving.served_log_writer import Answered, sampled
 
     meta = load_metadata(logged.models, "fraud_detection")
     writer = ServedLog(logged.folder.parent / "unused", 10_000, 600, Metrics(None))
@@ -402,15 +407,17 @@ def test_sampling_keeps_or_drops_whole_requests_at_the_declared_rate(logged: Log
     nothing = np.full((15, len(meta.features)), np.nan)  # read, no feature found
     for b in range(60):
         rows = [dict(row, user_id=b * 5 + j) for j in range(5) for _ in range(3)]
-        values, served = (None, None) if b % 2 else ([{}] * 15, nothing)
+        values, served = (None, None) if b % 2 else ({}, nothing)
         scores = None if b % 2 else np.full(15, 0.5)
         at = 1_700_000_000.0 + b
         items.append(
-            Answered(rows, [3] * 5, [0.0] * 5, values, served, [{}] * 15, scores, decided, at, 1.0)
+            Answered(rows, [3] * 5, [0.0] * 5, values, served, {}, scores, decided, at, 1.0)
         )
     random.seed(7)
+    ids = itertools.count()
     for rate, low, high in ((0.0, 0, 0), (0.5, 105, 195), (1.0, 300, 300)):
-        batch = writer.model(logged.fs, replace(meta, log_sample_rate=rate)).rows(items)
+        model = writer.model(logged.fs, replace(meta, log_sample_rate=rate))
+        batch = model.layout.rows([sampled(b, rate) for b in items], lambda: str(next(ids)))
         rows = batch.to_pylist() if batch is not None else []
         by_request: dict[str, set[int]] = {}
         for r in rows:
@@ -431,7 +438,7 @@ def test_a_feature_column_keeps_its_type_and_its_missing_values() -> None:
     2**53, booleans and floats keep their type."""
     import pyarrow as pa
 
-    from serving.served_log import _typed
+    from serving.served_log_writer import _typed
 
     got, has = _typed(np.array([1.0, np.nan, 2.0**53, 0.0, -7.0]), pa.int64())
     assert got.type == pa.int64() and got.to_pylist() == [1, None, 2**53, 0, -7]
@@ -443,3 +450,98 @@ def test_a_feature_column_keeps_its_type_and_its_missing_values() -> None:
     for wrong in (2.7, np.inf):  # not some other integer: refused (the batch is counted)
         with pytest.raises(pa.ArrowInvalid):
             _typed(np.array([1.0, wrong]), pa.int64())
+
+
+def test_the_writer_process_spells_feast_s_constants_as_feast_does() -> None:
+    """The writer process does without Feast (a light import): its copies of Feast's
+    field names and statuses must stay Feast's."""
+    from feast import feature_logging
+    from feast.protos.feast.serving.ServingService_pb2 import FieldStatus
+
+    import serving.served_log_writer as w
+
+    assert (w.INVALID, w.PRESENT, w.NULL_VALUE, w.NOT_FOUND) == (
+        FieldStatus.INVALID,
+        FieldStatus.PRESENT,
+        FieldStatus.NULL_VALUE,
+        FieldStatus.NOT_FOUND,
+    )
+    assert (w.REQUEST_ID_FIELD, w.LOG_TIMESTAMP_FIELD, w.LOG_DATE_FIELD) == (
+        feature_logging.REQUEST_ID_FIELD,
+        feature_logging.LOG_TIMESTAMP_FIELD,
+        feature_logging.LOG_DATE_FIELD,
+    )
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _exited(pid: int, timeout: float = 20) -> bool:
+    """Has ``pid`` exited (gone, or a zombie its parent has not reaped yet)?"""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_writer_process_dies_or_outlives_the_server_and_nothing_goes_uncounted(
+    trained_online, tmp_path: Path
+) -> None:
+    """Fault injection at both ends of the writer process. Killed (SIGKILL) while it holds
+    rows: the server goes on answering, counts the rows it held as dropped, starts another
+    writer, and what comes next is logged. The server killed (SIGKILL) after handing rows
+    over: the writer writes them and exits."""
+    project, _, _ = trained_online
+    env = {
+        "HOTPATH_SERVING_SERVED_LOG": "true",
+        "HOTPATH_SERVING_SERVED_LOG_DIR": str(tmp_path),
+        "HOTPATH_SERVING_SERVED_LOG_FLUSH_S": "600",  # held until shutdown
+    }
+    tx = project.transactions.tail(12)
+    rows = [
+        {"user_id": int(r.user_id), "merchant_id": int(r.merchant_id), "amount": float(r.amount)}
+        for r in tx.itertuples()
+    ]
+    dropped = 'hotpath_served_log_dropped_total{model="fraud_detection",reason="error"}'
+    proc, url = serve(project.settings.repo, env)
+    try:
+        for i, row in enumerate(rows[:4]):
+            _post(url, "/predict", row, f"held-{i}")
+        time.sleep(0.5)  # handed over (every 0.1 s), held by the writer
+        (writer,) = _children(proc.pid)
+        os.kill(writer, signal.SIGKILL)
+        assert _exited(writer)
+        for i, row in enumerate(rows[4:8]):  # answered all the same, by the model
+            assert _post(url, "/predict", row, f"after-{i}")["fallback"] is False
+        time.sleep(0.5)
+        (second,) = _children(proc.pid)
+        assert second != writer
+        metrics = requests.get(url + "/metrics", timeout=10).text
+        assert f"{dropped} 4.0" in metrics  # the 4 rows the first writer held
+        for i, row in enumerate(rows[8:]):
+            _post(url, "/predict", row, f"orphan-{i}")
+        time.sleep(0.5)  # handed over
+        proc.kill()
+        proc.wait()
+        assert _exited(second)  # saw the server gone: wrote, then exited
+    finally:
+        stop(proc)
+    logged = ds.dataset(tmp_path / SERVICE, format="parquet").to_table().to_pylist()
+    ids = sorted(r["__request_id"] for r in logged)
+    assert ids == sorted([*(f"after-{i}" for i in range(4)), *(f"orphan-{i}" for i in range(4))])
