@@ -83,9 +83,11 @@ class Policy:
         return self.below
 
     def decide_all(self, scores: np.ndarray) -> list[str]:
-        """:meth:`decide` for every score, in a few numpy calls (compared as float64, as
-        :meth:`decide` compares a Python float; NaN meets no threshold)."""
+        """:meth:`decide` for every score, in a few numpy calls for a large batch (compared
+        as float64, as :meth:`decide` compares a Python float; NaN meets no threshold)."""
         x = np.asarray(scores, dtype=np.float64)
+        if len(x) <= 32:  # a few numpy calls cost more than a few Python comparisons
+            return [self.decide(s) for s in x.tolist()]
         first = np.full(len(x), len(self.thresholds))  # the first threshold met (highest first)
         for k in range(len(self.thresholds) - 1, -1, -1):
             first[x >= self.thresholds[k][0]] = k

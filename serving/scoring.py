@@ -106,6 +106,7 @@ class Scorer:
         self._fill = np.array([d for _, d in self._defaults], dtype=np.float64)
         # reason rules over request fields get them too (fallback rules always do)
         self._with_request = bool(policy.reason_fields & {f.name for f in meta.request})
+        self._policy_fields = sorted(policy.fields)
         self._queue_s = settings.queue_budget_ms / 1000
         self._max_rows = settings.max_batch
         self._features_s = settings.features_budget_ms / 1000
@@ -335,6 +336,8 @@ class Scorer:
             scores = await asyncio.wait_for(self.backend.predict(x), self._model_s)
         if time.perf_counter() - t0 > self._model_s:
             raise TimeoutError
+        if np.shape(scores) != (len(x),):  # a misconfigured backend: a fallback, not a 500
+            raise ValueError(f"the model gave {np.shape(scores)} scores for {len(x)} rows")
         return scores
 
 
@@ -372,11 +375,8 @@ class _Scored:
         self._policy, self._meta, self._with_request = policy, scorer.meta, scorer._with_request
         self._views = scorer.features.view_names
         # the policy's fields that were read, as columns (what reasons and fallbacks see)
-        self._fields = (
-            [(f, got.values[f]) for f in sorted(policy.fields) if f in got.values]
-            if got is not None
-            else []
-        )
+        cols = got.values if got is not None else {}
+        self._fields = [(f, cols[f]) for f in scorer._policy_fields if f in cols]
         if cause is not None and scorer.recording:
             name = self._meta.model_name
             scorer._log(logging.WARNING, "fallback", cause, cause=cause, model=name, rows=len(rows))
@@ -458,6 +458,10 @@ class Answers(Sequence[dict[str, Any]]):
     def __len__(self) -> int:
         return self._n
 
+    def __iter__(self) -> Iterator[dict[str, Any]]:  # (Sequence's raises IndexError to stop)
+        answer, at, latency = self._batch.answer, self._at, self._latency
+        return (answer(at + i, latency) for i in range(self._n))
+
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(self._n))]
@@ -470,11 +474,12 @@ class Answers(Sequence[dict[str, Any]]):
 
 
 def best_first(answers: Sequence[dict[str, Any]]) -> list[int]:
-    """The answers' indexes by score, best first; a fallback (no score) counts as 0, ties
-    keep the candidates' order."""
+    """The answers' indexes by score, best first; a fallback (no score) or a NaN counts as
+    0, ties keep the candidates' order."""
     if isinstance(answers, Answers):
         return answers.best_first()
+    scores = [a["score"] for a in answers]
     return sorted(
-        range(len(answers)),
-        key=lambda i: -answers[i]["score"] if answers[i]["score"] is not None else 0.0,
+        range(len(scores)),
+        key=lambda i: -s if (s := scores[i]) is not None and s == s else 0.0,  # NaN: as None
     )

@@ -14,11 +14,12 @@ straight under its path), one path per FeatureService, so
 through Feast, and Spark reads the same folder.
 
 Off the request path, and off the serving process's GIL: the scorer hands over the objects
-it already built (one deque append per coalesced batch), the model's features among them as
-its float64 matrix (integers are exact up to 2**53); every :data:`DRAIN_S` a thread samples
-them and sends them to the writer process (:mod:`serving.served_log_writer`), which turns
-them into Arrow batches and writes a file per FeatureService every ``served_log_flush_s``
-and on clean shutdown. Past ``served_log_queue`` predictions waiting, a batch is dropped and
+it already built, the model's features among them as its float64 matrix (integers are exact
+up to 2**53); once the batch's answers are on their way, the event loop samples and pickles
+it (:meth:`ModelLog.submit`); every :data:`DRAIN_S` a thread sends the bytes to the writer
+process (:mod:`serving.served_log_writer`, started with the first batch), which turns them
+into Arrow batches and writes a file per FeatureService every ``served_log_flush_s`` and on
+clean shutdown. Past ``served_log_queue`` predictions waiting, a batch is dropped and
 counted (``hotpath_served_log_dropped_total``), never waited for. A kill of the server loses
 what was still queued (up to :data:`DRAIN_S` of predictions); what the writer was handed, it
 writes once it sees the server gone.
@@ -78,6 +79,7 @@ log = logging.getLogger("hotpath.serving")
 
 __all__ = ["Answered", "FALLBACK", "REQUEST_ID_FIELD", "VERSION"]
 CLOSE_S = 60.0  # at shutdown, the writer's time to write what it was handed
+YOUNG_S = 10.0  # a writer dying younger than this is started again only after a backoff
 ROOT = Path(__file__).resolve().parents[1]  # where ``serving`` is imported from
 
 
@@ -150,18 +152,20 @@ class ModelLog:
         if w.closed or w.submitted - w.taken + n > w.limit:
             self.dropped["queue_full"].inc(n)
             return
-        w.submitted += n
-        if not self._from_rows:  # only the matrix is read: the dicts may go
-            batch.values = None
+        values = batch.values  # only the features the matrix lacks are read from them
+        batch.values = {k: values[k] for k in self._from_rows if k in values} if values else None
         try:
             if self.rate < 1:
                 batch = sampled(batch, self.rate)
-            message = pickle.dumps(("rows", self.key, batch), protocol=5)
+                if not batch.decisions:  # none of its requests drawn
+                    return
+            payload = pickle.dumps(batch, protocol=5)
         except Exception as e:  # e.g. an on-demand value pickle refuses: counted, not lost
             log.error("served_log: %d rows dropped: %r", n, e)
             self.dropped["error"].inc(n)
             return
-        w.queue.append((self, n, len(batch.decisions), message))
+        w.submitted += n
+        w.queue.append((self, n, len(batch.decisions), payload))
 
 
 class ServedLog:
@@ -173,11 +177,12 @@ class ServedLog:
     without the GIL, if the writer falls behind, and the queue's bound then drops (and
     counts) what does not fit. Rows handed over are counted as written or dropped when
     the writer says so; if it dies, what it held is counted as dropped (``error``) and
-    the next batch starts another."""
+    another is started after a backoff."""
 
     def __init__(self, folder: Path, limit: int, flush_s: float, metrics: Metrics) -> None:
         self.folder, self.limit, self.flush_s, self.metrics = folder, limit, flush_s, metrics
-        # (model, rows submitted, rows sampled, its message to the writer)
+        self.folder = folder.resolve()  # the writer's working directory is not ours
+        # (model, rows submitted, rows sampled, the sampled batch pickled)
         self.queue: deque[tuple[ModelLog, int, int, bytes]] = deque()
         self.submitted = 0
         self.taken = 0
@@ -188,6 +193,9 @@ class ServedLog:
         self._sent: set[int] = set()  # the layouts the current writer process has
         self._conn: Connection | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._backoff = 0.0  # seconds before another writer is started (after a death)
+        self._down_until = 0.0  # monotonic: no writer started before it
+        self._started = 0.0  # monotonic: when the current writer was started
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="served-log", daemon=True)
 
@@ -205,7 +213,12 @@ class ServedLog:
         self.closed = True
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(CLOSE_S + 5)
+            proc = self._proc
+            if self._thread.is_alive() and proc is not None:  # a writer stuck (a disk stall)
+                log.error("served_log: the writer is stuck; killed, what it held is lost")
+                proc.kill()  # the thread's send fails, and it counts what was held
+                self._thread.join(5)
         else:  # never started: hand over what was queued from here
             self._forward()
             self._finish()
@@ -219,19 +232,32 @@ class ServedLog:
                 return
 
     def _forward(self) -> None:
-        """Everything queued to the writer: bytes already, each sent on its own (the
-        socket's send lets go of the GIL)."""
+        """Everything queued to the writer: one message per model, its batches' pickles
+        (bytes already: putting them in a list costs a copy) with their row counts
+        outside them, so a batch the writer cannot unpickle is counted and the rest are
+        written; one send, which lets go of the GIL, per model and tick."""
+        if self._proc is not None and self._proc.poll() is not None:
+            self._gone()  # died since the last tick: reaped, what it held counted
         queue = self.queue
+        items: dict[ModelLog, list[tuple[int, bytes]]] = {}
+        taken = 0
         while queue:
-            model, n, rows, message = queue.popleft()
-            self.taken += n
+            model, n, rows, payload = queue.popleft()
+            taken += n
+            items.setdefault(model, []).append((rows, payload))
+        self.taken += taken
+        for model, payloads in items.items():
+            rows = sum(r for r, _ in payloads)
             try:
                 conn = self._writer()
+                if conn is None:  # down, not started again yet: counted
+                    model.dropped["error"].inc(rows)
+                    continue
                 if model.key not in self._sent:
                     conn.send(("layout", model.key, model.layout))
                     self._sent.add(model.key)
-                conn.send_bytes(message)
-            except Exception as e:  # the writer died: started again for the next batch
+                conn.send(("rows", model.key, payloads))
+            except Exception as e:  # the writer died
                 log.error("served_log: %d rows dropped, the writer failed: %r", rows, e)
                 model.dropped["error"].inc(rows)
                 self._gone()
@@ -239,23 +265,36 @@ class ServedLog:
             self._held[model.key] = self._held.get(model.key, 0) + rows
         self._collect()
 
-    def _writer(self) -> Connection:
-        """The connection to the writer process, started if it is not running."""
+    def _writer(self) -> Connection | None:
+        """The connection to the writer process, started if it is not running — unless
+        one died young (then None until a backoff, 1 s doubling to a minute, has passed:
+        a writer that cannot start must not cost an interpreter a batch)."""
         if self._conn is not None and self._proc is not None and self._proc.poll() is None:
             return self._conn
-        self._gone()
+        if self._conn is not None or self._proc is not None:
+            self._gone()
+        if time.monotonic() < self._down_until:
+            return None
         ours, theirs = socket.socketpair()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         argv = [sys.executable, "-m", "serving.served_log_writer", str(theirs.fileno())]
         try:
-            self._proc = subprocess.Popen(
-                [*argv, str(self.flush_s)], pass_fds=[theirs.fileno()], env=env, cwd=ROOT
-            )
+            self._proc = subprocess.Popen([*argv, str(self.flush_s)], pass_fds=[theirs.fileno()])
+        except Exception:
+            ours.close()
+            self._died()
+            raise
         finally:
             theirs.close()
         self._conn = Connection(ours.detach())
+        self._started = time.monotonic()
         return self._conn
+
+    def _died(self) -> None:
+        self._backoff = min(60.0, max(1.0, 2 * self._backoff))
+        self._down_until = time.monotonic() + self._backoff
+        log.error("served_log: the writer process is down; another in %.0f s", self._backoff)
 
     def _gone(self) -> None:
         """Forget the writer process (dead, or done): what it still held is lost, and
@@ -263,13 +302,22 @@ class ServedLog:
         if self._conn is not None:
             self._collect()  # what it said before it went
             self._conn.close()
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        lost = sum(self._held.values())
         for key, rows in self._held.items():
             if rows:
-                log.error("served_log: %d rows lost with the writer process", rows)
                 self._models[key].dropped["error"].inc(rows)
+        if lost:
+            log.error("served_log: %d rows lost with the writer process", lost)
+        if proc is not None and proc.returncode != 0 and not self.closed:
+            log.error("served_log: the writer process exited with %s", proc.returncode)
+            if time.monotonic() - self._started < YOUNG_S:  # at start-up, maybe each time
+                self._died()
+            else:  # another starts with the next batch
+                self._backoff = 0.0
         self._held.clear()
         self._conn, self._proc = None, None
         self._sent.clear()

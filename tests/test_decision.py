@@ -66,4 +66,5 @@ def test_decisions_of_a_batch_equal_one_score_at_a_time() -> None:
             scores += [float(near), float(np.nextafter(near, 0)), float(np.nextafter(near, 1))]
         x = np.array(scores, dtype=np.float32)
         assert policy.decide_all(x) == [policy.decide(float(s)) for s in x]
+        assert policy.decide_all(x[:3]) == [policy.decide(float(s)) for s in x[:3]]  # few
         assert len(set(policy.decide_all(x))) == len(policy.thresholds) + 1  # every one met

@@ -527,6 +527,7 @@ def test_the_writer_process_dies_or_outlives_the_server_and_nothing_goes_uncount
         (writer,) = _children(proc.pid)
         os.kill(writer, signal.SIGKILL)
         assert _exited(writer)
+        time.sleep(1.5)  # it died young: another is started after a 1-s backoff
         for i, row in enumerate(rows[4:8]):  # answered all the same, by the model
             assert _post(url, "/predict", row, f"after-{i}")["fallback"] is False
         time.sleep(0.5)
