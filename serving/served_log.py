@@ -17,7 +17,7 @@ Off the request path, and off the serving process's GIL: the scorer hands over t
 it already built, the model's features among them as its float64 matrix (integers are exact
 up to 2**53); once the batch's answers are on their way, the event loop samples and pickles
 it (:meth:`ModelLog.submit`); every :data:`DRAIN_S` a thread sends the bytes to the writer
-process (:mod:`serving.served_log_writer`, started with the first batch), which turns them
+process (:mod:`serving.served_log_writer`, started with the log), which turns them
 into Arrow batches and writes a file per FeatureService every ``served_log_flush_s`` and on
 clean shutdown. Past ``served_log_queue`` predictions waiting, a batch is dropped and
 counted (``hotpath_served_log_dropped_total``), never waited for. A kill of the server loses
@@ -224,6 +224,8 @@ class ServedLog:
             self._finish()
 
     def _run(self) -> None:
+        with contextlib.suppress(Exception):  # at once, not with the first traffic (else: later)
+            self._writer()
         while True:
             stopping = self._stop.wait(DRAIN_S)
             self._forward()
