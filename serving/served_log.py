@@ -224,7 +224,8 @@ class ServedLog:
             self._finish()
 
     def _run(self) -> None:
-        with contextlib.suppress(Exception):  # at once, not with the first traffic (else: later)
+        # started now, not by the first traffic (should it fail, the first batch retries)
+        with contextlib.suppress(Exception):
             self._writer()
         while True:
             stopping = self._stop.wait(DRAIN_S)
