@@ -126,7 +126,6 @@ class OnlineFeatures:
             (v.features, (None,) * len(v.features), v.name, ttl)
             for v, ttl in zip(self.views, ttls, strict=True)
         ]
-        self._stored_names = [n for v in self.views for n in v.features]
         self._on_demand_none = dict.fromkeys(n for o in self.on_demand for n in o.outputs)
         # distinct entity keys (views on the same join keys share one serialized key)
         self._encoders = {

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import operator
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -100,9 +99,6 @@ class Scorer:
         self._no_wait_until = 0.0
         self._names = meta.feature_names
         self._defaults = [(f.name, f.default) for f in meta.features]
-        # the contract's values of one row as a tuple, in one C call (see _served)
-        pick = operator.itemgetter(*self._names)
-        self._pick = pick if len(self._names) > 1 else lambda vals: (pick(vals),)
         self._fill = np.array([d for _, d in self._defaults], dtype=np.float64)
         # reason rules over request fields get them too (fallback rules always do)
         self._with_request = bool(policy.reason_fields & {f.name for f in meta.request})
@@ -348,7 +344,6 @@ class _Scored:
 
     __slots__ = (
         "decisions",
-        "_cause",
         "_fields",
         "_got",
         "_holes",
@@ -371,7 +366,7 @@ class _Scored:
         cause: str | None,
     ) -> None:
         policy, names, m = scorer.policy, scorer._names, scorer.metrics
-        self._rows, self._got, self._scores, self._cause = rows, got, scores, cause
+        self._rows, self._got, self._scores = rows, got, scores
         self._policy, self._meta, self._with_request = policy, scorer.meta, scorer._with_request
         self._views = scorer.features.view_names
         # the policy's fields that were read, as columns (what reasons and fallbacks see)
@@ -397,9 +392,10 @@ class _Scored:
             self._reasons = []
             self.decisions = []
             for i, row in enumerate(rows):
-                seen = {**row, **self._values(i)}
+                vals = self._values(i)
+                seen = {**row, **vals}
                 self.decisions.append(policy.fallback(seen))
-                why = policy.reasons(seen if self._with_request else self._values(i))
+                why = policy.reasons(seen if self._with_request else vals)
                 self._reasons.append([f"fallback:{cause}", *why])
         if scorer.recording:
             verdicts: dict[str, int] = {}  # counted once per batch (see ModelMetrics.count)
@@ -437,13 +433,9 @@ class _Scored:
             "latency_ms": latency,
         }
 
-    def best_first(self, at: int, n: int) -> list[int]:
-        """Rows ``at`` to ``at + n`` by score, best first (a fallback's as 0), ties in
-        their order: ``sorted``'s order, in numpy."""
-        if self._scores is None:
-            return list(range(n))
-        key = -self._scores[at : at + n].astype(np.float64)
-        return np.argsort(np.where(np.isnan(key), 0.0, key), kind="stable").tolist()
+    def scores(self, at: int, n: int) -> list[float | None]:
+        """Rows ``at`` to ``at + n``'s scores (None: a fallback), in one C call."""
+        return [None] * n if self._scores is None else self._scores[at : at + n].tolist()
 
 
 class Answers(Sequence[dict[str, Any]]):
@@ -469,16 +461,15 @@ class Answers(Sequence[dict[str, Any]]):
             raise IndexError(i)
         return self._batch.answer(self._at + i % self._n, self._latency)
 
-    def best_first(self) -> list[int]:
-        return self._batch.best_first(self._at, self._n)
+    def scores(self) -> list[float | None]:
+        """Each answer's score, without building the answers."""
+        return self._batch.scores(self._at, self._n)
 
 
 def best_first(answers: Sequence[dict[str, Any]]) -> list[int]:
     """The answers' indexes by score, best first; a fallback (no score) or a NaN counts as
     0, ties keep the candidates' order."""
-    if isinstance(answers, Answers):
-        return answers.best_first()
-    scores = [a["score"] for a in answers]
+    scores = answers.scores() if isinstance(answers, Answers) else [a["score"] for a in answers]
     return sorted(
         range(len(scores)),
         key=lambda i: -s if (s := scores[i]) is not None and s == s else 0.0,  # NaN: as None

@@ -97,15 +97,13 @@ class ModelLog:
 
     def __init__(self, writer: ServedLog, store: Any, meta: ModelMetadata) -> None:
         self._writer = writer
-        self.meta = meta
-        self.schema = schema_of(store, meta.feature_service)
-        self.folder = writer.folder / meta.feature_service
         self.rate = meta.log_sample_rate
+        schema = schema_of(store, meta.feature_service)
         on_demand = {v.name for v in store.list_on_demand_feature_views()}
         fs = store.get_feature_service(meta.feature_service)
         # per projection: the view whose age dates its values (None: on demand), and per
         # feature its value, timestamp and status columns
-        self._views: list[tuple[str | None, list[tuple[str, str, str, str]]]] = []
+        views: list[tuple[str | None, list[tuple[str, str, str, str]]]] = []
         featured = set()
         for proj in fs.feature_view_projections:
             prefix = proj.name_to_use()
@@ -114,30 +112,25 @@ class ModelLog:
                 col = f"{prefix}__{f.name}"
                 cols.append((f.name, col, col + "__timestamp", col + "__status"))
                 featured.update(cols[-1][1:])
-            self._views.append((None if proj.name in on_demand else proj.name, cols))
-        self._dated = [view for view, _ in self._views if view is not None]
+            views.append((None if proj.name in on_demand else proj.name, cols))
         system = {LOG_TIMESTAMP_FIELD, LOG_DATE_FIELD, REQUEST_ID_FIELD}
         system.update(f.name for f in OUTCOME_FIELDS)
-        # join keys and request fields, straight from the request's rows
-        self._keys = [n for n in self.schema.names if n not in featured and n not in system]
         # a feature's values: its column of the scorer's matrix (the version's features),
-        # else (the service gained it after this version was published) the rows' dicts
-        self._column_of = {name: i for i, name in enumerate(meta.feature_names)}
-        self._from_rows = [
-            f for _, cols in self._views for f, *_ in cols if f not in self._column_of
-        ]
-        self.key = next(writer.keys)  # its layout's, in the writer process
+        # else (the service gained it after this version was published) the values' columns
+        column_of = {name: i for i, name in enumerate(meta.feature_names)}
         self.layout = LogLayout(
             meta.model_name,
             meta.version,
-            self.folder,
-            self.schema,
-            self._views,
-            self._dated,
-            self._keys,
-            self._column_of,
-            self._from_rows,
+            writer.folder / meta.feature_service,
+            schema,
+            views,
+            [view for view, _ in views if view is not None],
+            # join keys and request fields, straight from the request's rows
+            [n for n in schema.names if n not in featured and n not in system],
+            column_of,
+            [f for _, cols in views for f, *_ in cols if f not in column_of],
         )
+        self.key = next(writer.keys)  # its layout's, in the writer process
         children = writer.metrics.served_log_dropped
         self.dropped = {r: children.labels(meta.model_name, r) for r in ("queue_full", "error")}
         self.written = writer.metrics.served_log_rows.labels(meta.model_name)
@@ -153,7 +146,8 @@ class ModelLog:
             self.dropped["queue_full"].inc(n)
             return
         values = batch.values  # only the features the matrix lacks are read from them
-        batch.values = {k: values[k] for k in self._from_rows if k in values} if values else None
+        wanted = self.layout.from_rows
+        batch.values = {k: values[k] for k in wanted if k in values} if values else None
         try:
             if self.rate < 1:
                 batch = sampled(batch, self.rate)
