@@ -29,7 +29,10 @@ def _holds(cond: Condition, values: dict[str, Any]) -> bool:
     value = values.get(field)
     if comparison == "missing":
         return value is None
-    return value is not None and _COMPARE[comparison](value, threshold)
+    try:
+        return value is not None and _COMPARE[comparison](value, threshold)
+    except TypeError:  # a value of another type than the rule's (a foreign writer's): no
+        return False
 
 
 @dataclass(frozen=True)

@@ -319,8 +319,27 @@ class Scorer:
         except KeyError:  # a contract feature the service lacks: it is missing
             absent = (None,) * got.n
             picked = [cols.get(n, absent) for n in self._names]
-        by_feature = np.array(picked, dtype=np.float64).reshape(len(self._names), got.n)
-        return np.ascontiguousarray(by_feature.T)
+        try:
+            by_feature = np.array(picked, dtype=np.float64)
+        except (TypeError, ValueError):  # a stored value that is no number (a foreign writer)
+            picked = [self._numbers(n, c, got) for n, c in zip(self._names, picked, strict=True)]
+            by_feature = np.array(picked, dtype=np.float64)
+        return np.ascontiguousarray(by_feature.reshape(len(self._names), got.n).T)
+
+    def _numbers(self, name: str, column: Sequence[Any], got: Served) -> Sequence[Any]:
+        """``column`` with each value that is no number missing, in ``got`` too, so the
+        model gets the default, the answer and the log call it missing and the policy's
+        rules see it missing: one bad row must not fail the batch it was coalesced into.
+        Logged (a line per feature per interval), naming the feature."""
+        clean = tuple(map(_number, column))
+        bad = [v for v, c in zip(column, clean, strict=True) if v is not None and c is None]
+        if bad:
+            example = repr(bad[0])[:80]
+            self._log(logging.WARNING, "not_a_number", name, feature=name, rows=len(bad),
+                      example=example)  # fmt: skip
+        if name in got.values:
+            got.values[name] = clean
+        return clean
 
     async def call_model(self, x: np.ndarray) -> np.ndarray:
         """The backend's scores for ``x``; TimeoutError past the model budget (a remote
@@ -335,6 +354,14 @@ class Scorer:
         if np.shape(scores) != (len(x),):  # a misconfigured backend: a fallback, not a 500
             raise ValueError(f"the model gave {np.shape(scores)} scores for {len(x)} rows")
         return scores
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float, or None when it is none or no number."""
+    try:
+        return value if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 class _Scored:

@@ -28,6 +28,8 @@ CASES = [
      ["amount_far_above_usual", "new_merchant"], "decline"),
     ({"user_txn_count_30d": 4, "user_txn_count_5m": 3}, 10.0, ["velocity_burst"], "decline"),
     ({"user_txn_count_30d": 4, "user_txn_count_5m": 2}, 10.0, [], "approve"),
+    # a value of another type than the rule's (a foreign writer's string): the rule does not hold
+    ({"user_txn_count_30d": 4, "user_txn_count_5m": "3"}, 10.0, [], "approve"),
     ({"user_txn_count_30d": 0, "merchant_fraud_rate_30d": 0.06}, 10.0, ["risky_merchant"],
      "review"),
     ({"user_txn_count_30d": 1, "merchant_fraud_rate_30d": None, "is_new_merchant": 0}, 999.99,

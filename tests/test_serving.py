@@ -17,9 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from helpers import ROOT, free_port, local_triton, serve, start_redis_server
 from model_reference import either, model_input, online_values, scores
 
+from online_store.tiers import feast_write
 from pipelines import store
 
 KEY = "test-key"
@@ -210,6 +213,30 @@ def test_unknown_user_gets_defaults_flagged(server) -> None:
     body = r.json()
     assert "user_txn_count_30d" in body["missing_features"]
     assert "no_history" in body["reasons"] and body["score"] is not None
+
+
+def test_a_stored_value_that_is_no_number_is_missing_not_a_500(server, served_project) -> None:
+    """A string in a numeric feature (a foreign writer's): that row is answered with the
+    feature missing (the model gets its default, the rules see it missing) and the row
+    coalesced with it is untouched; it used to fail the whole batch with a 500."""
+    _, fs = served_project
+    user = 987_654_320  # nobody else's: the other tests read real users
+    key = EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=user)])
+    values = {
+        "user_txn_count_30d": ValueProto(string_val="oops"),
+        "user_txn_count_7d": ValueProto(int64_val=3),
+    }
+    view = fs.get_feature_view("user_spending_stats")
+    feast_write(fs, view, [(key, values, datetime.now(UTC), None)])
+    rows = [{"user_id": user, "merchant_id": 1, "amount": 10.0}]
+    r = post(server, {"transactions": [*rows, {"user_id": 1, "merchant_id": 1, "amount": 10.0}]},
+             "/predict/batch")  # fmt: skip
+    assert r.status_code == 200, r.text
+    bad, good = r.json()["predictions"]
+    assert "user_txn_count_30d" in bad["missing_features"]
+    assert "user_txn_count_7d" not in bad["missing_features"]
+    assert "no_history" in bad["reasons"] and bad["score"] is not None and not bad["fallback"]
+    assert "user_txn_count_30d" not in good["missing_features"] and good["score"] is not None
 
 
 def test_metrics_and_health(server) -> None:
