@@ -17,6 +17,7 @@ Feast's SDK, and the tiers only Feast reads, serve its last-event row instead.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from feast import FeatureStore
 
 from online_store.layout import KeyEncoder
 from online_store.read import Found, Reader, ViewPlan, readers
+from serving.errors import first_line
+from serving.logs import Throttled
 
 _PACKED_MAX = 100_000  # packed values kept per join key
 
@@ -84,6 +87,7 @@ class OnlineFeatures:
 
     def __init__(self, store: FeatureStore, service: str, timeout_s: float = 1.0) -> None:
         fs = store.get_feature_service(service)
+        self._log = Throttled()  # request-path events: a line per kind per interval
         self.project = store.project
         self.version = store.config.entity_key_serialization_version
         odfvs = {v.name: v for v in store.list_on_demand_feature_views()}
@@ -269,7 +273,10 @@ class OnlineFeatures:
                     inputs[k] = list(columns[k])
                 elif k in first_row:
                     inputs[k] = [row.get(k) for row in rows]
-            out = od.udf(inputs)
+            try:
+                out = od.udf(inputs)
+            except Exception as e:  # one row's values must not fail the rows beside it
+                out = self._row_at_a_time(od, inputs, len(rows), e)
             for name in od.outputs:
                 col = list(out[name])
                 if len(col) != len(rows):
@@ -278,6 +285,27 @@ class OnlineFeatures:
                         f"for {len(rows)} rows"
                     )
                 columns[name] = col
+
+    def _row_at_a_time(
+        self, od: OnDemandPlan, inputs: dict[str, list[Any]], n: int, error: Exception
+    ) -> dict[str, list[Any]]:
+        """``od``'s outputs a row at a time, after its call on the whole batch raised
+        ``error``: a row it raises on gets them missing (the model its defaults), logged
+        with the view's name and the error; the others get their values."""
+        out: dict[str, list[Any]] = {name: [None] * n for name in od.outputs}
+        failed = 0
+        for i in range(n):
+            try:
+                got = od.udf({k: v[i : i + 1] for k, v in inputs.items()})
+                row = [value for name in od.outputs for (value,) in [got[name]]]
+            except Exception as e:
+                failed, error = failed + 1, e
+                continue
+            for name, value in zip(od.outputs, row, strict=True):
+                out[name][i] = value
+        self._log(logging.WARNING, "on_demand_error", od.name, view=od.name, rows=failed,
+                  error=f"{type(error).__name__}: {first_line(error)}")  # fmt: skip
+        return out
 
     def ttl_of(self) -> dict[str, float | None]:
         """Each stored feature's view TTL in seconds (computed once, at start-up; None for a

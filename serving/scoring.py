@@ -321,7 +321,7 @@ class Scorer:
             picked = [cols.get(n, absent) for n in self._names]
         try:
             by_feature = np.array(picked, dtype=np.float64)
-        except (TypeError, ValueError):  # a stored value that is no number (a foreign writer)
+        except (TypeError, ValueError, OverflowError):  # a value that is no number (a bad writer)
             picked = [self._numbers(n, c, got) for n, c in zip(self._names, picked, strict=True)]
             by_feature = np.array(picked, dtype=np.float64)
         return np.ascontiguousarray(by_feature.reshape(len(self._names), got.n).T)
@@ -337,8 +337,11 @@ class Scorer:
             example = repr(bad[0])[:80]
             self._log(logging.WARNING, "not_a_number", name, feature=name, rows=len(bad),
                       example=example)  # fmt: skip
-        if name in got.values:
-            got.values[name] = clean
+        if bad and name in got.values:  # the rest as it was, as the fast path leaves it
+            got.values[name] = tuple(
+                None if v is not None and c is None else v
+                for v, c in zip(column, clean, strict=True)
+            )
         return clean
 
     async def call_model(self, x: np.ndarray) -> np.ndarray:
@@ -360,7 +363,7 @@ def _number(value: Any) -> float | None:
     """``value`` as a float, or None when it is none or no number."""
     try:
         return value if value is None else float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 

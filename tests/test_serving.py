@@ -217,14 +217,17 @@ def test_unknown_user_gets_defaults_flagged(server) -> None:
 
 def test_a_stored_value_that_is_no_number_is_missing_not_a_500(server, served_project) -> None:
     """A string in a numeric feature (a foreign writer's): that row is answered with the
-    feature missing (the model gets its default, the rules see it missing) and the row
-    coalesced with it is untouched; it used to fail the whole batch with a 500."""
+    feature missing (the model gets its default, the rules see it missing), and so are the
+    on-demand features computed from such a value; the row coalesced with it is untouched.
+    It used to fail the whole batch: a 500, or a store-error fallback for an on-demand
+    input."""
     _, fs = served_project
     user = 987_654_320  # nobody else's: the other tests read real users
     key = EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=user)])
     values = {
         "user_txn_count_30d": ValueProto(string_val="oops"),
         "user_txn_count_7d": ValueProto(int64_val=3),
+        "user_amount_avg_30d": ValueProto(string_val="n/a"),  # an input of transaction_context
     }
     view = fs.get_feature_view("user_spending_stats")
     feast_write(fs, view, [(key, values, datetime.now(UTC), None)])
@@ -235,6 +238,8 @@ def test_a_stored_value_that_is_no_number_is_missing_not_a_500(server, served_pr
     bad, good = r.json()["predictions"]
     assert "user_txn_count_30d" in bad["missing_features"]
     assert "user_txn_count_7d" not in bad["missing_features"]
+    assert {"amount_to_avg_30d", "amount_to_max_30d"} <= set(bad["missing_features"])
+    assert not {"amount_to_avg_30d", "amount_to_max_30d"} & set(good["missing_features"])
     assert "no_history" in bad["reasons"] and bad["score"] is not None and not bad["fallback"]
     assert "user_txn_count_30d" not in good["missing_features"] and good["score"] is not None
 
