@@ -297,11 +297,13 @@ class OnlineFeatures:
         for i in range(n):
             try:
                 got = od.udf({k: v[i : i + 1] for k, v in inputs.items()})
-                row = [value for name in od.outputs for (value,) in [got[name]]]
+                row: dict[str, Any] = {}
+                for name in od.outputs:
+                    (row[name],) = got[name]  # one value for the one row
             except Exception as e:
                 failed, error = failed + 1, e
                 continue
-            for name, value in zip(od.outputs, row, strict=True):
+            for name, value in row.items():
                 out[name][i] = value
         self._log(logging.WARNING, "on_demand_error", od.name, view=od.name, rows=failed,
                   error=f"{type(error).__name__}: {first_line(error)}")  # fmt: skip

@@ -339,8 +339,7 @@ class Scorer:
                       example=example)  # fmt: skip
         if bad and name in got.values:  # the rest as it was, as the fast path leaves it
             got.values[name] = tuple(
-                None if v is not None and c is None else v
-                for v, c in zip(column, clean, strict=True)
+                None if c is None else v for v, c in zip(column, clean, strict=True)
             )
         return clean
 
