@@ -37,6 +37,7 @@ from feast.infra.online_stores.online_store import OnlineStore
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.repo_config import FeastConfigBaseModel, get_online_config_from_type
+from feast.utils import make_tzaware
 from pydantic import StrictStr
 
 from online_store.layout import expire_at, expire_commands
@@ -281,6 +282,8 @@ def expire_redis_keys(
     pipe = client.pipeline(transaction=False)
     for entity_key, _, ts, _ in data:
         key = _redis_key(config.project, entity_key, config.entity_key_serialization_version)
-        for command in expire_commands(key, expire_at(ts.timestamp(), ttl)):
+        # a naive time is UTC, as Feast's write reads it (not this machine's local time)
+        at = expire_at(make_tzaware(ts).timestamp(), ttl)
+        for command in expire_commands(key, at):
             pipe.execute_command(*command)
     pipe.execute()

@@ -200,7 +200,7 @@ def test_freshness_reads_each_tier(stores, tier_root, batch_done: Project) -> No
         assert r.age is not None and r.max_staleness is not None and r.age > r.max_staleness
 
 
-def test_keys_expire_after_their_views_ttl(stores, tier_root, cluster) -> None:
+def test_keys_expire_after_their_views_ttl(stores, tier_root, cluster, monkeypatch) -> None:
     tiered, _ = stores
     client = redis.RedisCluster(host="127.0.0.1", port=cluster.ports[0], password=cluster.password)
     source = tiered.get_feature_view("user_velocity").batch_source
@@ -217,8 +217,20 @@ def test_keys_expire_after_their_views_ttl(stores, tier_root, cluster) -> None:
     feast_write(tiered, probe, [(entity, {"x": ValueProto(int64_val=1)}, datetime.now(UTC), None)])
     assert client.exists(key) == 1
     assert 1 <= client.ttl(key) <= 3
+    # a naive event time is UTC, as Feast reads it, whatever this machine's time zone
+    naive = layout.redis_key(tiered, probe, (4243,))
+    entity = EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=4243)])
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        now = datetime.now(UTC).replace(tzinfo=None)
+        feast_write(tiered, probe, [(entity, {"x": ValueProto(int64_val=1)}, now, None)])
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert 1 <= client.ttl(naive) <= 3
     time.sleep(3.5)
-    assert client.exists(key) == 0
+    assert client.exists(key) == client.exists(naive) == 0
     # a real view: its keys expire at the newest event time + the view's TTL
     view = tiered.get_feature_view("merchant_risk_stats")
     mkey = layout.redis_key(tiered, view, (1,))
