@@ -18,6 +18,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from typing import Any
 
 import hiredis
@@ -173,13 +174,16 @@ class RespClient:
             raise
 
     def receive(self, replies: int) -> list[Any]:
-        """The next ``replies`` replies on this thread's connection, in order."""
+        """The next ``replies`` replies on this thread's connection, in order. The timeout
+        bounds the whole wait, not each ``recv``: a server (or a link) that trickles its
+        answer a few bytes at a time is cut off like a silent one, within twice it."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             raise ConnectionError("no request in flight on this connection")
         sock, reader = conn
         try:
             out: list[Any] = []
+            deadline = time.monotonic() + self.timeout_s
             while len(out) < replies:
                 reply = reader.gets()
                 if reply is False:
@@ -187,6 +191,8 @@ class RespClient:
                     if not data:
                         raise ConnectionError("Redis closed the connection")
                     reader.feed(data)
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"Redis took over {self.timeout_s:g} s to answer")
                     continue
                 if isinstance(reply, hiredis.ReplyError):
                     raise RespError(str(reply))

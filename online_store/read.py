@@ -17,7 +17,9 @@ row, as Feast's SDK does.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Sequence
@@ -29,6 +31,7 @@ from typing import Any
 from feast import FeatureStore
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.value_type import ValueType
+from google.protobuf.message import DecodeError
 
 from online_store.connect import RespClient, pack, redis_client
 from online_store.layout import (
@@ -50,6 +53,43 @@ from online_store.tiles import (
     tiles_field,
     view_plan,
 )
+
+# what decoding bytes that are no ValueProto or Timestamp raises
+_UNDECODABLE = (DecodeError, ValueError, TypeError, IndexError, struct.error)
+_log = logging.getLogger("hotpath.online_store")
+_logged: dict[str, list[float]] = {}  # view -> [last line (monotonic s), rows since]
+
+
+def _undecodable(view: str, error: Exception) -> None:
+    """A stored value that can't be decoded is missing for its row alone (the rest of
+    the batch is read as usual); a warning line per view per 10 s, with the rows since."""
+    now = time.monotonic()
+    last = _logged.setdefault(view, [-1e9, 0])
+    last[1] += 1
+    if now - last[0] >= 10.0:
+        what = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        _log.warning("undecodable_value view=%s rows=%d error=%s", view, last[1], what)
+        last[:] = [now, 0]
+
+
+def _salvaged(
+    ts_blob: bytes | None, blobs: Sequence[bytes | None], rt: Any
+) -> tuple[float | None, list[Any] | None]:
+    """A view's row with an undecodable value: the others decoded, that one missing; the
+    whole row missing when its event time is undecodable (or it is request-time)."""
+    try:
+        stamp = decode_stamp(ts_blob)
+    except _UNDECODABLE:
+        return (None, None)
+    if rt is not None:
+        return (None, None)
+    values = []
+    for blob in blobs:
+        try:
+            values.append(decode_value(blob))
+        except _UNDECODABLE:
+            values.append(None)
+    return (stamp, values)
 
 
 class _TileMemo:
@@ -144,9 +184,10 @@ Keys = dict[tuple[str, ...], list[bytes]]  # serialized entity keys per set of j
 class Reader:
     """Reads its views for a batch of entity keys: ``send`` issues the request,
     ``receive`` returns, per view (in plan order) and row, (event time, values in the
-    view's feature order) or (None, None) when the entity has no row. A request-time view
-    (``plans[i].request_time``) always has values, as of ``now_us``; its event time is its
-    last event's (None: no row)."""
+    view's feature order) or (None, None) when the entity has no row (or its stored bytes
+    decode as no value). A request-time view (``plans[i].request_time``) has values as of
+    ``now_us`` (empty windows without a row); its event time is its last event's (None:
+    no row). A request sent is either received or abandoned."""
 
     plans: list[ViewPlan]  # the views as this reader answers them (plan order)
 
@@ -155,6 +196,10 @@ class Reader:
 
     def receive(self, handle: Any, now_us: int) -> list[Found]:
         raise NotImplementedError
+
+    def abandon(self) -> None:
+        """Forget a request sent and not to be received (another tier failed first): its
+        replies must not answer the next one."""
 
     def read(self, keys: Keys, now_us: int | None = None) -> list[Found]:
         """``send`` then ``receive``; request-time views as of ``now_us`` (default: now)."""
@@ -222,16 +267,30 @@ class SqliteReader(Reader):
                 continue
             if entry[0] is None:  # the view's event time: its rows', not its tiles' row
                 entry[0] = seconds(event_ts)
-            entry[1][feature] = decode_value(value)
+            try:
+                entry[1][feature] = decode_value(value)
+            except _UNDECODABLE as e:  # a foreign writer's bytes: this value only
+                _undecodable(self.views[i].name, e)
+                entry[1][feature] = None
         out = []
         for i, plan in enumerate(self.views):
             rt = plan.request_time
             if rt is not None:  # every row's values from its tiles, evaluated at once
                 hits = [found[i].get(b) for b in keys[plan.join_keys]]
                 raw = [hit[1].get(TILES_FEATURE) if hit is not None else None for hit in hits]
-                blobs = [ValueProto.FromString(r).bytes_val if r else None for r in raw]
+                blobs, bad = [], []
+                for j, r in enumerate(raw):
+                    try:
+                        blobs.append(ValueProto.FromString(r).bytes_val if r else None)
+                    except _UNDECODABLE as e:  # missing, not empty windows
+                        _undecodable(plan.name, e)
+                        blobs.append(None)
+                        bad.append(j)
                 values = rt.values(blobs, now_us)
-                out.append([(hit and hit[0], v) for hit, v in zip(hits, values, strict=True)])
+                got = [(hit and hit[0], v) for hit, v in zip(hits, values, strict=True)]
+                for j in bad:
+                    got[j] = (None, None)
+                out.append(got)
                 continue
             per_view: Found = []
             for b in keys[plan.join_keys]:
@@ -291,10 +350,14 @@ class RedisReader(Reader):
         keys, n = handle
         return self._parse(keys, iter(self.client.receive(n)), now_us)
 
+    def abandon(self) -> None:
+        self.client.close()  # the replies in flight go with the connection
+
     def _parse(self, keys: Keys, replies: Any, now_us: int) -> list[Found]:
         out: list[Found] = [[] for _ in range(self.n_views)]
         # request-time views: their blobs, in row order
         tiles: dict[int, tuple[RequestTime, list[bytes | None]]] = {}
+        bad: list[tuple[int, int]] = []  # (view, row) of request-time rows not decoded
         for join_keys, spans, _, _ in self.groups:
             for _ in keys[join_keys]:
                 raw = next(replies)
@@ -303,16 +366,25 @@ class RedisReader(Reader):
                     values, ts_blob = raw[at : at + n], raw[at + n]
                     at += n + 1
                     if rt is not None:  # its values: evaluated below, all rows at once
-                        out[i].append((decode_stamp(ts_blob) if ts_blob else None, None))
                         tiles.setdefault(i, (rt, []))[1].append(raw[at])
                         at += 1
-                    elif any(values):
-                        out[i].append((decode_stamp(ts_blob), decode_values(values)))
-                    else:
-                        out[i].append((None, None))
+                    try:
+                        if rt is not None:
+                            out[i].append((decode_stamp(ts_blob) if ts_blob else None, None))
+                        elif any(values):
+                            out[i].append((decode_stamp(ts_blob), decode_values(values)))
+                        else:
+                            out[i].append((None, None))
+                    except _UNDECODABLE as e:  # a foreign writer's bytes: this row only
+                        _undecodable(self.plans[i].name, e)
+                        out[i].append(_salvaged(ts_blob, values, rt))
+                        if rt is not None:  # nor its tiles: missing, not empty windows
+                            bad.append((i, len(out[i]) - 1))
         for i, (rt, blobs) in tiles.items():
             values = rt.values(blobs, now_us)
             out[i] = [(stamp, v) for (stamp, _), v in zip(out[i], values, strict=True)]
+        for i, row in bad:
+            out[i][row] = (None, None)
         return out
 
 
@@ -340,7 +412,10 @@ class RedisClusterReader(RedisReader):
         return [v for v, stamp in zip(views, stamps, strict=True) if not stamp]
 
     def send(self, keys):
-        return keys
+        return keys  # nothing goes out before receive
+
+    def abandon(self) -> None:
+        return None
 
     def receive(self, keys, now_us):
         pipe = self.cluster.pipeline(transaction=False)

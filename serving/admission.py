@@ -4,7 +4,8 @@ Under overload the queue does not build in the route handler, where a counter co
 it, but in front of it: uvicorn parses every readable connection and starts one task per
 request, and those tasks wait their turn on the event loop. So the bound sits where
 requests arrive: :class:`AdmissionProtocol` (uvicorn's httptools protocol, passed as
-``http=``) stamps each request's arrival as it is parsed and, when this worker already
+``http=``) stamps each request's arrival once it is parsed whole (a slow upload is the
+client's time, not time waited here) and, when this worker already
 holds ``max_in_flight`` unanswered requests (waiting or running), or when
 the oldest request already queued for scoring has waited half its queue budget (the
 bound that adapts to how fast this machine is right now), answers the new one at once
@@ -12,6 +13,13 @@ with 503 + ``Retry-After`` (a ``Problem`` body) instead of queueing it. Probes
 (``/health``, ``/ready``, ``/metrics``) are never refused. Deadlines count from the stamp
 (:func:`arrival`). uvicorn's own ``limit_concurrency`` counts open connections too, so
 it would refuse every request of a client pool larger than the limit.
+
+A request body is bounded in size and in time, also here, before any task reads it: past
+``max_body_bytes`` the request is answered 413 and the connection closed (a huge body is
+never buffered, let alone parsed), and one whose body is still arriving ``body_timeout_s``
+after it began (a client that sends its headers and then stalls or trickles) is answered
+408 and closed, so it stops holding a place among the ``max_in_flight``. A sweep every
+second looks at the bodies still arriving (no timer per request).
 
 The protocol also knows which requests are about to reach the scorer (:func:`company`):
 the predict requests in flight, and one per connection answered moments ago that has
@@ -21,6 +29,7 @@ moment for them so that they share one store round trip and one model call.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import OrderedDict
@@ -29,7 +38,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-ARRIVAL = "hotpath.arrival"  # scope key: time.perf_counter() when the request was parsed
+ARRIVAL = "hotpath.arrival"  # scope key: time.perf_counter() when the request had arrived
 EXEMPT = frozenset({"/health", "/ready", "/metrics"})
 RETRY_AFTER_S = 1
 OVERLOADED = json.dumps(
@@ -46,6 +55,12 @@ _in_flight = 0  # admitted predict requests not answered yet (probes are not cou
 # connections whose last predict request was answered, and when (oldest first; dropped
 # when they ask again, close, or are looked at past the window)
 _idle: OrderedDict[AdmissionProtocol, float] = OrderedDict()
+_max_body = 1 << 20  # bytes of one request's body
+_body_s = 5.0  # seconds a request's body may take to arrive
+# connections whose request's body is still arriving, and since when (time.perf_counter())
+_reading: dict[AdmissionProtocol, float] = {}
+_sweeping = False  # a sweep of _reading is scheduled
+_SWEEP_S = 1.0
 
 
 def take_refused() -> int:
@@ -55,11 +70,17 @@ def take_refused() -> int:
     return n
 
 
-def configure(max_in_flight: int, backlogged: Callable[[], bool]) -> None:
-    """This worker's bound and its scorer's backlog test (each uvicorn worker is its own
+def configure(
+    max_in_flight: int,
+    backlogged: Callable[[], bool],
+    max_body_bytes: int = 1 << 20,
+    body_timeout_s: float = 5.0,
+) -> None:
+    """This worker's bounds and its scorer's backlog test (each uvicorn worker is its own
     process and configures its own)."""
-    global _limit, _backlogged
+    global _limit, _backlogged, _max_body, _body_s
     _limit, _backlogged = max_in_flight, backlogged
+    _max_body, _body_s = max_body_bytes, body_timeout_s
 
 
 def company(window_s: float) -> int:
@@ -79,7 +100,7 @@ def company(window_s: float) -> int:
 
 
 def arrival(scope: dict[str, Any]) -> float:
-    """When the request was parsed (now, when served without the protocol)."""
+    """When the request had arrived whole (now, when served without the protocol)."""
     return scope.get(ARRIVAL) or time.perf_counter()
 
 
@@ -99,15 +120,70 @@ def _response(keep_alive: bool) -> bytes:
 _KEEP_ALIVE, _CLOSE = _response(True), _response(False)
 
 
+def _closing(status: bytes, detail: str) -> bytes:
+    body = json.dumps({"detail": detail, "field": None}).encode()
+    return (
+        b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n%s" % (status, len(body), body)
+    )
+
+
+def _sweep() -> None:
+    """Answer 408 to the requests whose body has been arriving for too long; again in a
+    second while any body is arriving."""
+    global _sweeping
+    now = time.perf_counter()
+    for conn, since in list(_reading.items()):
+        if now - since > _body_s:
+            conn.cut_off(_too_slow())
+    _sweeping = bool(_reading)
+    if _sweeping:
+        asyncio.get_running_loop().call_later(_SWEEP_S, _sweep)
+
+
+def _too_slow() -> bytes:
+    return _closing(b"408 Request Timeout", f"request body not received within {_body_s:g} s")
+
+
 class AdmissionProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with an arrival stamp, a bound on what waits, and the
     count of what is about to arrive (:func:`company`)."""
 
     _counted = False  # a predict request of this connection is in ``_in_flight``
+    _body_bytes = 0  # of the request being parsed
 
     def on_message_begin(self) -> None:
+        global _sweeping
         super().on_message_begin()
+        self._body_bytes = 0
+        _reading[self] = time.perf_counter()
+        if not _sweeping:
+            _sweeping = True
+            asyncio.get_running_loop().call_later(_SWEEP_S, _sweep)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        if self._body_bytes > _max_body:
+            self.cut_off(_closing(b"413 Payload Too Large", f"request body over {_max_body} bytes"))
+            return
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        _reading.pop(self, None)
+        # arrived once whole: a client's slow upload is not time it waited here (it would
+        # be shed as late, and hold back the requests behind it as a backlog)
         self.scope[ARRIVAL] = time.perf_counter()  # type: ignore[literal-required]
+        super().on_message_complete()
+
+    def cut_off(self, response: bytes) -> None:
+        """Answer ``response`` (unless the request was answered already, e.g. refused) and
+        close: the task reading its body sees the client gone and answers nothing."""
+        _reading.pop(self, None)
+        if self.transport.is_closing():
+            return
+        if self.cycle is None or not self.cycle.response_complete:
+            self.transport.write(response)
+        self.transport.close()
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         global _in_flight, _refused, _refused_at
@@ -153,4 +229,5 @@ class AdmissionProtocol(HttpToolsProtocol):
             self._counted = False
             _in_flight -= 1
         _idle.pop(self, None)
+        _reading.pop(self, None)
         super().connection_lost(exc)

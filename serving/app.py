@@ -128,6 +128,8 @@ class Runtime:
             scorers[0].backlogged
             if len(scorers) == 1
             else lambda: any(s.backlogged() for s in scorers),
+            self.settings.max_body_bytes,
+            self.settings.body_timeout_s,
         )
 
     def attach(self, served: Served) -> None:

@@ -246,13 +246,24 @@ class OnlineFeatures:
                     spread[jk] = [at[k] for k in ks]
                     keys[jk] = list(distinct)
         # every tier's request goes out before any answer is awaited: one round trip each,
-        # concurrently
-        pending = [(backend.send(keys), backend, members) for backend, members in self._backends]
+        # concurrently; when one tier fails, the others' requests in flight are abandoned
+        # (their replies would answer the next batch)
+        pending: list[tuple[Any, Reader, list[int]]] = []
         stored: list[Found] = [[] for _ in self.views]
-        for handle, backend, members in pending:
-            for i, found in zip(members, backend.receive(handle, now_us), strict=True):
-                where = spread.get(self.views[i].join_keys)
-                stored[i] = found if where is None else [found[j] for j in where]
+        try:
+            for backend, members in self._backends:
+                pending.append((backend.send(keys), backend, members))
+            while pending:
+                handle, backend, members = pending[0]
+                got = backend.receive(handle, now_us)
+                del pending[0]
+                for i, found in zip(members, got, strict=True):
+                    where = spread.get(self.views[i].join_keys)
+                    stored[i] = found if where is None else [found[j] for j in where]
+        except BaseException:
+            for _, backend, _ in pending:
+                backend.abandon()
+            raise
         return stored
 
     def _add_on_demand(

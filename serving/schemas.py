@@ -20,6 +20,7 @@ _PYTHON = {"INT32": int, "INT64": int, "FLOAT": float, "DOUBLE": float, "STRING"
            "BOOL": bool, "Int32": int, "Int64": int, "Float32": float, "Float64": float,
            "String": str, "Bool": bool}  # fmt: skip
 _STRICT = ConfigDict(extra="forbid", strict=True)
+_RANGE = {"INT32": (-(2**31), 2**31 - 1), "INT64": (-(2**63), 2**63 - 1)}  # integer types
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,11 @@ def _typed(f: RequestField) -> Any:
         raise ValueError(f"request field {f.name!r}: unsupported type {f.dtype}")
     bounds = Interval(ge=f.ge, le=f.le)
     if kind is int:
-        return Annotated[int, bounds, BeforeValidator(_integral)]
+        # within the declared bounds and always within the Feast type's range: a value the
+        # store's key encoding can't hold is a 422, not a failed batch
+        lo, hi = _RANGE[f.dtype.upper()]
+        lo, hi = (lo if f.ge is None else max(lo, f.ge)), (hi if f.le is None else min(hi, f.le))
+        return Annotated[int, Interval(ge=lo, le=hi), BeforeValidator(_integral)]
     if kind is float:
         return Annotated[float, AllowInfNan(False), bounds]
     return kind

@@ -355,6 +355,8 @@ class Scorer:
             raise TimeoutError
         if np.shape(scores) != (len(x),):  # a misconfigured backend: a fallback, not a 500
             raise ValueError(f"the model gave {np.shape(scores)} scores for {len(x)} rows")
+        if not np.isfinite(scores).all():  # NaN meets no threshold: it would read as "below"
+            raise ValueError("the model gave a score that is no finite number")
         return scores
 
 

@@ -58,6 +58,8 @@ class ServingSettings(BaseSettings):
     # admitted, unanswered requests per worker (waiting or running); past it 503 at once
     max_in_flight: int = 64
     max_batch: int = 256  # rows per batch request; also the largest coalesced batch
+    max_body_bytes: int = 1 << 20  # a larger request body: 413, the connection closed
+    body_timeout_s: float = 5.0  # a body still arriving this long after it began: 408
     # a small coalesced batch waits at most this long for requests about to arrive (0:
     # never); uvloop's timers count whole milliseconds
     coalesce_wait_ms: float = 1.0

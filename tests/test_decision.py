@@ -70,3 +70,44 @@ def test_decisions_of_a_batch_equal_one_score_at_a_time() -> None:
         assert policy.decide_all(x) == [policy.decide(float(s)) for s in x]
         assert policy.decide_all(x[:3]) == [policy.decide(float(s)) for s in x[:3]]  # few
         assert len(set(policy.decide_all(x))) == len(policy.thresholds) + 1  # every one met
+
+
+def test_a_score_that_is_no_number_is_a_model_error_not_a_decision(tmp_path: Path) -> None:
+    """A model that answers NaN (a real ONNX graph that divides by zero) gives no decision:
+    NaN meets no threshold, so it would read as the lowest band ("approve"); it is a model
+    error instead, which the scorer answers with the declared fallback."""
+    import asyncio
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from serving.model_backend import OnnxBackend
+    from serving.model_repository import INPUT_NAME, OUTPUT_PROBABILITIES
+    from serving.scoring import Scorer
+
+    # probabilities = [1 - x0 / x0, x0 / x0]: NaN where x0 == 0
+    graph = helper.make_graph(
+        [
+            helper.make_node("Slice", [INPUT_NAME, "lo", "hi", "axis"], ["x0"]),
+            helper.make_node("Div", ["x0", "x0"], ["p"]),
+            helper.make_node("Sub", ["one", "p"], ["q"]),
+            helper.make_node("Concat", ["q", "p"], [OUTPUT_PROBABILITIES], axis=1),
+        ],
+        "nan_model",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [None, 2])],
+        [helper.make_tensor_value_info(OUTPUT_PROBABILITIES, TensorProto.FLOAT, [None, 2])],
+        [
+            helper.make_tensor("lo", TensorProto.INT64, [1], [0]),
+            helper.make_tensor("hi", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]),
+        ],
+    )
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    scorer = Scorer.__new__(Scorer)  # call_model needs only its backend and budget
+    scorer.backend, scorer._model_s = OnnxBackend(path), 10.0
+    good = np.array([[2.0, 0.0], [1.0, 5.0]], np.float32)
+    assert asyncio.run(scorer.call_model(good)).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="no finite number"):
+        asyncio.run(scorer.call_model(np.array([[2.0, 0.0], [0.0, 5.0]], np.float32)))

@@ -240,6 +240,10 @@ def test_models_are_listed_with_their_schemas(served: Served) -> None:
         (f"/v1/models/{RANKER}/rank", {"user_id": 1, "candidates": [1, "x"]}, 422,
          "candidates.1"),
         (f"/v1/models/{RANKER}/rank", {"candidates": [1]}, 422, "user_id"),
+        # keys declared without bounds: still within their Feast type (INT64)
+        (f"/v1/models/{RANKER}/rank", {"user_id": -(2**64), "candidates": [1]}, 422, "user_id"),
+        (f"/v1/models/{RANKER}/rank", {"user_id": 1, "candidates": [1, 2**63]}, 422,
+         "candidates.1"),
         (f"/v1/models/{TOY}/rank", {"merchant_id": 1, "candidates": [1]}, 404, None),
     ],
 )  # fmt: skip

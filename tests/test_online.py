@@ -21,6 +21,8 @@ from conftest import (
     production_settings,
     read_offline,
 )
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from helpers import ROOT
 
 from pipelines import store
@@ -233,6 +235,38 @@ def test_historical_features_are_point_in_time(applied, batch_done: Project) -> 
                 assert _same(have, want), f"{col} for user {u} at {t}: {have!r} != {want!r}"
 
 
+def test_a_tier_failing_first_leaves_no_reply_for_the_next_read(
+    materialized, batch_done: Project, tmp_path
+) -> None:
+    """A store read fails part-way (here a tier before the others, an SQLite file without
+    its table): the requests already sent to the other tiers are abandoned, so the next
+    read gets its own answers, not the failed read's (on a standalone Redis those replies
+    would still be on the connection)."""
+    from online_store.read import SqliteReader
+    from serving.online_features import OnlineFeatures
+
+    _, fs, end = materialized
+    tx = batch_done.transactions
+    rows = [
+        {"user_id": int(r.user_id), "merchant_id": int(r.merchant_id), "amount": 10.0}
+        for r in tx.sort_values("event_timestamp").tail(6).itertuples()
+    ]
+    now = end.timestamp()
+    reader = OnlineFeatures(fs, "fraud_detection_v1")
+    want = OnlineFeatures(fs, "fraud_detection_v1").read_served(rows[3:], now)
+    backends = list(reader._backends)
+    first, members = backends[0]
+    sqlite3.connect(tmp_path / "empty.db").close()  # no tables
+    broken = SqliteReader(tmp_path / "empty.db", fs.project, [first.plans[0]])
+    reader._backends = [(broken, [members[0]]), *backends]
+    with pytest.raises(sqlite3.OperationalError):
+        reader.read_served(rows[:3], now)
+    reader._backends = backends
+    got = reader.read_served(rows[3:], now)
+    assert got.values == want.values and got.ages == want.ages
+    assert any(v is not None for v in got.values["user_txn_count_30d"])
+
+
 def test_fast_path_equals_feast(materialized, batch_done: Project) -> None:
     """The serving fast path returns exactly what get_online_features returns, for every
     feature type used, expired values and unknown entities included; except request-time
@@ -388,6 +422,52 @@ def test_resp_client_auth_db_and_reconnect(tmp_path) -> None:
         proc.wait(timeout=10)
 
 
+def test_a_trickling_answer_is_cut_off_at_the_timeout(tmp_path) -> None:
+    """A Redis (or a link) that answers a few bytes at a time, each within the socket's
+    timeout: the raw client gives up once the whole answer is past the timeout (it used to
+    wait as long as bytes kept coming, and the serving loop with it)."""
+    import socket
+    import threading
+
+    from helpers import start_redis_server
+
+    from online_store.connect import RespClient, pack
+
+    proc, url = start_redis_server(tmp_path)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:  # the client's bytes through at once, the server's 1 per 20 ms
+        client, _ = listener.accept()
+        server = socket.create_connection(("127.0.0.1", port))
+        server.sendall(client.recv(1 << 16))
+        answer = server.recv(1 << 16)
+        for b in answer:
+            if stop.is_set():
+                break
+            client.sendall(bytes([b]))
+            time.sleep(0.02)
+        client.close()
+        server.close()
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        redis.Redis(port=port).set("k", "x" * 500)
+        slow = RespClient("127.0.0.1", listener.getsockname()[1], timeout_s=0.2)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            slow.execute(pack("GET", "k"), 1)  # ~10 s to arrive whole
+        assert time.monotonic() - t0 < 5.0  # not the ~10 s the answer takes
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def test_value_decoding_equals_protobuf() -> None:
     """The fast path's wire-level decoder of plain scalars answers what a protobuf parse
     (Feast's SDK) answers, values and types, at the edges of each encoding; what it does not
@@ -419,3 +499,87 @@ def test_value_decoding_equals_protobuf() -> None:
     nan = decode_value(ValueProto(double_val=math.nan).SerializeToString())
     assert nan != nan
     assert decode_value(b"") is None
+
+
+def _overwrite(settings, fs, request, view: str, user: int, field: str, raw: bytes | None) -> None:
+    """Put ``raw`` in the stored bytes of ``user``'s ``field`` of ``view`` (a feature, or
+    on Redis ``_ts``, its event time), as a foreign writer could; None: delete the user's
+    stored row (of every view on Redis)."""
+    from feast.infra.key_encoding_utils import serialize_entity_key
+
+    from online_store import layout
+
+    fv = fs.get_feature_view(view)
+    if settings.profile == "embedded":
+        key = EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=user)])
+        entity = serialize_entity_key(key, fs.config.entity_key_serialization_version)
+        table = layout.sqlite_table(fs.project, view)
+        path = fs.config.online_store.path
+        db = sqlite3.connect(path if path.startswith("/") else str(settings.repo / path))
+        with db:
+            if raw is None:
+                db.execute(f'DELETE FROM "{table}" WHERE entity_key = ?', (entity,))
+            else:
+                db.execute(
+                    f'UPDATE "{table}" SET value = ? WHERE entity_key = ? AND feature_name = ?',
+                    (raw, entity, field),
+                )
+        db.close()
+        return
+    if settings.profile == "production":
+        cluster = request.getfixturevalue("redis_cluster")
+        client = redis.RedisCluster("127.0.0.1", cluster.ports[0], password=cluster.password)
+    else:
+        client = redis.Redis.from_url(settings.redis_url)
+    key = layout.redis_key(fs, fv, (user,))
+    if raw is None:
+        client.delete(key)
+        return
+    name = layout.ts_field(view) if field == "_ts" else layout.feature_field(view, field)
+    assert client.hset(key, name, raw) == 0  # it was there
+
+
+def test_stored_bytes_that_decode_as_no_value_are_missing_for_their_row_alone(
+    materialized, batch_done: Project, request
+) -> None:
+    """Bytes a foreign writer left where a value is stored (a feature's field; on Redis,
+    a view's event time too) that decode as no value: that value (that view, for its event
+    time) is missing for that row alone; the rows read with it are untouched. It used to
+    fail the whole batch's read: a store-error fallback for every row coalesced with it,
+    counted against the store breaker."""
+    from online_store.tiers import feast_write
+    from serving.online_features import OnlineFeatures
+
+    settings, fs, end = materialized
+    bad, bad_ts = 987_654_318, 987_654_317  # nobody else's
+    view = fs.get_feature_view("user_spending_stats")
+    for user in (bad, bad_ts):
+        key = EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=user)])
+        values = {"user_txn_count_30d": ValueProto(int64_val=5)}
+        feast_write(fs, view, [(key, values | {"user_txn_count_7d": ValueProto(int64_val=3)},
+                                end, None)])  # fmt: skip
+    try:
+        _overwrite(settings, fs, request, view.name, bad, "user_txn_count_30d", b"\xff\xff")
+        users = [bad, *batch_done.transactions.sort_values("event_timestamp").user_id.tail(3)]
+        if settings.profile != "embedded":  # SQLite keeps event times in a column of its own
+            _overwrite(settings, fs, request, view.name, bad_ts, "_ts", b"\xff\xff")
+            users.append(bad_ts)
+        rows = [{"user_id": int(u), "merchant_id": 1, "amount": 10.0} for u in users]
+        now = end.timestamp()
+        reader = OnlineFeatures(fs, "fraud_detection_v1")
+        got = reader.read_served(rows, now)
+        assert got.values["user_txn_count_30d"][0] is None
+        assert got.values["user_txn_count_7d"][0] == 3  # the value beside it is read
+        for i, row in enumerate(rows[1:4], 1):  # the good rows: as read without the bad ones
+            alone = reader.read_served([row], now)
+            assert {k: v[i] for k, v in got.values.items()} == {
+                k: v[0] for k, v in alone.values.items()
+            }
+        if len(rows) == 5:  # the view whose event time is unreadable: missing, row scored
+            assert (
+                got.values["user_txn_count_7d"][4] is None
+                and got.ages["user_spending_stats"][4] is None
+            )
+    finally:  # the store is shared with later tests (Feast's own read fails on the bytes)
+        for user in (bad, bad_ts):
+            _overwrite(settings, fs, request, view.name, user, "", None)

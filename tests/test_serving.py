@@ -346,6 +346,68 @@ def test_load_past_the_in_flight_bound_is_shed(served_project) -> None:
         proc.wait(timeout=20)
 
 
+def test_a_slow_or_huge_body_is_cut_off_and_frees_its_place(served_project) -> None:
+    """Clients that send their headers and then stall (as many as the in-flight bound)
+    are answered 408 and closed once their body is past its time, and the service answers
+    the next client (they used to hold every place: 503 for everyone, for as long as they
+    liked); a body past the size bound is answered 413 while it is still arriving, and a
+    body sent in two parts within its time is answered as usual."""
+    import socket
+
+    proc, url = start(
+        served_project[0],
+        HOTPATH_SERVING_MAX_IN_FLIGHT="2",
+        HOTPATH_SERVING_BODY_TIMEOUT_S="0.5",
+        HOTPATH_SERVING_MAX_BODY_BYTES="20000",
+    )
+    host, port = url.rsplit("/", 1)[1].split(":")
+    row = b'{"user_id": 1, "merchant_id": 1, "amount": 10.0}'
+
+    def begin(length: int, body: bytes) -> socket.socket:
+        sock = socket.create_connection((host, int(port)), timeout=15)
+        head = (
+            f"POST /predict HTTP/1.1\r\nhost: {host}\r\nx-api-key: {KEY}\r\n"
+            f"content-type: application/json\r\ncontent-length: {length}\r\n"
+            "connection: close\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body)
+        return sock
+
+    def answer(sock: socket.socket) -> bytes:
+        """Everything the service sends until it closes (b'' if it never answers)."""
+        got = b""
+        try:
+            while chunk := sock.recv(1 << 16):
+                got += chunk
+        except TimeoutError:
+            pass
+        sock.close()
+        return got
+
+    try:
+        stalled = [begin(len(row), row[:10]) for _ in range(2)]
+        time.sleep(0.2)
+        assert post(url, row).status_code == 503  # both places held meanwhile
+        for sock in stalled:
+            got = answer(sock)
+            assert got.startswith(b"HTTP/1.1 408") and b"request body not received" in got
+        deadline = time.monotonic() + 10  # (their tasks end as they see the client gone)
+        while (code := post(url, row).status_code) == 503 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert code == 200
+        huge = begin(100_000, b" " * 30_000)
+        got = answer(huge)
+        assert got.startswith(b"HTTP/1.1 413") and b"over 20000 bytes" in got
+        two_parts = begin(len(row), row[:10])
+        time.sleep(0.1)
+        two_parts.sendall(row[10:])
+        got = answer(two_parts)
+        assert got.startswith(b"HTTP/1.1 200") and b'"decision"' in got
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
 def test_triton_outage_falls_back_and_recovers(served_project, tmp_path) -> None:
     """Stop the real Triton mid-test: fallback answers, no 5xx, the breaker opens; start it
     again: the half-open trial succeeds and model scores return."""
