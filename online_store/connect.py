@@ -187,12 +187,12 @@ class RespClient:
             while len(out) < replies:
                 reply = reader.gets()
                 if reply is False:
+                    if time.monotonic() > deadline:  # more to wait for, and no time left
+                        raise TimeoutError(f"Redis took over {self.timeout_s:g} s to answer")
                     data = sock.recv(1 << 16)
                     if not data:
                         raise ConnectionError("Redis closed the connection")
                     reader.feed(data)
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"Redis took over {self.timeout_s:g} s to answer")
                     continue
                 if isinstance(reply, hiredis.ReplyError):
                     raise RespError(str(reply))

@@ -55,7 +55,7 @@ from online_store.tiles import (
 )
 
 # what decoding bytes that are no ValueProto or Timestamp raises
-_UNDECODABLE = (DecodeError, ValueError, TypeError, IndexError, struct.error)
+_UNDECODABLE = (DecodeError, ValueError, struct.error)
 _log = logging.getLogger("hotpath.online_store")
 _logged: dict[str, list[float]] = {}  # view -> [last line (monotonic s), rows since]
 

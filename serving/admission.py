@@ -59,7 +59,7 @@ _max_body = 1 << 20  # bytes of one request's body
 _body_s = 5.0  # seconds a request's body may take to arrive
 # connections whose request's body is still arriving, and since when (time.perf_counter())
 _reading: dict[AdmissionProtocol, float] = {}
-_sweeping = False  # a sweep of _reading is scheduled
+_sweep_loop: asyncio.AbstractEventLoop | None = None  # where a sweep of _reading is scheduled
 _SWEEP_S = 1.0
 
 
@@ -130,15 +130,20 @@ def _closing(status: bytes, detail: str) -> bytes:
 
 def _sweep() -> None:
     """Answer 408 to the requests whose body has been arriving for too long; again in a
-    second while any body is arriving."""
-    global _sweeping
+    second while any body is arriving. Time this service held a body back is not counted:
+    a request queued behind an earlier one on its connection (pipelining), or whose
+    connection is paused until the service reads what it was sent."""
+    global _sweep_loop
     now = time.perf_counter()
     for conn, since in list(_reading.items()):
-        if now - since > _body_s:
+        if conn.pipeline or conn.flow.read_paused:
+            _reading[conn] = now
+        elif now - since > _body_s:
             conn.cut_off(_too_slow())
-    _sweeping = bool(_reading)
-    if _sweeping:
+    if _reading:
         asyncio.get_running_loop().call_later(_SWEEP_S, _sweep)
+    else:
+        _sweep_loop = None
 
 
 def _too_slow() -> bytes:
@@ -153,17 +158,17 @@ class AdmissionProtocol(HttpToolsProtocol):
     _body_bytes = 0  # of the request being parsed
 
     def on_message_begin(self) -> None:
-        global _sweeping
+        global _sweep_loop
         super().on_message_begin()
         self._body_bytes = 0
         _reading[self] = time.perf_counter()
-        if not _sweeping:
-            _sweeping = True
-            asyncio.get_running_loop().call_later(_SWEEP_S, _sweep)
+        if _sweep_loop is not self.loop:  # none scheduled (or on a loop that has gone)
+            _sweep_loop = self.loop
+            self.loop.call_later(_SWEEP_S, _sweep)
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
-        if self._body_bytes > _max_body:
+        if self._body_bytes > _max_body and not self.cycle.response_complete:
             self.cut_off(_closing(b"413 Payload Too Large", f"request body over {_max_body} bytes"))
             return
         super().on_body(body)
@@ -176,12 +181,18 @@ class AdmissionProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def cut_off(self, response: bytes) -> None:
-        """Answer ``response`` (unless the request was answered already, e.g. refused) and
-        close: the task reading its body sees the client gone and answers nothing."""
+        """Answer ``response`` and close; the task reading the body sees the client gone
+        and answers nothing (nor does the route see the part that came). Not answered when
+        that would answer another request: it was answered already (e.g. refused), or an
+        earlier request of the connection (pipelined) has not been."""
         _reading.pop(self, None)
         if self.transport.is_closing():
             return
-        if self.cycle is None or not self.cycle.response_complete:
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.message_event.set()
+        if not self.pipeline and (cycle is None or not cycle.response_complete):
             self.transport.write(response)
         self.transport.close()
 

@@ -357,7 +357,7 @@ def test_a_slow_or_huge_body_is_cut_off_and_frees_its_place(served_project) -> N
     proc, url = start(
         served_project[0],
         HOTPATH_SERVING_MAX_IN_FLIGHT="2",
-        HOTPATH_SERVING_BODY_TIMEOUT_S="0.5",
+        HOTPATH_SERVING_BODY_TIMEOUT_S="1",
         HOTPATH_SERVING_MAX_BODY_BYTES="20000",
     )
     host, port = url.rsplit("/", 1)[1].split(":")
@@ -384,6 +384,13 @@ def test_a_slow_or_huge_body_is_cut_off_and_frees_its_place(served_project) -> N
         sock.close()
         return got
 
+    def batches() -> float:
+        """Batches the model has scored so far."""
+        text = requests.get(f"{url}/metrics", timeout=5).text
+        pattern = r'^hotpath_batch_rows_count\{model="fraud_detection"\} (\S+)$'
+        found = re.search(pattern, text, re.M)
+        return float(found.group(1)) if found else 0.0
+
     try:
         stalled = [begin(len(row), row[:10]) for _ in range(2)]
         time.sleep(0.2)
@@ -398,6 +405,14 @@ def test_a_slow_or_huge_body_is_cut_off_and_frees_its_place(served_project) -> N
         huge = begin(100_000, b" " * 30_000)
         got = answer(huge)
         assert got.startswith(b"HTTP/1.1 413") and b"over 20000 bytes" in got
+        # valid JSON in its first part, the rest padding past the limit: refused all the
+        # same, and the first part is never scored
+        scored = batches()
+        padded = begin(25_000, row)
+        time.sleep(0.2)
+        padded.sendall(b" " * (25_000 - len(row)))
+        got = answer(padded)
+        assert got.startswith(b"HTTP/1.1 413") and batches() == scored
         two_parts = begin(len(row), row[:10])
         time.sleep(0.1)
         two_parts.sendall(row[10:])
