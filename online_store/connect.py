@@ -173,10 +173,12 @@ class RespClient:
             self._drop(conn)
             raise
 
-    def receive(self, replies: int) -> list[Any]:
-        """The next ``replies`` replies on this thread's connection, in order. The timeout
-        bounds the whole wait, not each ``recv``: a server (or a link) that trickles its
-        answer a few bytes at a time is cut off like a silent one, within twice it."""
+    def receive(self, replies: int, errors: bool = False) -> list[Any]:
+        """The next ``replies`` replies on this thread's connection, in order; an error
+        reply raises :class:`RespError`, or with ``errors`` is returned in its place (a
+        ``hiredis.ReplyError``: the caller judges it, the connection stays usable). The
+        timeout bounds the whole wait, not each ``recv``: a server (or a link) that trickles
+        its answer a few bytes at a time is cut off like a silent one, within twice it."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             raise ConnectionError("no request in flight on this connection")
@@ -194,7 +196,7 @@ class RespClient:
                         raise ConnectionError("Redis closed the connection")
                     reader.feed(data)
                     continue
-                if isinstance(reply, hiredis.ReplyError):
+                if isinstance(reply, hiredis.ReplyError) and not errors:
                     raise RespError(str(reply))
                 out.append(reply)
             return out

@@ -28,12 +28,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import hiredis
 from feast import FeatureStore
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.value_type import ValueType
 from google.protobuf.message import DecodeError
 
-from online_store.connect import RespClient, pack, redis_client
+from online_store.connect import RespClient, RespError, pack, redis_client
 from online_store.layout import (
     decode_stamp,
     decode_value,
@@ -348,7 +349,7 @@ class RedisReader(Reader):
 
     def receive(self, handle, now_us):
         keys, n = handle
-        return self._parse(keys, iter(self.client.receive(n)), now_us)
+        return self._parse(keys, iter(self.client.receive(n, errors=True)), now_us)
 
     def abandon(self) -> None:
         self.client.close()  # the replies in flight go with the connection
@@ -361,6 +362,17 @@ class RedisReader(Reader):
         for join_keys, spans, _, _ in self.groups:
             for _ in keys[join_keys]:
                 raw = next(replies)
+                if isinstance(raw, Exception):  # an error reply for this key
+                    if not str(raw).startswith("WRONGTYPE"):  # the store's, not the key's
+                        raise RespError(str(raw)) if isinstance(raw, hiredis.ReplyError) else raw
+                    # a foreign writer's value that is no hash: nothing of this row is read
+                    _undecodable(self.plans[spans[0][0]].name, raw)
+                    for i, _, rt in spans:
+                        out[i].append((None, None))
+                        if rt is not None:
+                            tiles.setdefault(i, (rt, []))[1].append(None)
+                            bad.append((i, len(out[i]) - 1))
+                    continue
                 at = 0
                 for i, n, rt in spans:
                     values, ts_blob = raw[at : at + n], raw[at + n]
@@ -422,7 +434,7 @@ class RedisClusterReader(RedisReader):
         for join_keys, _, _, _ in self.groups:
             for entity_key in keys[join_keys]:
                 pipe.hmget(entity_key + self.project_bytes, self.fields[join_keys])
-        return self._parse(keys, iter(pipe.execute()), now_us)
+        return self._parse(keys, iter(pipe.execute(raise_on_error=False)), now_us)
 
 
 class FeastReader(Reader):

@@ -503,8 +503,8 @@ def test_value_decoding_equals_protobuf() -> None:
 
 def _overwrite(settings, fs, request, view: str, user: int, field: str, raw: bytes | None) -> None:
     """Put ``raw`` in the stored bytes of ``user``'s ``field`` of ``view`` (a feature, or
-    on Redis ``_ts``, its event time), as a foreign writer could; None: delete the user's
-    stored row (of every view on Redis)."""
+    on Redis ``_ts``, its event time, or ``""``: the whole key, a value that is no hash), as
+    a foreign writer could; None: delete the user's stored row (of every view on Redis)."""
     from feast.infra.key_encoding_utils import serialize_entity_key
 
     from online_store import layout
@@ -535,6 +535,9 @@ def _overwrite(settings, fs, request, view: str, user: int, field: str, raw: byt
     if raw is None:
         client.delete(key)
         return
+    if field == "":  # the whole key: a value that is no hash
+        client.set(key, raw)
+        return
     name = layout.ts_field(view) if field == "_ts" else layout.feature_field(view, field)
     assert client.hset(key, name, raw) == 0  # it was there
 
@@ -551,7 +554,7 @@ def test_stored_bytes_that_decode_as_no_value_are_missing_for_their_row_alone(
     from serving.online_features import OnlineFeatures
 
     settings, fs, end = materialized
-    bad, bad_ts = 987_654_318, 987_654_317  # nobody else's
+    bad, bad_ts, not_hash = 987_654_318, 987_654_317, 987_654_316  # nobody else's
     view = fs.get_feature_view("user_spending_stats")
     for user in (bad, bad_ts):
         key = EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=user)])
@@ -563,7 +566,8 @@ def test_stored_bytes_that_decode_as_no_value_are_missing_for_their_row_alone(
         users = [bad, *batch_done.transactions.sort_values("event_timestamp").user_id.tail(3)]
         if settings.profile != "embedded":  # SQLite keeps event times in a column of its own
             _overwrite(settings, fs, request, view.name, bad_ts, "_ts", b"\xff\xff")
-            users.append(bad_ts)
+            _overwrite(settings, fs, request, view.name, not_hash, "", b"a string")
+            users += [bad_ts, not_hash]
         rows = [{"user_id": int(u), "merchant_id": 1, "amount": 10.0} for u in users]
         now = end.timestamp()
         reader = OnlineFeatures(fs, "fraud_detection_v1")
@@ -575,11 +579,15 @@ def test_stored_bytes_that_decode_as_no_value_are_missing_for_their_row_alone(
             assert {k: v[i] for k, v in got.values.items()} == {
                 k: v[0] for k, v in alone.values.items()
             }
-        if len(rows) == 5:  # the view whose event time is unreadable: missing, row scored
+        if len(rows) == 6:  # the view whose event time is unreadable: missing
             assert (
                 got.values["user_txn_count_7d"][4] is None
                 and got.ages["user_spending_stats"][4] is None
             )
+            # a key that is no hash (Redis answers WRONGTYPE): every view of it missing
+            assert all(got.values[f][5] is None for f in ("user_txn_count_7d", "user_txn_count_1h"))
+            assert got.ages["user_spending_stats"][5] is None
+            assert got.ages["user_velocity"][5] is None
     finally:  # the store is shared with later tests (Feast's own read fails on the bytes)
-        for user in (bad, bad_ts):
+        for user in (bad, bad_ts, not_hash):
             _overwrite(settings, fs, request, view.name, user, "", None)
