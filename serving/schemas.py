@@ -73,7 +73,6 @@ def _typed(f: RequestField) -> Any:
     kind = _PYTHON.get(f.dtype)
     if kind is None:
         raise ValueError(f"request field {f.name!r}: unsupported type {f.dtype}")
-    bounds = Interval(ge=f.ge, le=f.le)
     if kind is int:
         # within the declared bounds and always within the Feast type's range: a value the
         # store's key encoding can't hold is a 422, not a failed batch
@@ -81,7 +80,7 @@ def _typed(f: RequestField) -> Any:
         lo, hi = (lo if f.ge is None else max(lo, f.ge)), (hi if f.le is None else min(hi, f.le))
         return Annotated[int, Interval(ge=lo, le=hi), BeforeValidator(_integral)]
     if kind is float:
-        return Annotated[float, AllowInfNan(False), bounds]
+        return Annotated[float, AllowInfNan(False), Interval(ge=f.ge, le=f.le)]
     return kind
 
 

@@ -123,24 +123,33 @@ def test_values_past_ttl_come_back_missing(materialized) -> None:
     assert online["user_txn_count_1h"] == [None]
 
 
+def _store(settings, fs, request):
+    """A direct connection to the profile's online store: an SQLite connection, or a
+    redis-py client (a cluster client on the production profile's Redis tier)."""
+    if settings.profile == "production":
+        cluster = request.getfixturevalue("redis_cluster")
+        return redis.RedisCluster("127.0.0.1", cluster.ports[0], password=cluster.password)
+    if settings.profile == "redis":
+        return redis.Redis.from_url(settings.redis_url)
+    path = fs.config.online_store.path
+    return sqlite3.connect(path if path.startswith("/") else str(settings.repo / path))
+
+
 def _dump(settings, fs, request) -> tuple[dict, dict]:
     """Every value in the online store, read directly from the store; and when each Redis
     key that has an expiry expires (epoch seconds: the tiered profile's keys do)."""
+    client = _store(settings, fs, request)
     if settings.profile == "production":
-        cluster = request.getfixturevalue("redis_cluster")
-        client = redis.RedisCluster("127.0.0.1", cluster.ports[0], password=cluster.password)
         keys = [k for k in client.scan_iter() if not k.startswith(b"hotpath:")]
         now = time.time()
         expiry = {k: now + ms / 1000 for k in keys if (ms := client.pttl(k)) >= 0}
         hashes = {k: client.hgetall(k) for k in keys}
         return {"scylla": request.getfixturevalue("scylla").dump()} | hashes, expiry
     if settings.profile == "redis":
-        client = redis.Redis.from_url(settings.redis_url)
         # feature hashes only: hotpath:materialized:* records when each view was loaded
         keys = [k for k in client.scan_iter() if not k.startswith(b"hotpath:")]
         return {k: client.hgetall(k) for k in keys}, {}
-    path = fs.config.online_store.path
-    db = sqlite3.connect(path if path.startswith("/") else str(settings.repo / path))
+    db = client
     tables = [r[0] for r in db.execute("select name from sqlite_master where type='table'")]
     return {t: sorted(db.execute(f"select * from {t}").fetchall()) for t in tables}, {}
 
@@ -510,12 +519,12 @@ def _overwrite(settings, fs, request, view: str, user: int, field: str, raw: byt
     from online_store import layout
 
     fv = fs.get_feature_view(view)
+    client = _store(settings, fs, request)
     if settings.profile == "embedded":
         key = EntityKeyProto(join_keys=["user_id"], entity_values=[ValueProto(int64_val=user)])
         entity = serialize_entity_key(key, fs.config.entity_key_serialization_version)
         table = layout.sqlite_table(fs.project, view)
-        path = fs.config.online_store.path
-        db = sqlite3.connect(path if path.startswith("/") else str(settings.repo / path))
+        db = client
         with db:
             if raw is None:
                 db.execute(f'DELETE FROM "{table}" WHERE entity_key = ?', (entity,))
@@ -526,11 +535,6 @@ def _overwrite(settings, fs, request, view: str, user: int, field: str, raw: byt
                 )
         db.close()
         return
-    if settings.profile == "production":
-        cluster = request.getfixturevalue("redis_cluster")
-        client = redis.RedisCluster("127.0.0.1", cluster.ports[0], password=cluster.password)
-    else:
-        client = redis.Redis.from_url(settings.redis_url)
     key = layout.redis_key(fs, fv, (user,))
     if raw is None:
         client.delete(key)

@@ -69,6 +69,14 @@ def post(url: str, body, path: str = "/predict", key: str | None = KEY, **kw) ->
     return requests.post(url + path, json=body, headers=headers, timeout=10, **kw)
 
 
+def batch_rows(url: str) -> tuple[float, float]:
+    """hotpath_batch_rows' sum and count for the fraud model (0 before its first batch)."""
+    text = requests.get(f"{url}/metrics", timeout=5).text
+    pattern = r'^hotpath_batch_rows_(sum|count)\{model="fraud_detection"\} (\S+)$'
+    found = dict(re.findall(pattern, text, re.M))
+    return float(found.get("sum", 0)), float(found.get("count", 0))
+
+
 def test_scores_equal_an_independent_computation(server, served_project) -> None:
     """Feast's own online read, TTL applied by hand, the model's input assembled by hand
     from the model repository's files, the model file in ONNX Runtime: a feature out of
@@ -261,13 +269,6 @@ def test_clients_in_a_request_loop_share_batches(server, served_project, tmp_pat
     for the requests about to arrive, so they share one store round trip and one model
     call (without that wait, batches here average under 1.5 rows)."""
 
-    def batch_rows() -> tuple[float, float]:
-        """hotpath_batch_rows' sum and count."""
-        text = requests.get(f"{server}/metrics", timeout=5).text
-        pattern = r'^hotpath_batch_rows_(sum|count)\{model="fraud_detection"\} (\S+)$'
-        found = dict(re.findall(pattern, text, re.M))
-        return float(found["sum"]), float(found["count"])
-
     tx = served_project[0].transactions.tail(200)
     rows = [
         {"user_id": int(r.user_id), "merchant_id": int(r.merchant_id), "amount": 12.5}
@@ -275,13 +276,13 @@ def test_clients_in_a_request_loop_share_batches(server, served_project, tmp_pat
     ]
     path = tmp_path / "bodies.json"
     path.write_text(json.dumps(rows))
-    sum0, count0 = batch_rows()
+    sum0, count0 = batch_rows(server)
     out = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "load_client.py"), "127.0.0.1",
          server.rsplit(":", 1)[1], "4", "2", str(path), KEY],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
-    sum1, count1 = batch_rows()
+    sum1, count1 = batch_rows(server)
     got = json.loads(out.stdout)
     assert set(got) == {"real"}, got
     assert got["real"]["count"] == sum1 - sum0, (got, sum1 - sum0)
@@ -384,13 +385,6 @@ def test_a_slow_or_huge_body_is_cut_off_and_frees_its_place(served_project) -> N
         sock.close()
         return got
 
-    def batches() -> float:
-        """Batches the model has scored so far."""
-        text = requests.get(f"{url}/metrics", timeout=5).text
-        pattern = r'^hotpath_batch_rows_count\{model="fraud_detection"\} (\S+)$'
-        found = re.search(pattern, text, re.M)
-        return float(found.group(1)) if found else 0.0
-
     try:
         stalled = [begin(len(row), row[:10]) for _ in range(2)]
         time.sleep(0.2)
@@ -407,12 +401,12 @@ def test_a_slow_or_huge_body_is_cut_off_and_frees_its_place(served_project) -> N
         assert got.startswith(b"HTTP/1.1 413") and b"over 20000 bytes" in got
         # valid JSON in its first part, the rest padding past the limit: refused all the
         # same, and the first part is never scored
-        scored = batches()
+        scored = batch_rows(url)[1]
         padded = begin(25_000, row)
         time.sleep(0.2)
         padded.sendall(b" " * (25_000 - len(row)))
         got = answer(padded)
-        assert got.startswith(b"HTTP/1.1 413") and batches() == scored
+        assert got.startswith(b"HTTP/1.1 413") and batch_rows(url)[1] == scored
         two_parts = begin(len(row), row[:10])
         time.sleep(0.1)
         two_parts.sendall(row[10:])
