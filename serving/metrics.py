@@ -247,21 +247,24 @@ class ModelMetrics:
 
     def count(
         self,
-        verdicts: dict[str, int],
-        fallback: bool,
+        verdicts: dict[tuple[str, bool], int],
         cause: str | None,
         missing: dict[str, int],
     ) -> None:
-        """A batch of answered rows: how many got each decision (all fallbacks or none),
-        and how many missed each feature (one increment per counter, not per row)."""
-        for verdict, n in verdicts.items():
+        """A batch of answered rows: how many got each decision, by whether it was a
+        fallback's (``cause`` is theirs), and how many missed each feature (one increment
+        per counter, not per row)."""
+        fallbacks = 0
+        for (verdict, fallback), n in verdicts.items():
             self.decisions[verdict, fallback].inc(n)
-        if fallback:
+            if fallback:
+                fallbacks += n
+        if fallbacks:
             cause = cause or "unknown"
             child = self.fallback_of.get(cause)
             if child is None:
                 child = self.fallback_of[cause] = self._m.fallbacks.labels(self.name, cause)
-            child.inc(sum(verdicts.values()))
+            child.inc(fallbacks)
         for name, n in missing.items():
             self.missing_of[name].inc(n)
 

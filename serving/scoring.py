@@ -49,6 +49,7 @@ from serving.shadow import Shadow
 
 MISSES_BEFORE_PAUSE = 3  # waits in a row that ran out before the company came
 PAUSE_S = 0.1  # then no waiting this long
+NON_FINITE = "model_error"  # a row's fallback cause when the model gave it no finite score
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -302,9 +303,16 @@ class Scorer:
             self.model_breaker.failure(type(e).__name__)
             self._log(logging.WARNING, "model_error", type(e).__name__, error=first_line(e))
             return None, "model_error"
-        self.model_breaker.success()
+        self.model_breaker.success()  # it answered: a row it gave no number is that row's
+        scored = np.isfinite(scores)
+        if not scored.all():  # NaN meets no threshold (it would read as the lowest band):
+            scores = np.where(scored, scores, np.nan)  # those rows fall back, alone
+            self._log(logging.WARNING, "non_finite_score", rows=int((~scored).sum()))
+            x, scored_only = x[scored], scores[scored]
+        else:
+            scored_only = scores
         if self.shadow is not None and self.recording:  # queued: scored off this path
-            self.shadow.submit(x, scores)
+            self.shadow.submit(x, scored_only)
         return scores, None
 
     def _served(self, got: Served) -> np.ndarray:
@@ -355,8 +363,6 @@ class Scorer:
             raise TimeoutError
         if np.shape(scores) != (len(x),):  # a misconfigured backend: a fallback, not a 500
             raise ValueError(f"the model gave {np.shape(scores)} scores for {len(x)} rows")
-        if not np.isfinite(scores).all():  # NaN meets no threshold: it would read as "below"
-            raise ValueError("the model gave a score that is no finite number")
         return scores
 
 
@@ -416,35 +422,44 @@ class _Scored:
             for i, flags in zip(lacking.tolist(), mask[lacking].tolist(), strict=True):
                 self._holes[i] = list(itertools.compress(names, flags))
             misses = {names[j]: int(c) for j, c in enumerate(mask.sum(axis=0).tolist()) if c}
-        self._reasons: list[list[str]] | None = None
+        # the rows without a score (all of them, or those the model gave no number):
+        # decided by the fallback rules, with their reasons, now
         if scores is not None:
             self.decisions = policy.decide_all(scores)
-        else:  # without a score the rules decide, from the reasons: every row's, now
-            self._reasons = []
-            self.decisions = []
-            for i, row in enumerate(rows):
-                vals = self._values(i)
-                seen = {**row, **vals}
-                self.decisions.append(policy.fallback(seen))
-                why = policy.reasons(seen if self._with_request else vals)
-                self._reasons.append([f"fallback:{cause}", *why])
-        if scorer.recording:
-            verdicts: dict[str, int] = {}  # counted once per batch (see ModelMetrics.count)
+            lost = np.flatnonzero(scores != scores).tolist()
+            cause = cause or NON_FINITE
+        else:
+            self.decisions = [""] * len(rows)
+            lost = range(len(rows))
+        self._reasons: dict[int, list[str]] = {}
+        for i in lost:
+            vals = self._values(i)
+            seen = {**rows[i], **vals}
+            self.decisions[i] = policy.fallback(seen)
+            why = policy.reasons(seen if self._with_request else vals)
+            self._reasons[i] = [f"fallback:{cause}", *why]
+        if scorer.recording:  # counted once per batch (see ModelMetrics.count)
+            counts: dict[str, int] = {}
             for d in self.decisions:
-                verdicts[d] = verdicts.get(d, 0) + 1
-            m.count(verdicts, scores is None, cause, misses)
+                counts[d] = counts.get(d, 0) + 1
+            verdicts = {(d, False): n for d, n in counts.items()}
+            for i in self._reasons:  # the fallbacks' decisions, apart
+                d = self.decisions[i]
+                verdicts[d, False] -= 1
+                verdicts[d, True] = verdicts.get((d, True), 0) + 1
+            m.count(verdicts, cause, misses)
 
     def _values(self, i: int) -> dict[str, Any]:
         """Row ``i``'s values of the fields the policy reads."""
         return {f: col[i] for f, col in self._fields}
 
     def score(self, i: int) -> float | None:
-        return None if self._scores is None else float(self._scores[i])
+        return None if self._scores is None or i in self._reasons else float(self._scores[i])
 
     def answer(self, i: int, latency: dict[str, float]) -> dict[str, Any]:
         """Row ``i``'s answer, shaped like ``schemas.Prediction``."""
         p = self.score(i)
-        if self._reasons is not None:
+        if i in self._reasons:
             why = self._reasons[i]
         elif self._policy.rules:
             vals = self._values(i)
@@ -466,7 +481,10 @@ class _Scored:
 
     def scores(self, at: int, n: int) -> list[float | None]:
         """Rows ``at`` to ``at + n``'s scores (None: a fallback), in one C call."""
-        return [None] * n if self._scores is None else self._scores[at : at + n].tolist()
+        if self._scores is None:
+            return [None] * n
+        got = self._scores[at : at + n].tolist()
+        return [s if s == s else None for s in got] if self._reasons else got
 
 
 class Answers(Sequence[dict[str, Any]]):

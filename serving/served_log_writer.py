@@ -85,7 +85,7 @@ class Answered:
     values: dict[str, Sequence[Any]] | None  # served values, per feature (None: not read)
     served: np.ndarray | None  # the model's features (Scorer._served; None: not read)
     ages: dict[str, list[float | None]] | None  # per view, its age per row (None: not read)
-    scores: np.ndarray | None  # per row (None: a fallback)
+    scores: np.ndarray | None  # per row (None: a fallback; NaN: that row's)
     decisions: list[str]  # per row
     read_at: float  # when the values were read (epoch seconds: the ``now`` they're as of)
     done_at: float  # when the batch was answered (perf_counter)
@@ -188,7 +188,7 @@ class LogLayout:
         scores: list[np.ndarray] = []
         decisions: list[str] = []
         ids: list[tuple[str | None, int, float]] = []  # per request: X-Request-ID, rows, ms
-        parts: list[tuple[float, int, bool, bool]] = []  # per batch: at, rows, read?, fallback?
+        parts: list[tuple[float, int, bool]] = []  # per batch: at, rows, read?
         width = len(self.column_of)
         for b in batches:
             if not b.sizes:
@@ -209,7 +209,7 @@ class LogLayout:
             matrices.append(b.served if read else np.full((n, width), np.nan))
             scores.append(np.full(n, np.nan) if b.scores is None else b.scores)
             decisions += b.decisions
-            parts.append((b.read_at, n, read, b.scores is None))
+            parts.append((b.read_at, n, read))
         if not reqs:
             return None
         # a feature's values contiguous (one row of the transpose): no copy per column
@@ -217,7 +217,7 @@ class LogLayout:
             (np.concatenate(matrices) if len(matrices) > 1 else matrices[0]).T
         )
         schema = self.schema
-        at, counts, was_read, fell_back = zip(*parts, strict=True)
+        at, counts, was_read = zip(*parts, strict=True)
         n = len(reqs)
         read_us = np.repeat(np.round(np.array(at) * 1e6).astype(np.int64), counts)
         unread = np.repeat(~np.array(was_read), counts)
@@ -263,8 +263,9 @@ class LogLayout:
         cols[LOG_DATE_FIELD] = pa.array((read_us // 86_400_000_000).astype(np.int32))
         cols[MODEL] = pa.repeat(pa.scalar(self.model, pa.string()), n)
         cols[VERSION] = pa.repeat(pa.scalar(self.version, pa.int32()), n)
-        fallback = np.repeat(np.array(fell_back), counts)
-        cols[SCORE] = pa.array(np.concatenate(scores).astype(np.float64), mask=fallback)
+        score = np.concatenate(scores).astype(np.float64)
+        fallback = score != score  # the batch's or the row's (the model gave it no number)
+        cols[SCORE] = pa.array(score, mask=fallback)
         cols[DECISION] = decisions
         cols[FALLBACK] = pa.array(fallback)
         cols[LATENCY] = pa.array(np.repeat([t for *_, t in ids], [k for _, k, _ in ids]))

@@ -72,42 +72,85 @@ def test_decisions_of_a_batch_equal_one_score_at_a_time() -> None:
         assert len(set(policy.decide_all(x))) == len(policy.thresholds) + 1  # every one met
 
 
-def test_a_score_that_is_no_number_is_a_model_error_not_a_decision(tmp_path: Path) -> None:
-    """A model that answers NaN (a real ONNX graph that divides by zero) gives no decision:
-    NaN meets no threshold, so it would read as the lowest band ("approve"); it is a model
-    error instead, which the scorer answers with the declared fallback."""
-    import asyncio
-
+def nan_above_onnx(path: Path, n_features: int, column: int, limit: float) -> Path:
+    """An ONNX model answering 0.5, or NaN where feature ``column`` is over ``limit``:
+    ``p = sqrt(limit - x) * 0 + 0.5`` (the square root of a negative number is NaN)."""
     import onnx
     from onnx import TensorProto, helper
 
-    from serving.model_backend import OnnxBackend
     from serving.model_repository import INPUT_NAME, OUTPUT_PROBABILITIES
-    from serving.scoring import Scorer
 
-    # probabilities = [1 - x0 / x0, x0 / x0]: NaN where x0 == 0
     graph = helper.make_graph(
         [
-            helper.make_node("Slice", [INPUT_NAME, "lo", "hi", "axis"], ["x0"]),
-            helper.make_node("Div", ["x0", "x0"], ["p"]),
+            helper.make_node("Slice", [INPUT_NAME, "lo", "hi", "axis"], ["x"]),
+            helper.make_node("Sub", ["limit", "x"], ["room"]),
+            helper.make_node("Sqrt", ["room"], ["root"]),
+            helper.make_node("Mul", ["root", "zero"], ["nothing"]),
+            helper.make_node("Add", ["nothing", "half"], ["p"]),
             helper.make_node("Sub", ["one", "p"], ["q"]),
             helper.make_node("Concat", ["q", "p"], [OUTPUT_PROBABILITIES], axis=1),
         ],
-        "nan_model",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [None, 2])],
+        "nan_above",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [None, n_features])],
         [helper.make_tensor_value_info(OUTPUT_PROBABILITIES, TensorProto.FLOAT, [None, 2])],
         [
-            helper.make_tensor("lo", TensorProto.INT64, [1], [0]),
-            helper.make_tensor("hi", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("lo", TensorProto.INT64, [1], [column]),
+            helper.make_tensor("hi", TensorProto.INT64, [1], [column + 1]),
             helper.make_tensor("axis", TensorProto.INT64, [1], [1]),
-            helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]),
+            *(
+                helper.make_tensor(n, TensorProto.FLOAT, [1], [v])
+                for n, v in (("limit", limit), ("zero", 0.0), ("half", 0.5), ("one", 1.0))
+            ),
         ],
     )
-    path = tmp_path / "model.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
-    scorer = Scorer.__new__(Scorer)  # call_model needs only its backend and budget
-    scorer.backend, scorer._model_s = OnnxBackend(path), 10.0
-    good = np.array([[2.0, 0.0], [1.0, 5.0]], np.float32)
-    assert asyncio.run(scorer.call_model(good)).tolist() == [1.0, 1.0]
-    with pytest.raises(ValueError, match="no finite number"):
-        asyncio.run(scorer.call_model(np.array([[2.0, 0.0], [0.0, 5.0]], np.float32)))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_a_row_the_model_gives_no_number_falls_back_alone(trained_online, tmp_path) -> None:
+    """A model that answers NaN for some rows (a real ONNX graph taking a square root, in
+    ONNX Runtime behind a real server): NaN meets no threshold, so it would read as the
+    lowest band ("approve"). Those rows get the declared fallback; the rows coalesced with
+    them keep their scores, and the model's breaker does not count them (it answered)."""
+    import re
+
+    import requests
+    from helpers import serve, stop
+
+    from serving.model_repository import ModelSpec, load_metadata, publish
+
+    project, _, _ = trained_online
+    models_dir = tmp_path / "models"
+    shutil.copytree(project.settings.model_repository, models_dir)
+    meta = load_metadata(models_dir, "fraud_detection", 1)
+    ratio = [f.name for f in meta.features].index("amount_to_avg_30d")
+    onnx_file = nan_above_onnx(tmp_path / "nan.onnx", len(meta.features), ratio, 1000.0)
+    publish(models_dir, ModelSpec("fraud_detection", len(meta.features)), onnx_file, meta)
+    users = project.transactions.user_id.value_counts().index[:5].tolist()
+    env = {"HOTPATH_SERVING_MODEL_REPOSITORY": str(models_dir), "HOTPATH_SERVING_MODEL_POLL_S": "0"}
+    proc, url = serve(project.settings.repo, env)
+    try:
+        lost = 0
+        for _ in range(3):  # more batches with a lost row than the breaker's 5 failures
+            for user in users:
+                rows = [{"user_id": int(user), "merchant_id": 1, "amount": a} for a in (1.0, 1e6)]
+                r = requests.post(f"{url}/predict/batch", json={"transactions": rows}, timeout=30)
+                assert r.status_code == 200, r.text
+                small, huge = r.json()["predictions"]
+                assert (small["score"], small["fallback"]) == (0.5, False), small
+                if "amount_to_avg_30d" in huge["missing_features"]:
+                    continue  # no 30-day average: the ratio's default, a number
+                assert huge["score"] is None and huge["fallback"], huge
+                assert huge["reasons"][0] == "fallback:model_error", huge
+                assert huge["decision"] in ("review", "decline"), huge  # amount >= 1,000
+                lost += 1
+        assert lost >= 3, "no user with a 30-day average among the most active"
+        text = requests.get(f"{url}/metrics", timeout=5).text
+        counted = r'^hotpath_fallbacks_total\{cause="model_error",model="fraud_detection"\} (\S+)$'
+        assert [float(v) for v in re.findall(counted, text, re.M)] == [lost]
+        ready = requests.get(f"{url}/ready", timeout=5).json()
+        assert ready["ready"] and ready["model_backend"], ready
+    finally:
+        stop(proc)

@@ -389,7 +389,8 @@ def test_sampling_keeps_or_drops_whole_requests_at_the_declared_rate(logged: Log
     """The writer's sampling, in process on the served model's metadata: a request's rows
     are logged together or not at all, about ``rate`` of the requests, each with its own
     id; a vector not read (the store failed) is INVALID with no event time, one read and
-    not found is NOT_FOUND."""
+    not found is NOT_FOUND; a row the model gave no number (NaN among the batch's scores)
+    is a fallback with no score, alone."""
     import random
     from dataclasses import replace
 
@@ -409,6 +410,8 @@ def test_sampling_keeps_or_drops_whole_requests_at_the_declared_rate(logged: Log
         rows = [dict(row, user_id=b * 5 + j) for j in range(5) for _ in range(3)]
         values, served = (None, None) if b % 2 else ({}, nothing)
         scores = None if b % 2 else np.full(15, 0.5)
+        if scores is not None:
+            scores[4] = np.nan  # the second row of the batch's second request
         at = 1_700_000_000.0 + b
         items.append(
             Answered(rows, [3] * 5, [0.0] * 5, values, served, {}, scores, decided, at, 1.0)
@@ -430,6 +433,13 @@ def test_sampling_keeps_or_drops_whole_requests_at_the_declared_rate(logged: Log
             status = r["user_velocity__user_txn_count_1h__status"]
             assert status == (3 if read else 0), r  # NOT_FOUND / INVALID
             assert r["user_velocity__user_txn_count_1h__timestamp"] is None
+            assert r["__fallback"] is (r["__score"] is None), r
+        lost: dict[int, int] = {}
+        for r in rows:
+            lost[r["user_id"]] = lost.get(r["user_id"], 0) + r["__fallback"]
+        for user, n in lost.items():
+            read = (user // 5) % 2 == 0
+            assert n == (3 if not read else 1 if user % 5 == 1 else 0), (user, n)
 
 
 def test_a_feature_column_keeps_its_type_and_its_missing_values() -> None:
