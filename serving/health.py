@@ -53,7 +53,9 @@ class Health:
         try:
             ok = await asyncio.wait_for(s.backend.ready(), max(budget, 1.0))
             if ok:
-                await s.call_model(self._probe_x)
+                probe = await s.call_model(self._probe_x)
+                if not np.isfinite(probe).all():  # every request would fall back
+                    raise ValueError("the model gave the probe no finite score")
             error = "" if ok else "not ready"
         except TimeoutError:
             ok, error = False, "health check past its budget"

@@ -133,9 +133,11 @@ class PredictionCache:
         for (k, rows), value in zip(misses.items(), got, strict=True):
             value = float(value)
             out[rows] = value
+            futures[k].set_result(value)
+            if value - value != 0:  # NaN or infinite: that row falls back; asked again next time
+                continue
             ttl = self._expiry()
             self._entries[k] = (now + ttl, value)
-            futures[k].set_result(value)
             fresh.append((k, value, ttl))
         self._trim()
         if use_redis and time.monotonic() >= self._redis_after:

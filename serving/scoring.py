@@ -311,7 +311,7 @@ class Scorer:
             x, scored_only = x[scored], scores[scored]
         else:
             scored_only = scores
-        if self.shadow is not None and self.recording:  # queued: scored off this path
+        if self.shadow is not None and self.recording and len(x):  # scored off this path
             self.shadow.submit(x, scored_only)
         return scores, None
 

@@ -146,7 +146,7 @@ def test_a_row_the_model_gives_no_number_falls_back_alone(trained_online, tmp_pa
                 assert huge["reasons"][0] == "fallback:model_error", huge
                 assert huge["decision"] in ("review", "decline"), huge  # amount >= 1,000
                 lost += 1
-        assert lost >= 3, "no user with a 30-day average among the most active"
+        assert lost >= 6, "fewer batches with a lost row than the breaker needs to open"
         text = requests.get(f"{url}/metrics", timeout=5).text
         counted = r'^hotpath_fallbacks_total\{cause="model_error",model="fraud_detection"\} (\S+)$'
         assert [float(v) for v in re.findall(counted, text, re.M)] == [lost]

@@ -1201,7 +1201,8 @@ def test_a_refused_reconnection_is_an_error_at_once_not_a_retry(redis_url) -> No
     from online_store.layout import COMPARE_AND_SET
     from pipelines.errors import HotpathError
     from pipelines.stream.replay import to_stream
-    from pipelines.stream.sinks import RETRYABLE, _Pipeline
+    from pipelines.stream.retry import RETRYABLE
+    from pipelines.stream.sinks import _Pipeline
 
     host, port = redis_url.split("://")[1].split("/")[0].split(":")
     script = redis.Redis.from_url(redis_url).register_script(COMPARE_AND_SET)
@@ -1403,6 +1404,90 @@ def test_kill_9_at_each_point_gives_exact_values_and_dead_letters_once(
         db.close()
         proc.kill()
         proc.wait(timeout=10)
+
+
+def test_a_redis_that_stops_answering_for_seconds_is_waited_for(stream_root, tmp_path) -> None:
+    """The Redis holding the stream and the online store stops answering (SIGSTOP) for
+    longer than the source's socket timeout (5 s), then answers again: the flow rides
+    through (a warning per retry, no exit) and the second half of the events, sent after,
+    is online as pandas computes it. Before, the source's first timeout ended the flow."""
+    (tmp_path / "redis").mkdir()
+    server, url = start_redis_server(tmp_path / "redis")
+    s = _settings(stream_root, url, 0)
+    fs = _open(s)
+    client = redis.Redis.from_url(s.redis_url)
+    events = _events(20, 20, seed=51, end=datetime.now(UTC))
+    first, second = events.iloc[: len(events) // 2], events.iloc[len(events) // 2 :]
+    ids = _push_ids(s.redis_url, _payloads(first))
+    log = tmp_path / "stream.log"
+    args = ("--source", "redis", "--streams", "tx", "--lateness", str(LATENESS_S), "--no-offline")
+    proc = _stream(s, *args, log=log)
+    try:
+        _wait_for(lambda: _group(client)["last"] == ids[-1][3:], "the first half read", 60)
+        _eventually_equal(fs, _latest_expected(first))
+        server.send_signal(signal.SIGSTOP)
+        try:
+            _wait_for(lambda: "failed (TimeoutError" in log.read_text(), "a read timing out", 30)
+        finally:
+            server.send_signal(signal.SIGCONT)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        _push_ids(s.redis_url, _payloads(second))
+        _eventually_equal(fs, _latest_expected(events))
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert "reading the Redis stream tx failed" in log.read_text()
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        server.send_signal(signal.SIGCONT)
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_entries_served_to_a_read_whose_reply_was_lost_are_read_again(own_redis) -> None:
+    """The Redis source on a real redis-server, three entries a read. A live read that
+    Redis served but whose reply never arrived (it timed out on the way: the entries now
+    pending for the flow's consumer, which ``>`` never delivers again) is followed by reads
+    of those entries, once, in order; entries trimmed from the stream meanwhile are passed
+    over (not asked for forever); and a group that goes back (reset, or a Redis restored
+    from an older copy) delivers nothing already read."""
+    from pipelines.stream.sources import RedisStreamSource
+
+    part = RedisStreamSource(own_redis, ["tx"], count=3).build_part("events", "tx", None)
+    client = redis.Redis.from_url(own_redis)
+    real = part.client.xreadgroup
+
+    def push(n: int) -> list[str]:
+        return [i[3:] for i in _push_ids(own_redis, [{"n": k} for k in range(n)])]
+
+    def read(times: int = 1) -> list[str]:
+        return [r[2][3:] for _ in range(times) for r in part.next_batch()]
+
+    def lose_the_next_reply(then: Any = None) -> None:
+        def served_then_lost(*args: Any, **kwargs: Any) -> Any:
+            part.client.xreadgroup = real  # once
+            real(*args, **kwargs)  # Redis delivers the entries to the consumer...
+            if then is not None:
+                then()
+            raise redis.TimeoutError("Timeout reading from socket")  # ...the reply is lost
+
+        part.client.xreadgroup = served_then_lost
+
+    assert read() == []  # nothing delivered before: live from now on
+    first = push(3)
+    assert read() == first
+    lost = push(3)
+    lose_the_next_reply()
+    assert read(3) == lost  # retried at once (a warning line), then ">" again
+    trimmed = push(3)
+    lose_the_next_reply(lambda: client.xdel("tx", *trimmed))
+    assert read(3) == []
+    after = push(1)
+    assert read() == after
+    assert client.xpending("tx", "hotpath")["pending"] == 10  # acked at the epoch's end
+    client.xgroup_setid("tx", "hotpath", "0")  # the group goes back
+    newer = push(1)
+    assert read(6) == newer  # the 7 read before, delivered again, are passed over
+    part.close()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

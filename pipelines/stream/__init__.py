@@ -2,5 +2,6 @@
 
 ``events`` validates raw events, ``aggregates`` is the keyed window state (pure),
 ``sources`` and ``sinks`` connect it to Redis Streams / files / Kafka and to the online
-and offline stores, ``flow`` chains them into a dataflow.
+and offline stores (``retry``: both ride through a Redis that stops answering for a
+while), ``flow`` chains them into a dataflow.
 """

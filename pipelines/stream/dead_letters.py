@@ -13,6 +13,7 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from pipelines.stream import metrics
 from pipelines.stream.events import Rejected
+from pipelines.stream.retry import retrying
 
 if TYPE_CHECKING:
     from pipelines.stream.kafka import DeadLetterTopic
@@ -36,7 +37,9 @@ class _DeadLetterPartition(StatefulSinkPartition[tuple[str, Rejected], None]):
 
     def __init__(self, target: str, redis_url: str | None, topic: DeadLetterTopic | None) -> None:
         self.target, self.topic = target, topic
-        self.client = redis.Redis.from_url(redis_url) if redis_url else None
+        # a timeout, so that a Redis that stops answering is retried (``retrying``), not
+        # waited for forever
+        self.client = redis.Redis.from_url(redis_url, socket_timeout=5.0) if redis_url else None
         if self.client is not None:
             self.once = self.client.register_script(_DEAD_LETTER_ONCE)
             self.ids_key = f"{target}:ids"
@@ -44,12 +47,9 @@ class _DeadLetterPartition(StatefulSinkPartition[tuple[str, Rejected], None]):
             self.seen = topic.ids() if topic is not None else _ids_in_file(Path(target))
 
     def write_batch(self, items: list[tuple[str, Rejected]]) -> None:
-        if self.client is not None:
-            pipe = self.client.pipeline(transaction=False)
-            for sid, r in items:
-                fields = ["reason", r.reason, "code", r.code, "event", json.dumps(_jsonable(r.raw))]
-                self.once(keys=[self.target, self.ids_key], args=[sid, *fields], client=pipe)
-            written = [r for (_, r), new in zip(items, pipe.execute(), strict=True) if new]
+        if self.client is not None:  # once per id: a write made again is harmless
+            news = retrying(lambda: self._write_redis(items), "dead-letter write")
+            written = [r for (_, r), new in zip(items, news, strict=True) if new]
         else:
             written, records = [], []
             for sid, r in items:
@@ -70,6 +70,14 @@ class _DeadLetterPartition(StatefulSinkPartition[tuple[str, Rejected], None]):
             metrics.DEAD_LETTERS.labels(r.code).inc()
             if r.code == "late":  # here, once per event however many key groups it was late for
                 metrics.LATE.inc()
+
+    def _write_redis(self, items: list[tuple[str, Rejected]]) -> list[Any]:
+        assert self.client is not None
+        pipe = self.client.pipeline(transaction=False)
+        for sid, r in items:
+            fields = ["reason", r.reason, "code", r.code, "event", json.dumps(_jsonable(r.raw))]
+            self.once(keys=[self.target, self.ids_key], args=[sid, *fields], client=pipe)
+        return pipe.execute()
 
     def snapshot(self) -> None:
         return None  # nothing to restore: the written ids are the store's own state

@@ -325,7 +325,9 @@ def freeze_survivors() -> None:
     thousand keys each automatic full collection was a 100-500 ms pause, several a minute.
     A full collection here, even of a quarter second's survivors, took 5-17 ms at 5,000
     events/s and found nothing: it was the freshness tail (p99 20-34 ms, 16-19 ms
-    without). A cycle already old when frozen is never collected; the flow forms none."""
+    without). A cycle already old when frozen is never collected; ``hotpath stream``
+    forms none (a full collection at each of 58 freezes, offline appends on, and of 80 on
+    a Redis stream found 0 objects; only a process that also runs Spark had some, py4j's)."""
     now = time.monotonic()
     if now - _frozen_at[0] >= _FREEZE_EVERY_S:
         _frozen_at[0] = now

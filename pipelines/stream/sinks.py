@@ -13,7 +13,6 @@ view's TTL is not written to that view. A request-time view's row carries the ke
 
 from __future__ import annotations
 
-import sys
 import time
 import uuid
 import zlib
@@ -44,10 +43,10 @@ from online_store.connect import RespClient, RespError, redis_client
 from online_store.tiers import Placement, feast_write, placement
 from online_store.tiles import TILES_FEATURE, TilePlan, tiles_field
 from pipelines.declared import View
-from pipelines.errors import first_line
 from pipelines.stream import metrics
 from pipelines.stream.aggregates import Group, Row, key_groups
 from pipelines.stream.events import Rejected
+from pipelines.stream.retry import RETRY_S, retrying
 from pipelines.stream.tiles import tile_rows
 
 
@@ -60,10 +59,6 @@ class Emitted(NamedTuple):
 
 
 # ValueProto field of an entity's value type (the stream's keys are integers)
-# What a Redis Cluster failover or a node restart raises until the cluster answers again.
-# redis-py's connection failures, and the raw connection's (socket errors, timeouts)
-RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError, OSError)
-RETRY_S = 30.0
 parse_error = BaseParser.parse_error  # an error reply as redis-py's exception for it
 _KEY_FIELD = {ValueType.INT64: "int64_val", ValueType.INT32: "int32_val"}
 
@@ -240,24 +235,10 @@ class OnlineWriter:
 
     def write(self, rows: Sequence[Row]) -> None:
         """Write ``rows``; an unreachable node (a Redis Cluster failover, a restart) is
-        retried for up to ``RETRY_S`` seconds before the error stops the flow: the writes
-        are compare-and-set, so writing a batch again is harmless."""
-        deadline = time.monotonic() + RETRY_S
-        pause = 0.05
-        while True:
-            try:
-                return self._write(rows)
-            except RETRYABLE as e:
-                if time.monotonic() + pause > deadline:
-                    raise
-                left = deadline - time.monotonic()
-                print(
-                    f"warning: online store write failed ({type(e).__name__}: "
-                    f"{first_line(e)}); retrying for up to {left:.0f} s",
-                    file=sys.stderr, flush=True,
-                )  # fmt: skip
-                time.sleep(pause)
-                pause = min(pause * 2, 1.0)
+        retried for up to ``RETRY_S`` seconds before the error stops the flow
+        (:func:`retrying`): the writes are compare-and-set, so writing a batch again is
+        harmless."""
+        retrying(lambda: self._write(rows), "online store write")
 
     def _write(self, rows: Sequence[Row]) -> None:
         newest: dict[tuple[str, ...], dict[tuple[Any, ...], Row]] = {}

@@ -43,6 +43,7 @@ import redis
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from pipelines.errors import HotpathError
+from pipelines.stream.retry import retrying
 
 if TYPE_CHECKING:
     from pipelines.stream.kafka import KafkaTopic
@@ -168,33 +169,56 @@ class _RedisStreamPartition(StatefulSourcePartition[Raw, str | None]):
         info = {g["name"].decode(): g for g in client.xinfo_groups(stream)}
         self.replay_until: str = info[group]["last-delivered-id"].decode()
         self.live = False
-        # a group reset behind the snapshot would deliver entries the state already holds
-        behind = resume_from is not None and _id_key(self.replay_until) < _id_key(resume_from)
-        self.floor = _id_key(resume_from) if behind and resume_from is not None else None
+        self.missed = False  # a live read failed: its entries may be pending, unseen
+        self.newest = _id_key(resume_from) if resume_from is not None else None  # of last
 
     def _entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Raw]:
+        """Raw events of the entries newer than the last one read. An older one was read
+        already: a group that went back (reset behind a snapshot, or on a Redis restored
+        from an older copy while the flow waited) delivers it again."""
         out = []
         prefix = self.stream + ":"
+        newest = self.newest
         for entry_id, fields in entries:
             self.unacked.append(entry_id)
             eid = entry_id.decode()
-            if self.floor is not None and _id_key(eid) <= self.floor:
+            ms, _, seq = eid.partition("-")
+            key = (int(ms), int(seq))
+            if newest is not None and key <= newest:
                 continue
-            ms = int(eid.split("-")[0])
-            out.append((fields.get(EVENT_FIELD, fields), ms / 1000, prefix + eid))
-            self.last = eid
+            newest, self.last = key, eid
+            if not fields:  # pending, but trimmed from the stream since: nothing to read
+                continue
+            out.append((fields.get(EVENT_FIELD, fields), key[0] / 1000, prefix + eid))
+        self.newest = newest
         return out
 
     def next_batch(self) -> Iterable[Raw]:
+        """The next entries; a Redis that stops answering is waited for (:func:`retrying`)."""
+        return retrying(self._next_batch, f"reading the Redis stream {self.stream}")
+
+    def _next_batch(self) -> list[Raw]:
         if not self.live:
             start = "-" if self.last is None else f"({self.last}"
             entries = self.client.xrange(self.stream, start, self.replay_until, count=self.count)
             if len(entries) < self.count:
                 self.live = True
             return self._entries(entries)
+        if self.missed:
+            # A read that failed may have been served all the same (its reply lost on the
+            # way): those entries are this consumer's pending ones past the last seen, which
+            # ">" never delivers again
+            mine = {self.stream: self.last or "0-0"}
+            reply = self.client.xreadgroup(self.group, self.consumer, mine, count=self.count)
+            entries = reply[0][1] if reply else []
+            if len(entries) < self.count:
+                self.missed = False
+            return self._entries(entries)
+        self.missed = True  # until this read's reply is in
         reply = self.client.xreadgroup(
             self.group, self.consumer, {self.stream: ">"}, count=self.count, block=self.block_ms
         )
+        self.missed = False
         return self._entries(reply[0][1]) if reply else []
 
     def snapshot(self) -> str | None:
