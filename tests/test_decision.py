@@ -154,3 +154,35 @@ def test_a_row_the_model_gives_no_number_falls_back_alone(trained_online, tmp_pa
         assert ready["ready"] and ready["model_backend"], ready
     finally:
         stop(proc)
+
+
+def test_a_model_that_gives_the_probe_no_number_is_not_ready(trained_online, tmp_path) -> None:
+    """A model version that answers NaN for every row (the same graph, its limit below any
+    value) fails the health check's probe: the service says it is not ready, naming why,
+    and answers with the declared fallback, instead of reporting ready while every request
+    falls back."""
+    import requests
+    from helpers import serve, stop
+
+    from serving.model_repository import ModelSpec, load_metadata, publish
+
+    project, _, _ = trained_online
+    models_dir = tmp_path / "models"
+    shutil.copytree(project.settings.model_repository, models_dir)
+    meta = load_metadata(models_dir, "fraud_detection", 1)
+    ratio = [f.name for f in meta.features].index("amount_to_avg_30d")
+    onnx_file = nan_above_onnx(tmp_path / "nan.onnx", len(meta.features), ratio, -1e9)
+    publish(models_dir, ModelSpec("fraud_detection", len(meta.features)), onnx_file, meta)
+    env = {"HOTPATH_SERVING_MODEL_REPOSITORY": str(models_dir), "HOTPATH_SERVING_MODEL_POLL_S": "0"}
+    proc, url = serve(project.settings.repo, env, ready_path="/health")
+    try:
+        ready = requests.get(f"{url}/ready", timeout=5)
+        assert ready.status_code == 503, ready.text
+        assert any("no finite score" in r for r in ready.json()["reasons"]), ready.text
+        user = int(project.transactions.user_id.iloc[0])
+        r = requests.post(
+            f"{url}/predict", json={"user_id": user, "merchant_id": 1, "amount": 5.0}, timeout=30
+        )
+        assert r.status_code == 200 and r.json()["fallback"], r.text
+    finally:
+        stop(proc)
