@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -134,7 +135,7 @@ class PredictionCache:
             value = float(value)
             out[rows] = value
             futures[k].set_result(value)
-            if value - value != 0:  # NaN or infinite: that row falls back; asked again next time
+            if not math.isfinite(value):  # that row falls back; asked again next time
                 continue
             ttl = self._expiry()
             self._entries[k] = (now + ttl, value)

@@ -1,8 +1,9 @@
 """Riding through a Redis that stops answering for a while (a failover, a restart, a
-pause), for the stream's source and its online writes alike: the call is made again, with
-a warning line and a growing pause, for up to :data:`RETRY_S` seconds, and only then does
-its error stop the flow. Both sides can repeat a call: the writes are compare-and-set, and
-the source reads again what it may have missed (``sources._RedisStreamPartition``)."""
+pause), for the stream's source, its online writes and its dead letters alike: the call is
+made again, with a warning line and a growing pause, for up to :data:`RETRY_S` seconds, and
+only then does its error stop the flow. Each can repeat a call: the writes are
+compare-and-set, dead letters are written once per id, and the source reads again what it
+may have missed (``sources._RedisStreamPartition``)."""
 
 from __future__ import annotations
 

@@ -182,8 +182,7 @@ class _RedisStreamPartition(StatefulSourcePartition[Raw, str | None]):
         for entry_id, fields in entries:
             self.unacked.append(entry_id)
             eid = entry_id.decode()
-            ms, _, seq = eid.partition("-")
-            key = (int(ms), int(seq))
+            key = _id_key(eid)
             if newest is not None and key <= newest:
                 continue
             newest, self.last = key, eid
