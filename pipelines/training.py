@@ -34,6 +34,7 @@ import pandas as pd
 import pyarrow.dataset as ds
 from feast import FeatureStore
 
+from online_store.point_in_time import historical_features
 from online_store.tiles import zero_when_empty
 from pipelines.contract import default_model, models
 from pipelines.errors import HotpathError, first_line
@@ -217,9 +218,7 @@ def training_set(
         event_timestamp=lambda d: d[EXAMPLE_TS] - lookup_offset
     )
     try:
-        df = store.get_historical_features(
-            entity_df=entity_df, features=store.get_feature_service(service)
-        ).to_df()
+        df = historical_features(store, entity_df, store.get_feature_service(service))
     except Exception as e:
         raise HotpathError(f"building the training set failed: {first_line(e)}") from None
     for col in ("event_timestamp", EXAMPLE_TS):  # Spark hands naive UTC back

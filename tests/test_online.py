@@ -244,6 +244,40 @@ def test_historical_features_are_point_in_time(applied, batch_done: Project) -> 
                 assert _same(have, want), f"{col} for user {u} at {t}: {have!r} != {want!r}"
 
 
+def test_entity_rows_whose_keys_run_together_are_told_apart(applied, batch_done: Project) -> None:
+    """At one instant, (user 1, merchant 10) and (user 11, merchant 0) each get their own
+    row: Feast's Spark join names an entity row by its keys run together ("110"), and
+    without hotpath's fix both got whichever row of the two was newer."""
+    from online_store.point_in_time import historical_features
+
+    view, col = "user_merchant_history", "user_merchant_txn_count_90d"
+    offline = read_offline(batch_done, view)
+    pairs = offline[["user_id", "merchant_id"]].drop_duplicates()
+    run_together = pairs.user_id.astype(str) + pairs.merchant_id.astype(str)
+    pairs = pairs[run_together.duplicated(keep=False)]
+    instants = [pd.Timestamp(batch_done.now), pd.Timestamp(batch_done.edge_day)]
+    entity_df = pd.concat([pairs.assign(event_timestamp=t) for t in instants], ignore_index=True)
+    got = historical_features(applied, entity_df, [f"{view}:{col}"])
+    got["event_timestamp"] = pd.to_datetime(got["event_timestamp"], utc=True)
+    got = got.set_index(["user_id", "merchant_id", "event_timestamp"]).sort_index()
+    ttl = pd.Timedelta(feature_views(batch_done.settings.repo)[view].ttl)
+    told_apart = 0
+    for t in instants:
+        want = {}
+        for u, m in pairs.itertuples(index=False):
+            mine = offline[(offline.user_id == u) & (offline.merchant_id == m)]
+            ok = mine[(mine.event_timestamp <= t) & (mine.event_timestamp >= t - ttl)]
+            want[(u, m)] = ok.sort_values("event_timestamp")[col].iloc[-1] if len(ok) else None
+            have = got.loc[(u, m, t), col]
+            have = None if pd.isna(have) else have
+            assert _same(have, want[(u, m)]), f"{col} for {(u, m)} at {t}: {have!r}"
+        names = pd.Series({k: f"{k[0]}{k[1]}" for k in want})
+        told_apart += sum(
+            len({want[k] for k in group.index}) > 1 for _, group in names.groupby(names)
+        )
+    assert told_apart >= 5  # pairs that share a name but not a value: the case in question
+
+
 def test_a_tier_failing_first_leaves_no_reply_for_the_next_read(
     materialized, batch_done: Project, tmp_path
 ) -> None:

@@ -19,6 +19,7 @@ from feast import FeatureStore
 from feast.feature_logging import LOG_TIMESTAMP_FIELD
 
 from online_store.layout import KeyEncoder
+from online_store.point_in_time import historical_features
 from online_store.read import ViewPlan, readers
 from online_store.tiles import view_plan, zero_when_empty
 from serving.model_repository import load_metadata
@@ -63,11 +64,9 @@ def check_skew(
     ).to_dict(include_event_timestamps=True)
     at_request = _at_request(store, [v for v in views if view_plan(v)], rows, now)
     empty = _empty_is_zero(store)
-    offline = store.get_historical_features(
-        entity_df=rows.assign(event_timestamp=pd.Timestamp(now)),
-        features=refs,
-        full_feature_names=True,
-    ).to_df()
+    offline = historical_features(
+        store, rows.assign(event_timestamp=pd.Timestamp(now)), refs, full_feature_names=True
+    )
     keys = list(rows.columns)
     offline = rows.merge(offline, on=keys, how="left")
     compared, mismatches = 0, []
@@ -156,11 +155,12 @@ def check_served_skew(
     entity_df = served[request].assign(
         event_timestamp=pd.to_datetime(served[LOG_TIMESTAMP_FIELD], utc=True)
     )
-    offline = store.get_historical_features(
-        entity_df=entity_df.assign(**{ROW: range(len(served))}),
-        features=[c.replace("__", ":", 1) for c in logged],
+    offline = historical_features(
+        store,
+        entity_df.assign(**{ROW: range(len(served))}),
+        [c.replace("__", ":", 1) for c in logged],
         full_feature_names=True,
-    ).to_df()
+    )
     offline = offline.set_index(ROW).sort_index()
     empty = _empty_is_zero(store)
     compared, mismatches = 0, []
