@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from conftest import Project
 
+from online_store.point_in_time import historical_features
 from pipelines.generate import GenerateConfig, generate
 
 END = datetime(2026, 3, 1, 12, 30, tzinfo=UTC)
@@ -103,9 +104,7 @@ def test_ranking_training_set_is_point_in_time(applied, batch_done: Project) -> 
     labels = labels[labels.label_ts <= pd.Timestamp(batch_done.now)]
     sample = labels.sample(300, random_state=0).sort_values(["impression_id", "position"])
     service = applied.get_feature_service(SERVICE)
-    df = applied.get_historical_features(
-        entity_df=sample.reset_index(drop=True), features=service
-    ).to_df()
+    df = historical_features(applied, sample.reset_index(drop=True), service)
     df["event_timestamp"] = pd.to_datetime(df.event_timestamp, utc=True)
     df = df.sort_values(["impression_id", "position"]).reset_index(drop=True)
     assert len(df) == len(sample)
