@@ -1443,13 +1443,50 @@ def test_a_redis_that_stops_answering_for_seconds_is_waited_for(stream_root, tmp
         server.wait(timeout=10)
 
 
+def test_a_redis_that_comes_back_empty_is_read_on(stream_root, tmp_path) -> None:
+    """The Redis holding the stream and the online store restarts with nothing (no
+    persistence): the flow waits for it, creates its consumer group again (a warning, no
+    exit), and the events sent after are online as pandas computes them over every event
+    (the flow's windows kept the first half). Before, the source's NOGROUP ended the flow."""
+    (tmp_path / "redis").mkdir()
+    server, url = start_redis_server(tmp_path / "redis")
+    port = redis.Redis.from_url(url).connection_pool.connection_kwargs["port"]
+    s = _settings(stream_root, url, 0)
+    fs = _open(s)
+    client = redis.Redis.from_url(s.redis_url)
+    events = _events(20, 20, seed=53, end=datetime.now(UTC))
+    first, second = events.iloc[: len(events) // 2], events.iloc[len(events) // 2 :]
+    ids = _push_ids(s.redis_url, _payloads(first))
+    log = tmp_path / "stream.log"
+    args = ("--source", "redis", "--streams", "tx", "--lateness", str(LATENESS_S), "--no-offline")
+    proc = _stream(s, *args, log=log)
+    try:
+        _wait_for(lambda: _group(client)["last"] == ids[-1][3:], "the first half read", 60)
+        _eventually_equal(fs, _latest_expected(first))
+        server.terminate()
+        server.wait(timeout=10)
+        server, _ = start_redis_server(tmp_path / "redis", port=port)
+        time.sleep(1)  # the flow's next reads find the group gone
+        _push_ids(s.redis_url, _payloads(second))
+        latest = _latest_expected(events)
+        _eventually_equal(fs, latest[latest.index.isin(second.user_id)])
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert "consumer group hotpath of the Redis stream tx is gone" in log.read_text()
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        server.terminate()
+        server.wait(timeout=10)
+
+
 def test_entries_served_to_a_read_whose_reply_was_lost_are_read_again(own_redis) -> None:
     """The Redis source on a real redis-server, three entries a read. A live read that
     Redis served but whose reply never arrived (it timed out on the way: the entries now
     pending for the flow's consumer, which ``>`` never delivers again) is followed by reads
     of those entries, once, in order; entries trimmed from the stream meanwhile are passed
-    over (not asked for forever); and a group that goes back (reset, or a Redis restored
-    from an older copy) delivers nothing already read."""
+    over (not asked for forever); a group that goes back (reset, or a Redis restored
+    from an older copy) delivers nothing already read; a group that is gone (a Redis that
+    came back empty) is created again, and what is added after is read."""
     from pipelines.stream.sources import RedisStreamSource
 
     part = RedisStreamSource(own_redis, ["tx"], count=3).build_part("events", "tx", None)
@@ -1487,6 +1524,12 @@ def test_entries_served_to_a_read_whose_reply_was_lost_are_read_again(own_redis)
     client.xgroup_setid("tx", "hotpath", "0")  # the group goes back
     newer = push(1)
     assert read(6) == newer  # the 7 read before, delivered again, are passed over
+    part.snapshot()  # (acks queued for the group about to go)
+    client.delete("tx")  # the stream and its group gone: a Redis that came back empty
+    assert read() == []  # the group created again (a warning line), not an exception
+    time.sleep(0.01)  # (new ids: a later millisecond than the last read)
+    again = push(2)
+    assert read(2) == again
     part.close()
 
 

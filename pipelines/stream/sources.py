@@ -42,7 +42,7 @@ import pyarrow.dataset as ds
 import redis
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
-from pipelines.errors import HotpathError
+from pipelines.errors import HotpathError, first_line
 from pipelines.stream.retry import retrying
 
 if TYPE_CHECKING:
@@ -158,11 +158,7 @@ class _RedisStreamPartition(StatefulSourcePartition[Raw, str | None]):
         self.client, self.stream, self.group = client, stream, group
         self.consumer = f"{group}:{stream}"  # stable: a restart owns its old pending entries
         self.count, self.block_ms = count, block_ms
-        try:
-            client.xgroup_create(stream, group, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        self._create_group()
         self.last: str | None = resume_from  # the newest entry read (None: none yet)
         self.unacked: list[bytes] = []
         self.acks = ThreadPoolExecutor(1, thread_name_prefix="xack")  # in order
@@ -171,6 +167,14 @@ class _RedisStreamPartition(StatefulSourcePartition[Raw, str | None]):
         self.live = False
         self.missed = False  # a live read failed: its entries may be pending, unseen
         self.newest = _id_key(resume_from) if resume_from is not None else None  # of last
+
+    def _create_group(self) -> None:
+        """The consumer group, from the stream's start (the stream created if need be)."""
+        try:
+            self.client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
 
     def _entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Raw]:
         """Raw events of the entries newer than the last one read. An older one was read
@@ -193,8 +197,24 @@ class _RedisStreamPartition(StatefulSourcePartition[Raw, str | None]):
         return out
 
     def next_batch(self) -> Iterable[Raw]:
-        """The next entries; a Redis that stops answering is waited for (:func:`retrying`)."""
-        return retrying(self._next_batch, f"reading the Redis stream {self.stream}")
+        """The next entries; a Redis that stops answering is waited for (:func:`retrying`).
+        A group that is gone (a Redis that came back empty, a ``FLUSHALL``, a destroyed
+        group) is created again from the stream's start, with a warning: what producers
+        add from then on is read (what the Redis lost is lost), what was read already is
+        passed over."""
+        try:
+            return retrying(self._next_batch, f"reading the Redis stream {self.stream}")
+        except redis.ResponseError as e:
+            if not str(e).startswith("NOGROUP"):
+                raise
+            print(
+                f"warning: the consumer group {self.group} of the Redis stream {self.stream} "
+                f"is gone ({first_line(e)}); created again, reading on from the stream's start",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+            retrying(self._create_group, f"creating the group {self.group} again")
+            self.missed = False  # the group's pending entries went with it
+            return []
 
     def _next_batch(self) -> list[Raw]:
         if not self.live:
