@@ -137,6 +137,11 @@ class StoppableSource(FixedPartitionedSource[Any, Any]):
         return _Stoppable(self.inner.build_part(step_id, for_part, resume_state))
 
 
+# what a read of a stream whose group is gone answers: the group (or the key) missing, or,
+# to a read blocked at the time, the key deleted under it
+GONE = ("NOGROUP", "UNBLOCKED the stream key no longer exists")
+
+
 def _id_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
@@ -205,7 +210,7 @@ class _RedisStreamPartition(StatefulSourcePartition[Raw, str | None]):
         try:
             return retrying(self._next_batch, f"reading the Redis stream {self.stream}")
         except redis.ResponseError as e:
-            if not str(e).startswith("NOGROUP"):
+            if not str(e).startswith(GONE):
                 raise
             print(
                 f"warning: the consumer group {self.group} of the Redis stream {self.stream} "
