@@ -517,7 +517,7 @@ def _openapi(app: FastAPI, settings: ServingSettings) -> dict[str, Any]:
     """FastAPI's document plus the predict routes (served by ``PredictRoutes``, so FastAPI
     doesn't see them): each served model's routes with its own request bodies, the
     ``/predict`` alias with the default model's, their answers — the Problem answers (401
-    with a key, 413, 422, 503 with Retry-After) — and the key scheme."""
+    with a key, 413, 415, 422, 503 with Retry-After) — and the key scheme."""
     if app.openapi_schema:
         return app.openapi_schema
     rt: Runtime = app.state.runtime
@@ -562,6 +562,10 @@ def _openapi(app: FastAPI, settings: ServingSettings) -> dict[str, Any]:
             "requestBody": {"required": True, "content": content(request)},
             "responses": {
                 "200": {"description": "the prediction(s)", "content": content(answer)},
+                "415": {
+                    "description": "a compressed body (Content-Encoding): send it uncompressed",
+                    "content": content("Problem"),
+                },
                 "422": {"description": "invalid request", "content": content("Problem")},
                 "503": {
                     "description": "overloaded: retry after the given seconds",

@@ -87,6 +87,14 @@ class PredictRoutes:
                 raise HTTPException(405, "method not allowed: use POST", {"Allow": "POST"})
             if self._key is not None and _header(scope, b"x-api-key") != self._key:
                 raise Unauthorized
+            coding = _header(scope, b"content-encoding")
+            if coding is not None and coding.strip().lower() not in (b"", b"identity"):
+                raise HTTPException(
+                    415,
+                    f"Content-Encoding {coding.decode('latin-1')} is not supported: "
+                    "send the JSON body uncompressed",
+                    {"Accept-Encoding": "identity"},
+                )
             route, name = found
             raw = await _body(receive)
             # the version is picked after the last await before the scorer queues the

@@ -1,4 +1,5 @@
-"""Every error answer of the service (401, 404, 413, 422, 503), mapped once to one shape.
+"""Every error answer of the service (401, 404, 413, 415, 422, 503), mapped once to one
+shape.
 
 ``{"detail": "<what went wrong>", "field": "<the request field, or null>"}`` with the
 status and headers of :func:`problem_of`. FastAPI's exception handlers and the bare

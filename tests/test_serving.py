@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -196,6 +197,21 @@ def test_bad_input_is_a_clear_4xx(server, body, fragment: str) -> None:
     assert set(problem) == {"detail", "field"} and fragment in problem["detail"], problem
     if isinstance(body, dict) and fragment in body:  # the field at fault is named
         assert problem["field"] == fragment
+
+
+def test_a_compressed_body_is_a_clear_415(server) -> None:
+    """A gzip body was answered "not valid JSON" (422): the client is told the coding is
+    not supported, and which is (RFC 7694's Accept-Encoding); identity is accepted."""
+    raw = json.dumps({"user_id": 1, "merchant_id": 1, "amount": 10.0}).encode()
+    url = f"{server}/v1/models/fraud_detection/predict"
+    headers = {"X-API-Key": KEY, "Content-Type": "application/json"}
+    for coding, data in (("gzip", gzip.compress(raw)), ("br", raw)):
+        r = requests.post(url, data=data, headers=headers | {"Content-Encoding": coding})
+        assert r.status_code == 415, r.text
+        assert f"Content-Encoding {coding} is not supported" in r.json()["detail"]
+        assert r.headers["Accept-Encoding"] == "identity"
+    r = requests.post(url, data=raw, headers=headers | {"Content-Encoding": "identity"})
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize(
