@@ -190,6 +190,31 @@ def test_unknown_backend_is_refused_before_any_work(empty_repo: Path) -> None:
     assert_one_line_error(proc, "backend", "'onnx' or 'triton'")
 
 
+@pytest.mark.parametrize(
+    ("setting", "value", "fragment"),
+    [
+        ("--port", "99999", "serving.port"),  # hung, announcing it served on that port
+        ("--port", "0", "serving.port"),
+        ("HOTPATH_SERVING_MAX_BATCH", "0", "serving.max_batch"),
+        ("HOTPATH_SERVING_BODY_TIMEOUT_S", "-1", "serving.body_timeout_s"),
+        ("HOTPATH_SERVING_PREDICTION_CACHE", '{"fraud_detection": -3}', "prediction_cache"),
+    ],
+)
+def test_a_serving_setting_out_of_range_is_refused_before_any_work(
+    empty_repo: Path, setting: str, value: str, fragment: str
+) -> None:
+    option = setting.startswith("--")
+    proc = subprocess.run(
+        [*HOTPATH, "--repo", str(empty_repo), "serve", *((setting, value) if option else ())],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, **({} if option else {setting: value})},
+    )
+    assert_one_line_error(proc, fragment)
+
+
 def test_options_fall_back_to_the_settings_tree(empty_repo: Path) -> None:
     """An option left out takes the settings' value, environment included: here the serving
     section's backend, refused by name before anything starts."""
