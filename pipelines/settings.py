@@ -54,19 +54,20 @@ class StreamSettings(BaseSettings):
 
     source: Literal["file", "redis", "kafka"] = "file"
     file: Path | None = None  # default: the raw transactions
-    rate: float = 0  # file replay, events/s (0: as fast as possible)
+    rate: float = Field(0, ge=0)  # file replay, events/s (0: as fast as possible)
     source_redis_url: str | None = None  # default: the profile's Redis URL
-    streams: list[str] = ["transactions"]
+    streams: list[str] = Field(["transactions"], min_length=1)
     group: str = "hotpath"
-    block_ms: int = 100
+    block_ms: int = Field(100, ge=1)  # (0 would be Redis's "block forever")
     # default: the declared KafkaSource's bootstrap servers and topic (pipelines.stream.kafka)
     kafka_brokers: list[str] | None = None
     kafka_topics: list[str] | None = None
-    lateness_s: float = 300  # out-of-order tolerance, per key (behind its newest event)
+    # out-of-order tolerance, per key (behind its newest event)
+    lateness_s: float = Field(300, ge=0)
     # Redis stream (redis source), Kafka topic (kafka source) or file; default derived
     dead_letter: str | None = None
     offline: bool = True
-    metrics_port: int | None = None
+    metrics_port: int | None = Field(None, ge=1, le=65535)
 
 
 class Settings(BaseSettings):
@@ -139,6 +140,15 @@ class Settings(BaseSettings):
         return self.model_copy(
             update={"serving": self.serving.model_copy(update={"model_repository": path})}
         )
+
+    def stream_settings(self, **overrides: object) -> StreamSettings:
+        """The stream section with ``overrides`` (None: keep) applied and checked: what
+        ``hotpath stream`` runs with."""
+        values = self.stream.model_dump() | {k: v for k, v in overrides.items() if v is not None}
+        try:
+            return StreamSettings.model_validate(values)
+        except PydanticValidationError as e:
+            raise invalid(e, "stream.") from None
 
     def serving_settings(self, **overrides: object) -> ServingSettings:
         """The serving section bound to this repo, profile and model repository, with

@@ -215,6 +215,21 @@ def test_a_serving_setting_out_of_range_is_refused_before_any_work(
     assert_one_line_error(proc, fragment)
 
 
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("--rate", "-5"), "stream.rate"),  # ran as fast as possible
+        (("--lateness", "-1"), "stream.lateness_s"),  # ran, every event "late" by nothing
+        (("--metrics-port", "70000"), "stream.metrics_port"),  # an OverflowError
+    ],
+)
+def test_a_stream_setting_out_of_range_is_refused_before_any_work(
+    empty_repo: Path, args: tuple[str, ...], fragment: str
+) -> None:
+    proc = run("--repo", str(empty_repo), "stream", *args, timeout=60)
+    assert_one_line_error(proc, fragment)
+
+
 def test_options_fall_back_to_the_settings_tree(empty_repo: Path) -> None:
     """An option left out takes the settings' value, environment included: here the serving
     section's backend, refused by name before anything starts."""

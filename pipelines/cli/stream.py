@@ -108,9 +108,7 @@ def stream(
         "offline": offline,
         "metrics_port": None if metrics_port is None else metrics_port + (process_id or 0),
     }
-    cfg = StreamSettings.model_validate(
-        s.stream.model_dump() | {k: v for k, v in given.items() if v is not None}
-    )
+    cfg = s.stream_settings(**given)
     typer.echo(
         f"streaming from {cfg.source} into the {s.profile} online store"
         + (f", metrics on 127.0.0.1:{cfg.metrics_port}" if cfg.metrics_port else "")
