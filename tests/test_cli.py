@@ -221,6 +221,7 @@ def test_a_serving_setting_out_of_range_is_refused_before_any_work(
         (("--rate", "-5"), "stream.rate"),  # ran as fast as possible
         (("--lateness", "-1"), "stream.lateness_s"),  # ran, every event "late" by nothing
         (("--metrics-port", "70000"), "stream.metrics_port"),  # an OverflowError
+        (("--process-id", "1"), "--addresses"),  # ran as if alone
     ],
 )
 def test_a_stream_setting_out_of_range_is_refused_before_any_work(
@@ -228,6 +229,18 @@ def test_a_stream_setting_out_of_range_is_refused_before_any_work(
 ) -> None:
     proc = run("--repo", str(empty_repo), "stream", *args, timeout=60)
     assert_one_line_error(proc, fragment)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--snapshot-interval", "0"), ("--backup-interval", "-5"), ("--process-id", "-1")],
+)
+def test_a_stream_option_out_of_range_is_a_usage_error(empty_repo: Path, args: tuple) -> None:
+    """Ran before (a zero or negative epoch interval, a negative backup), or died with an
+    OverflowError (a negative process id): now the option is named, exit 2 (usage)."""
+    proc = run("--repo", str(empty_repo), "stream", *args, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"Invalid value for '{args[0]}'" in proc.stderr, proc.stderr
 
 
 def test_options_fall_back_to_the_settings_tree(empty_repo: Path) -> None:

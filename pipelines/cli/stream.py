@@ -74,7 +74,7 @@ def stream(
         int | None, typer.Option(help="Serve Prometheus metrics on 127.0.0.1:PORT.")
     ] = None,
     process_id: Annotated[
-        int | None, typer.Option("--process-id", "-i", help="This process's index.")
+        int | None, typer.Option("--process-id", "-i", min=0, help="This process's index.")
     ] = None,
     addresses: Annotated[
         str | None,
@@ -84,9 +84,12 @@ def stream(
         Path | None, typer.Option(help="Bytewax recovery folder (created if absent).")
     ] = None,
     snapshot_interval: Annotated[
-        float, typer.Option(help="Seconds between epochs (snapshots, offline flushes).")
+        float,
+        typer.Option(min=0.01, help="Seconds between epochs (snapshots, offline flushes)."),
     ] = 2.0,
-    backup_interval: Annotated[float, typer.Option(help="Seconds of old snapshots kept.")] = 0,
+    backup_interval: Annotated[
+        float, typer.Option(min=0, help="Seconds of old snapshots kept.")
+    ] = 0,
 ) -> None:
     """Run the Bytewax flow: events -> the declared streamed views -> online (+offline) store."""
     from pipelines.stream.run import run_flow
@@ -94,6 +97,12 @@ def stream(
     s = hotpath(ctx).settings
     if source is not None and source not in ("file", "redis", "kafka"):
         raise HotpathError(f"unknown source {source!r} (file, redis or kafka)")
+    peers = split(addresses, ";") or []
+    if process_id is not None and process_id >= max(len(peers), 1):
+        raise HotpathError(
+            f"--process-id {process_id} needs --addresses with at least {process_id + 1} "
+            f"host:port entries (given {len(peers)})"
+        )
 
     given = {
         "source": source,
