@@ -159,6 +159,8 @@ class ModelVersions:
         """Have ``version`` score a copy of ``name``'s traffic off the response path (in
         this worker; serving.shadow), replacing any shadow; None: stop shadowing."""
         self._known(name)
+        if queue is not None and queue < 0:  # (0: every batch dropped, counted)
+            raise BadCommand(f"queue must be 0 or more batches, not {queue}")
         state = self.states[name]
         async with state.lock:
             serving = self.rt.models[name]

@@ -48,7 +48,7 @@ class ServingSettings(BaseSettings):
     # `hotpath models promote|rollback` changes versions). See serving.model_versions
     model_poll_s: float = Field(5.0, ge=0)
     # batches a shadow candidate may have waiting (`hotpath models shadow`); past it dropped
-    shadow_queue: int = Field(256, ge=1)
+    shadow_queue: int = Field(256, ge=0)
     metrics_key: SecretStr | None = None  # required (as X-API-Key) on /metrics when set
     host: str = "127.0.0.1"  # loopback unless told
     port: int = Field(8080, ge=1, le=65535)

@@ -89,6 +89,8 @@ def shadow_under_load(url: str, version: int, cli: dict[str, str]) -> dict[str, 
     default queue by command until it compared rows; stop; return the report."""
     headers = {"x-api-key": ADMIN_KEY}
     path = f"{url}/admin/models/{MODEL}/shadow"
+    r = requests.post(path, json={"version": version, "queue": -1}, headers=headers, timeout=60)
+    assert r.status_code == 422 and "queue" in r.json()["detail"], r.text  # (was taken)
     r = requests.post(path, json={"version": version, "queue": 0}, headers=headers, timeout=60)
     assert r.status_code == 200, r.text
     deadline = time.monotonic() + 30
