@@ -50,7 +50,7 @@ class ServingSettings(BaseSettings):
     # batches a shadow candidate may have waiting (`hotpath models shadow`); past it dropped
     shadow_queue: int = Field(256, ge=0)
     metrics_key: SecretStr | None = None  # required (as X-API-Key) on /metrics when set
-    host: str = "127.0.0.1"  # loopback unless told
+    host: str = Field("127.0.0.1", pattern=r"^\S+$")  # loopback unless told ("": every one)
     port: int = Field(8080, ge=1, le=65535)
     workers: int = Field(1, ge=1)  # uvicorn worker processes
     log_level: str = "warning"

@@ -202,6 +202,10 @@ def test_a_good_candidate_steps_to_100_and_serves_with_sticky_users(server) -> N
     stable = status(url)["serving"]
     good = republish(models, MODEL, stable)
     cli = {"HOTPATH_SERVING_ADMIN_KEY": ADMIN_KEY}
+    zero = hotpath("models", "canary", MODEL, "--version", str(good), "--percent", "0",
+                   "--url", url, env=cli, timeout=60)  # fmt: skip
+    assert zero.returncode != 0 and "percent must be in (0, 100]" in zero.stderr, zero.stderr
+    assert status(url)["canary"] is None  # (--percent 0 started one at 1 %)
     # (a slack on p99 that a busy 2-core test machine can't break: PSI is under test)
     started = hotpath("models", "canary", MODEL, "--version", str(good), "--threshold",
                       "p99_slack_ms=500", "--url", url, env=cli, timeout=60)  # fmt: skip

@@ -195,6 +195,7 @@ def test_unknown_backend_is_refused_before_any_work(empty_repo: Path) -> None:
     [
         ("--port", "99999", "serving.port"),  # hung, announcing it served on that port
         ("--port", "0", "serving.port"),
+        ("--host", "", "serving.host"),  # bound every interface, no key asked
         ("HOTPATH_SERVING_MAX_BATCH", "0", "serving.max_batch"),
         ("HOTPATH_SERVING_BODY_TIMEOUT_S", "-1", "serving.body_timeout_s"),
         ("HOTPATH_SERVING_PREDICTION_CACHE", '{"fraud_detection": -3}', "prediction_cache"),
@@ -222,6 +223,7 @@ def test_a_serving_setting_out_of_range_is_refused_before_any_work(
         (("--lateness", "-1"), "stream.lateness_s"),  # ran, every event "late" by nothing
         (("--metrics-port", "70000"), "stream.metrics_port"),  # an OverflowError
         (("--process-id", "1"), "--addresses"),  # ran as if alone
+        (("--file", __file__), "as parquet"),  # a worker's panic with a Rust backtrace
     ],
 )
 def test_a_stream_setting_out_of_range_is_refused_before_any_work(
@@ -229,6 +231,14 @@ def test_a_stream_setting_out_of_range_is_refused_before_any_work(
 ) -> None:
     proc = run("--repo", str(empty_repo), "stream", *args, timeout=60)
     assert_one_line_error(proc, fragment)
+
+
+@pytest.mark.parametrize("option", ["--http-port", "--grpc-port", "--metrics-port"])
+def test_a_triton_port_out_of_range_is_a_usage_error(empty_repo: Path, option: str) -> None:
+    """99999 was taken (Triton listened on 34463, 99999 - 65536, and said 99999)."""
+    proc = run("--repo", str(empty_repo), "triton", "start", option, "99999", timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"Invalid value for '{option}'" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize(

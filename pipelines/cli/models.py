@@ -107,7 +107,7 @@ def canary(
         raise typer.BadParameter("give --version N [--percent P], --step or --abort")
     body: dict[str, Any] = {"step": True} if step else {"abort": True} if abort else {}
     if version is not None:
-        body = {"version": version, "percent": percent or 1}
+        body = {"version": version, "percent": 1 if percent is None else percent}
         try:
             pairs = [t.split("=", 1) for t in threshold or []]
             body["thresholds"] = {k: float(v) for k, v in pairs}

@@ -24,10 +24,18 @@ def _triton(s: Settings) -> LocalTriton:
 @app.command("start")
 def start(
     ctx: typer.Context,
-    http_port: Annotated[int, typer.Option(help="HTTP port on 127.0.0.1.")] = 8000,
-    grpc_port: Annotated[int, typer.Option(help="gRPC port on 127.0.0.1.")] = 8001,
-    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port.")] = 8002,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness per attempt.")] = 60,
+    http_port: Annotated[
+        int, typer.Option(min=1, max=65535, help="HTTP port on 127.0.0.1.")
+    ] = 8000,
+    grpc_port: Annotated[
+        int, typer.Option(min=1, max=65535, help="gRPC port on 127.0.0.1.")
+    ] = 8001,
+    metrics_port: Annotated[
+        int, typer.Option(min=1, max=65535, help="Prometheus metrics port.")
+    ] = 8002,
+    timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds to wait for readiness per attempt.")
+    ] = 60,
     config: Annotated[
         str,
         typer.Option(

@@ -346,6 +346,13 @@ class FileReplaySource(FixedPartitionedSource[Raw, int]):
     ) -> None:
         if not path.exists():
             raise HotpathError(f"no transactions at {path} (run `hotpath generate` first)")
+        try:  # here, not in the flow's first batch (a worker's panic, a Rust backtrace)
+            names = ds.dataset(path, format="parquet", partitioning="hive").schema.names
+        except Exception as e:
+            raise HotpathError(f"cannot read {path} as parquet: {first_line(e)}") from None
+        missing = [f for f in fields if f not in names]
+        if missing:
+            raise HotpathError(f"{path} lacks the event's field(s) {missing}")
         self.path, self.fields, self.rate, self.batch = path, fields, rate, batch
 
     def list_parts(self) -> list[str]:
