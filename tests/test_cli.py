@@ -233,6 +233,26 @@ def test_a_stream_setting_out_of_range_is_refused_before_any_work(
     assert_one_line_error(proc, fragment)
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("generate", "--seed", "-1"),  # a ValueError naming no option
+        ("replay", "--rate", "inf"),  # an OverflowError after "replaying"
+    ],
+)
+def test_a_data_option_out_of_range_is_a_usage_error(empty_repo: Path, args: tuple) -> None:
+    proc = run("--repo", str(empty_repo), *args, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"Invalid value for '{args[1]}'" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("url", ["nope", ""])
+def test_a_server_url_that_is_no_url_is_one_line(empty_repo: Path, url: str) -> None:
+    """It was a ValueError "unknown url type" (or, empty, the default server)."""
+    proc = run("--repo", str(empty_repo), "models", "status", "--url", url, timeout=60)
+    assert_one_line_error(proc, "--url must be")
+
+
 @pytest.mark.parametrize("option", ["--http-port", "--grpc-port", "--metrics-port"])
 def test_a_triton_port_out_of_range_is_a_usage_error(empty_repo: Path, option: str) -> None:
     """99999 was taken (Triton listened on 34463, 99999 - 65536, and said 99999)."""

@@ -20,7 +20,7 @@ def generate(
         str | None, typer.Option(help="End of history (exclusive, UTC); default now.")
     ] = None,
     seed: Annotated[
-        int, typer.Option(help="Random seed; same seed and end give the same data.")
+        int, typer.Option(min=0, help="Random seed; same seed and end give the same data.")
     ] = 7,
     users: Annotated[
         int | None, typer.Option(min=1, help="Card holders (default rows/40).")
@@ -106,7 +106,7 @@ def replay(
     ctx: typer.Context,
     to: Annotated[str, typer.Option(help="redis (a stream) or kafka (a topic).")] = "redis",
     rate: Annotated[
-        float, typer.Option(min=0, help="Events per second (0: as fast as possible).")
+        float, typer.Option(min=0, max=1e9, help="Events per second (0: as fast as possible).")
     ] = (1000),
     stream_key: Annotated[str, typer.Option("--stream", help="Redis stream key.")] = "transactions",
     brokers: Annotated[

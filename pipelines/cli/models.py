@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from pipelines.cli.context import hotpath
+from pipelines.errors import HotpathError
 
 app = typer.Typer(
     help="Which model version a running server serves: status, promote, rollback, shadow, canary."
@@ -32,6 +33,8 @@ def _call(ctx: typer.Context, url: str | None, path: str, body: dict[str, Any] |
 
     s = hotpath(ctx).settings.serving
     key = s.admin_key.get_secret_value() if s.admin_key is not None else None
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise HotpathError(f"--url must be the server's http(s)://host:port, not {url!r}")
     answer = admin(url or f"http://{s.host}:{s.port}", key, path, body)
     for name, st in answer.items():
         pin = f"pinned v{st['pinned']}" if st["pinned"] else "follows the newest"
