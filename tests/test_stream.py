@@ -1407,18 +1407,18 @@ def test_kill_9_at_each_point_gives_exact_values_and_dead_letters_once(
         proc.wait(timeout=10)
 
 
-def test_a_redis_that_stops_answering_for_seconds_is_waited_for(stream_root, tmp_path) -> None:
-    """The Redis holding the stream and the online store stops answering (SIGSTOP) for
-    longer than the source's socket timeout (5 s), then answers again: the flow rides
-    through (a warning per retry, no exit) and the second half of the events, sent after,
-    is online as pandas computes it. Before, the source's first timeout ended the flow."""
+def _first_half_online(stream_root: Path, tmp_path: Path, seed: int) -> tuple[Any, ...]:
+    """A redis-server of its own holding stream ``tx`` and the online store, ``hotpath
+    stream`` reading it, and the first half of 20 users' events read and online as pandas
+    computes them: (server, settings, store, every event, the flow, its log). The caller
+    stops the flow and the server."""
     (tmp_path / "redis").mkdir()
     server, url = start_redis_server(tmp_path / "redis")
     s = _settings(stream_root, url, 0)
     fs = _open(s)
     client = redis.Redis.from_url(s.redis_url)
-    events = _events(20, 20, seed=51, end=datetime.now(UTC))
-    first, second = events.iloc[: len(events) // 2], events.iloc[len(events) // 2 :]
+    events = _events(20, 20, seed=seed, end=datetime.now(UTC))
+    first = events.iloc[: len(events) // 2]
     ids = _push_ids(s.redis_url, _payloads(first))
     log = tmp_path / "stream.log"
     args = ("--source", "redis", "--streams", "tx", "--lateness", str(LATENESS_S), "--no-offline")
@@ -1426,6 +1426,21 @@ def test_a_redis_that_stops_answering_for_seconds_is_waited_for(stream_root, tmp
     try:
         _wait_for(lambda: _group(client)["last"] == ids[-1][3:], "the first half read", 60)
         _eventually_equal(fs, _latest_expected(first))
+    except BaseException:
+        proc.kill()
+        server.terminate()
+        raise
+    return server, s, fs, events, proc, log
+
+
+def test_a_redis_that_stops_answering_for_seconds_is_waited_for(stream_root, tmp_path) -> None:
+    """The Redis holding the stream and the online store stops answering (SIGSTOP) for
+    longer than the source's socket timeout (5 s), then answers again: the flow rides
+    through (a warning per retry, no exit) and the second half of the events, sent after,
+    is online as pandas computes it. Before, the source's first timeout ended the flow."""
+    server, s, fs, events, proc, log = _first_half_online(stream_root, tmp_path, seed=51)
+    second = events.iloc[len(events) // 2 :]
+    try:
         server.send_signal(signal.SIGSTOP)
         try:
             _wait_for(lambda: "failed (TimeoutError" in log.read_text(), "a read timing out", 30)
@@ -1449,21 +1464,10 @@ def test_a_redis_that_comes_back_empty_is_read_on(stream_root, tmp_path) -> None
     persistence): the flow waits for it, creates its consumer group again (a warning, no
     exit), and the events sent after are online as pandas computes them over every event
     (the flow's windows kept the first half). Before, the source's NOGROUP ended the flow."""
-    (tmp_path / "redis").mkdir()
-    server, url = start_redis_server(tmp_path / "redis")
-    port = redis.Redis.from_url(url).connection_pool.connection_kwargs["port"]
-    s = _settings(stream_root, url, 0)
-    fs = _open(s)
-    client = redis.Redis.from_url(s.redis_url)
-    events = _events(20, 20, seed=53, end=datetime.now(UTC))
-    first, second = events.iloc[: len(events) // 2], events.iloc[len(events) // 2 :]
-    ids = _push_ids(s.redis_url, _payloads(first))
-    log = tmp_path / "stream.log"
-    args = ("--source", "redis", "--streams", "tx", "--lateness", str(LATENESS_S), "--no-offline")
-    proc = _stream(s, *args, log=log)
+    server, s, fs, events, proc, log = _first_half_online(stream_root, tmp_path, seed=53)
+    second = events.iloc[len(events) // 2 :]
+    port = redis.Redis.from_url(s.redis_url).connection_pool.connection_kwargs["port"]
     try:
-        _wait_for(lambda: _group(client)["last"] == ids[-1][3:], "the first half read", 60)
-        _eventually_equal(fs, _latest_expected(first))
         server.terminate()
         server.wait(timeout=10)
         server, _ = start_redis_server(tmp_path / "redis", port=port)
